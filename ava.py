@@ -1,0 +1,494 @@
+"""AVA: Approximated Variational Alignment (Cai, Yuan, Shi, Lin), in one file.
+
+LLM alignment as Bayesian inverse RL. A sequence y = (y_1 .. y_T) is a trajectory: state y_{1:t},
+action y_{t+1}. A Transformer with a Q-value head and a Gaussian reward head (TQR, Eq. 8-10) is
+trained so that (i) the Boltzmann policy of its Q-values explains the demonstrations, (ii) the reward
+posterior q_phi(R | y_{1:t+1}) = N(mu_t, sigma_t) stays close to an N(0, 1) prior, and (iii) the TD
+error of Q is likely under that posterior, which ties reward and policy together (AVRIL). Per valid
+transition t, maximised:
+
+    AVA-d (Eq. 13):  beta * Q(y_{1:t}, y_{t+1})  -  KL(N(mu_t, sigma_t) || N(0, 1))
+                     + lambda * log N(delta_t; mu_t, sigma_t),
+                     delta_t = Q(y_{1:t}, y_{t+1}) - gamma * Q(y_{1:t+1}, y_{t+2})      (Eq. 14)
+    AVA-p (Eq. 17):  the same on the chosen y+, minus the likelihood term on the rejected y-,
+    CER   (Eq. 18):  + sigmoid(E[R | y+] - E[R | y-]),  E[R | y] = mu at the last valid position.
+
+Q is either the pretrained LM head mapped by Eq. 12, Q = log softmax(alpha * softmax(logits)), or a
+fresh linear head; head outputs are multiplied by preference-attention reward weights (Eq. 11).
+
+Reading of the paper (SPEC.md), and deviations from it, each with its reason:
+ 1. Alignment: Q of transition t is read at position t; its reward at position t+1 (the reward must
+    have seen the action, and a causal decoder's state at t has not).
+ 2. Terms are averaged over valid transitions, not summed (Eq. 5/17 sum): the loss scale then does
+    not depend on sequence length or batch size.
+ 3. Eq. 5 sums t = 1 .. |y|-2, dropping the last transition from every term. We keep the last
+    transition in the likelihood and KL terms (its action is usually EOS, which the policy must learn,
+    and its reward mu is the one CER and scoring read) and drop it only where the TD error needs y_{t+2}.
+ 4. Reward weights (Eq. 11) are computed over the positions that some term reads (response tokens and
+    the last prompt token), not over every position of y, so a long prompt does not dilute them; and
+    they are rescaled to mean one over those positions by default: the literal 1/|y| form sums to one
+    and would shrink every Q, mu and sigma by ~T. `reward_weighting="literal"` keeps the paper's form.
+ 5. sigma = w * softplus(s) + sigma_min (sigma must stay > 0 after weighting).
+ 6. With a pretrained Q head the likelihood term is Eq. 13's literal beta * Q; with a fresh head it is
+    the Boltzmann log-likelihood log softmax(beta * Q)[a] of Eq. 3 (a raw Q is not a log-probability).
+ 7. KL and TD terms are applied to both chosen and rejected sequences (every sequence is a
+    demonstration the reward must explain); `kl_td_on="chosen"` restricts them.
+ 8. Optional variants: the unlikelihood negative term log(1 - p) of the bound (Eq. 16) instead of
+    Eq. 17's -log p, and log-sigmoid CER (the literal sigmoid has vanishing gradients when wrong).
+
+Shapes: B batch, T sequence length, V vocabulary, d hidden size, N valid transitions in a batch.
+Only torch and einops are needed; nothing here reads files or parses arguments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import einsum
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class AVAConfig:
+    """Hyper-parameters and switches of one AVA objective (defaults: see README, 'Hyper-parameters')."""
+    alpha: float = 1.0          # Eq. 12 temperature mapping probabilities to Q-values
+    beta: float = 1.0           # weight of the likelihood term (Eq. 13) / Boltzmann temperature (Eq. 3)
+    gamma: float = 1.0          # discount in the TD error (Eq. 14); AVRIL uses 1
+    lam: float = 1.0            # lambda, weight of the TD log-density term (Eq. 13)
+    cer_weight: float = 1.0     # weight of F_c; Algorithm 1 adds F_p + F_c with weight 1
+    reward_weighting: str = "mean-one"  # "mean-one" | "literal" | "off" (= w/o rwt)
+    pretrained_q: bool = True   # False = w/o ptq: a fresh Linear(d, V) Q head
+    negative: str = "literal"   # "literal" (Eq. 17) | "unlikelihood" (Eq. 16) | "off" (= w/o neg)
+    irl: bool = True            # False = w/o irl: no KL, no TD (contrastive SFT + CER)
+    cer: str = "sigmoid"        # "sigmoid" (Eq. 18) | "logsigmoid" | "off" (= w/o cer)
+    kl_td_on: str = "both"      # "both" | "chosen": which sequences of a pair get KL and TD
+    sigma_min: float = 1e-4     # floor on sigma
+    vocab_chunk: int = 512      # transitions per chunk of the full-vocabulary computation
+
+    def __post_init__(self):
+        choices = {"reward_weighting": ("mean-one", "literal", "off"), "negative": ("literal", "unlikelihood", "off"),
+                   "cer": ("sigmoid", "logsigmoid", "off"), "kl_td_on": ("both", "chosen")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"AVAConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.sigma_min <= 0 or self.vocab_chunk < 1:
+            raise ValueError("AVAConfig: sigma_min must be > 0 and vocab_chunk >= 1")
+
+
+# The Table 1 ablations: each is a switch of the one objective, never a copy of it.
+ABLATIONS = {
+    "w/o rwt": dict(reward_weighting="off"),
+    "w/o neg": dict(negative="off"),
+    "w/o irl": dict(irl=False),
+    "w/o cer": dict(cer="off"),
+    "w/o ptq": dict(pretrained_q=False),
+}
+
+
+def ablate(config: AVAConfig, *names: str) -> AVAConfig:
+    """`ablate(AVAConfig(), "w/o rwt")` -> the config of that Table 1 row."""
+    for name in names:
+        if name not in ABLATIONS:
+            raise ValueError(f"unknown ablation {name!r}: expected one of {list(ABLATIONS)}")
+        config = replace(config, **ABLATIONS[name])
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and shared plumbing
+
+def check_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> None:
+    """Validate a right-padded batch. response_mask marks the tokens whose transitions are trained
+    (the response); it must sit inside attention_mask, and position 0 has no state before it."""
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape or input_ids.shape != response_mask.shape:
+        raise ValueError(f"input_ids, attention_mask, response_mask must share one (B, T) shape; got "
+                         f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(response_mask.shape)}")
+    attention, response = attention_mask.bool(), response_mask.bool()
+    if (response & ~attention).any():
+        raise ValueError("response_mask marks padding positions (outside attention_mask)")
+    if response[:, 0].any():
+        raise ValueError("response_mask[:, 0] is set: the first token has no state before it; put BOS or the prompt first")
+    if (attention[:, 1:] & ~attention[:, :-1]).any():
+        raise ValueError("attention_mask is not right-padded (a valid token follows padding)")
+    empty = (~response.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} have no response token: nothing to train or score there")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid entries. An empty mask gives 0 (documented zero, never NaN)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B,) index of the last True in each row."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask.bool(), positions, -1).amax(dim=1)
+
+
+def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T, d) of any Hugging Face causal LM (Llama, GPT-2, ...), after its final
+    norm, without computing the (B, T, V) logits the full model would."""
+    return lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward weighting (Eq. 11)
+
+def preference_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, literal: bool = False) -> torch.Tensor:
+    """Eq. 11: w_t = 1/|y| * sum_i softmax_{t'}(q_i . k_{t'} / sqrt(d_k))_t over the valid positions.
+
+    query, key: (B, T, d_k); mask: (B, T) bool. Returns (B, T), zero off the mask. Literal weights sum
+    to 1 per row; by default they are rescaled to mean 1 over the valid positions (deviation 4)."""
+    scores = einsum(query.float(), key.float(), "b i k, b j k -> b i j") / math.sqrt(query.shape[-1])  # (B, T, T)
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    attention = scores.softmax(dim=-1).nan_to_num(0.0) * mask[:, :, None]  # rows of invalid queries dropped
+    weights = attention.sum(dim=1)  # (B, T): sum over queries i; mean over valid positions is 1
+    if literal:
+        weights = weights / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return weights
+
+
+class PreferenceAttention(nn.Module):
+    """Query and key projections of the last hidden states for Eq. 11 (Preference Transformer style:
+    not causal, padding masked)."""
+
+    def __init__(self, hidden_size: int, key_size: int | None = None):
+        super().__init__()
+        key_size = key_size or hidden_size
+        self.query = nn.Linear(hidden_size, key_size, bias=False)
+        self.key = nn.Linear(hidden_size, key_size, bias=False)
+        # Tiny init: attention starts uniform, so w_t starts at 1 and training begins at "w/o rwt".
+        # Eq. 12's Q carries an offset of about -log V, so unequal w_t alone make |delta_t| large: with
+        # PyTorch's default init (or even std 0.02, on SmolLM2's hidden states of norm ~45) |delta_t|
+        # reached 17 and the TD log-density -700 at step 0.
+        nn.init.normal_(self.query.weight, std=1e-3)
+        nn.init.normal_(self.key.weight, std=1e-3)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, literal: bool = False) -> torch.Tensor:
+        return preference_weights(self.query(hidden), self.key(hidden), mask, literal)
+
+
+# ----------------------------------------------------------------------------------------------
+# Q-values (Eq. 3, Eq. 12), computed in chunks so only one (chunk, V) block is alive at a time
+
+def pretrained_q(logits: torch.Tensor, actions: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 12: Q_w(y_{1:t}, a) = log softmax(alpha * pi_w(. | y_{1:t}))[a], pi_w = softmax(logits):
+    a softmax over probabilities, so Q is bounded in [-log V - alpha, 0]. logits (N, V), actions (N,)."""
+    scaled = alpha * logits.float().softmax(dim=-1)  # (N, V)
+    return scaled.gather(-1, actions[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)
+
+
+def boltzmann_log_likelihood(q_values: torch.Tensor, actions: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """Eq. 3: log B(a | s; Q) = log softmax(beta * Q(s, .))[a]. q_values (N, V), actions (N,)."""
+    scaled = beta * q_values.float()
+    return scaled.gather(-1, actions[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)
+
+
+def _token_terms(hidden, weight, bias, actions, reward_weights, *, alpha, beta, pretrained, with_logp):
+    """One chunk: hidden (n, d) -> (n, 3) = [Q(s, a) weighted, log-prob of a under the Q-policy,
+    log pi_LM(a | s)]. The (n, V) logits die here; autograd checkpointing recomputes them."""
+    logits = F.linear(hidden, weight, bias).float()  # (n, V)
+    w = reward_weights.float()
+    if pretrained:  # Q from the LM head (Eq. 12), weighted by w_t (Eq. 11)
+        q_taken = w * pretrained_q(logits, actions, alpha)
+        q_logprob = q_taken  # <= 0: a log-probability under softmax(alpha * pi), scaled by w
+    else:  # fresh Q head: `logits` are Q-values; the policy is Boltzmann (Eq. 3)
+        q_taken = w * logits.gather(-1, actions[:, None]).squeeze(-1)
+        q_logprob = boltzmann_log_likelihood(logits, actions, beta * w[:, None])
+    logp = logits.log_softmax(-1).gather(-1, actions[:, None]).squeeze(-1) if with_logp else torch.zeros_like(q_taken)
+    return torch.stack([q_taken, q_logprob, logp], dim=-1)
+
+
+def gather_token_terms(hidden, weight, bias, actions, reward_weights, *, alpha=1.0, beta=1.0, pretrained=True,
+                       with_logp=False, chunk=512) -> torch.Tensor:
+    """The full-vocabulary part of every loss, on N selected transitions only: (N, d) -> (N, 3).
+
+    Chunks of `chunk` transitions; under autograd each chunk is checkpointed, so memory grows with
+    N x d, not N x V (the backward pass recomputes one chunk's logits at a time)."""
+    fn = partial(_token_terms, alpha=alpha, beta=beta, pretrained=pretrained, with_logp=with_logp)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = []
+    for start in range(0, hidden.shape[0], chunk):
+        part = slice(start, start + chunk)
+        args = (hidden[part], weight, bias, actions[part], reward_weights[part])
+        out.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, 3, dtype=torch.float32)
+
+
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the True positions of a (B, L) mask -> (B, L), zero elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
+def token_logprobs(lm: nn.Module, input_ids, attention_mask, response_mask, chunk: int = 512) -> torch.Tensor:
+    """log pi(y_{t+1} | y_{1:t}) per response transition, (B, T-1), zero elsewhere (for DPO and SFT)."""
+    check_masks(input_ids, attention_mask, response_mask)
+    hidden = hidden_states(lm, input_ids, attention_mask)
+    mask = response_mask[:, 1:].bool()  # transition t is trained when its action y_{t+1} is a response token
+    head = lm.get_output_embeddings()
+    selected = hidden[:, :-1][mask]  # (N, d)
+    terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask],
+                               selected.new_ones(selected.shape[0]), with_logp=True, chunk=chunk)
+    return _scatter(terms[:, 2], mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# TQR: Transformer with Q-value and Reward heads (Eq. 8-11)
+
+@dataclass
+class TQROutput:
+    """Everything the losses need, on the transition grid: index t is transition t (state y_{1:t},
+    action y_{t+1}). All (B, T-1); off `mask` every field is 0 except sigma, which is 1 (safe to log)."""
+    q_taken: torch.Tensor    # Q(y_{1:t}, y_{t+1}), weighted by w_t (read at position t)
+    q_logprob: torch.Tensor  # log-prob of y_{t+1} under the Q-policy (Eq. 12 / Eq. 3)
+    mu: torch.Tensor         # reward mean of transition t, weighted (read at position t+1; Eq. 9-10)
+    sigma: torch.Tensor      # reward standard deviation of transition t, weighted, > 0
+    mask: torch.Tensor       # bool: valid response transitions
+    weights: torch.Tensor    # (B, T) reward weights w (Eq. 11); ones if weighting is off
+    logp: torch.Tensor | None = None  # log pi_LM(y_{t+1} | y_{1:t}) of the LM, if asked for
+
+    def sequence_reward(self) -> torch.Tensor:
+        """E[R | y]: mu at the last valid transition, (B,). Used by CER, accuracy and Best-of-N."""
+        return self.mu.gather(1, last_index(self.mask)[:, None]).squeeze(1)
+
+    def sequence_sigma(self) -> torch.Tensor:
+        return self.sigma.gather(1, last_index(self.mask)[:, None]).squeeze(1)
+
+
+class TQR(nn.Module):
+    """Any Hugging Face causal LM plus a Q-value head, a Gaussian reward head and reward weighting."""
+
+    def __init__(self, lm: nn.Module, config: AVAConfig = AVAConfig()):
+        super().__init__()
+        self.lm, self.config = lm, config
+        lm_head = lm.get_output_embeddings()
+        hidden_size, vocab_size = lm_head.in_features, lm_head.out_features
+        # Eq. 8: Q head. Default: the pretrained LM head, mapped to Q by Eq. 12 (no new parameters).
+        self.q_head = None if config.pretrained_q else nn.Linear(hidden_size, vocab_size)
+        # Eq. 9: reward head -> (mu, pre-softplus sigma); starts exactly at the prior N(0, 1).
+        self.reward_head = nn.Linear(hidden_size, 2)
+        nn.init.zeros_(self.reward_head.weight)
+        with torch.no_grad():
+            self.reward_head.bias.copy_(torch.tensor([0.0, math.log(math.expm1(1.0))]))
+        self.weighting = None if config.reward_weighting == "off" else PreferenceAttention(hidden_size)
+
+    def forward(self, input_ids, attention_mask, response_mask, with_logp: bool = False) -> TQROutput:
+        cfg = self.config
+        check_masks(input_ids, attention_mask, response_mask)
+        response = response_mask.bool()
+        hidden = hidden_states(self.lm, input_ids, attention_mask)  # (B, T, d)
+        mask = response[:, 1:]  # (B, T-1): transition t trained iff its action y_{t+1} is a response token
+        # Positions some term reads: Q at t for every trained transition, mu/sigma at t+1 (deviation 4).
+        read = response.clone()
+        read[:, :-1] |= mask
+        if self.weighting is None:
+            weights = read.to(hidden.dtype).float()
+        else:
+            weights = self.weighting(hidden, read, literal=cfg.reward_weighting == "literal")  # (B, T)
+
+        raw = self.reward_head(hidden).float()  # (B, T, 2)
+        mu = weights * raw[..., 0]  # Eq. 9-11: head outputs times w_t
+        sigma = weights * F.softplus(raw[..., 1]) + cfg.sigma_min  # deviation 5
+
+        head = self.q_head or self.lm.get_output_embeddings()
+        selected = hidden[:, :-1][mask]  # (N, d): only trained transitions reach the vocabulary
+        terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask], weights[:, :-1][mask],
+                                   alpha=cfg.alpha, beta=cfg.beta, pretrained=self.q_head is None,
+                                   with_logp=with_logp, chunk=cfg.vocab_chunk)  # (N, 3)
+        zero = ~mask
+        return TQROutput(
+            q_taken=_scatter(terms[:, 0], mask), q_logprob=_scatter(terms[:, 1], mask),
+            mu=mu[:, 1:].masked_fill(zero, 0.0), sigma=sigma[:, 1:].masked_fill(zero, 1.0),
+            mask=mask, weights=weights, logp=_scatter(terms[:, 2], mask) if with_logp else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The terms of the objective, each on its own
+
+def kl_to_standard_normal(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """d_t (Eq. 6): KL(N(mu, sigma) || N(0, 1)) = -log sigma + (sigma^2 + mu^2) / 2 - 1/2."""
+    return -sigma.log() + (sigma.square() + mu.square()) / 2 - 0.5
+
+
+def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """log N(x; mu, sigma): the TD-consistency term log q_phi(delta_t | y_{1:t+1}) of Eq. 13."""
+    return -0.5 * ((x - mu) / sigma).square() - sigma.log() - 0.5 * math.log(2 * math.pi)
+
+
+def td_error(q_taken: torch.Tensor, mask: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 / Eq. 14: delta_t = Q(y_{1:t}, y_{t+1}) - gamma * Q(y_{1:t+1}, y_{t+2}), taken with the
+    demonstrated next action. Defined where t and t+1 are both valid; (B, L) -> (delta, td_mask)."""
+    delta = F.pad(q_taken[:, :-1] - gamma * q_taken[:, 1:], (0, 1))
+    td_mask = F.pad(mask[:, :-1] & mask[:, 1:], (0, 1))
+    return delta * td_mask, td_mask
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012); x is clamped below 0."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def likelihood_term(out: TQROutput, config: AVAConfig) -> torch.Tensor:
+    """Per-transition likelihood term (B, T-1): Eq. 13's beta * Q with a pretrained Q head, the
+    Boltzmann log B of Eq. 5 with a fresh one (beta already inside; deviation 6)."""
+    return config.beta * out.q_logprob if config.pretrained_q else out.q_logprob
+
+
+def negative_term(out: TQROutput, config: AVAConfig) -> torch.Tensor:
+    """What F_p adds for the rejected sequence, per transition: Eq. 17's -loglik, or the unlikelihood
+    log(1 - p) of Eq. 16's bound log(1 - p(y- | R)), taken per transition."""
+    scale = config.beta if config.pretrained_q else 1.0
+    if config.negative == "unlikelihood":
+        return scale * log1mexp(out.q_logprob)
+    return -likelihood_term(out, config)
+
+
+def contrastive_expected_return(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, form: str = "sigmoid") -> torch.Tensor:
+    """F_c (Eq. 18), per pair, maximised: sigmoid(E[R|y+] - E[R|y-]) (or its log)."""
+    margin = reward_chosen - reward_rejected
+    return F.logsigmoid(margin) if form == "logsigmoid" else torch.sigmoid(margin)
+
+
+def irl_terms(out: TQROutput, config: AVAConfig) -> dict[str, torch.Tensor]:
+    """The reward-side terms of one sequence: mean KL (Eq. 6) and mean TD log-density (Eq. 13)."""
+    delta, td_mask = td_error(out.q_taken, out.mask, config.gamma)
+    return {"kl": masked_mean(kl_to_standard_normal(out.mu, out.sigma), out.mask),
+            "td_logp": masked_mean(gaussian_log_density(delta, out.mu, out.sigma), td_mask)}
+
+
+def ava_d_loss(out: TQROutput, config: AVAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-F_d (Eq. 5 / Eq. 13), averaged over valid transitions; returns (loss, terms)."""
+    terms = {"loglik": masked_mean(likelihood_term(out, config), out.mask)}
+    objective = terms["loglik"]
+    if config.irl:
+        terms.update(irl_terms(out, config))
+        objective = objective - terms["kl"] + config.lam * terms["td_logp"]
+    terms["loss"] = -objective
+    return -objective, terms
+
+
+def ava_p_loss(chosen: TQROutput, rejected: TQROutput, config: AVAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-(F_p + cer_weight * F_c) (Eq. 17 + Eq. 18, Algorithm 1 line 6-7); returns (loss, terms)."""
+    terms = {"loglik_chosen": masked_mean(likelihood_term(chosen, config), chosen.mask)}
+    objective = terms["loglik_chosen"]
+    if config.negative != "off":
+        terms["negative"] = masked_mean(negative_term(rejected, config), rejected.mask)
+        objective = objective + terms["negative"]
+    if config.irl:
+        sequences = [chosen, rejected] if config.kl_td_on == "both" else [chosen]
+        parts = [irl_terms(out, config) for out in sequences]
+        terms["kl"] = sum(p["kl"] for p in parts)
+        terms["td_logp"] = sum(p["td_logp"] for p in parts)
+        objective = objective - terms["kl"] + config.lam * terms["td_logp"]
+    reward_chosen, reward_rejected = chosen.sequence_reward(), rejected.sequence_reward()
+    if config.cer != "off":
+        terms["cer"] = contrastive_expected_return(reward_chosen, reward_rejected, config.cer).mean()
+        objective = objective + config.cer_weight * terms["cer"]
+    terms["loss"] = -objective
+    terms.update(preference_metrics(reward_chosen, reward_rejected))
+    terms["sigma"] = masked_mean(chosen.sigma, chosen.mask).detach()
+    return -objective, terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Using the reward
+
+def dense_rewards(out: TQROutput, pessimism: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 19: the reward of every response transition, E[R(y_{1:t+1})] = mu_t, (B, T-1), with sigma.
+    pessimism k > 0 gives the uncertainty-penalised reward mu - k * sigma."""
+    return (out.mu - pessimism * out.sigma) * out.mask, out.sigma * out.mask
+
+
+def preference_metrics(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL-style metrics: accuracy (ties count half) and mean margin."""
+    margin = (reward_chosen - reward_rejected).detach()
+    return {"accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(), "margin": margin.mean()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines: Bradley-Terry, variance-aware Bradley-Terry, Preference Transformer, DPO, SFT
+
+def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r+ - r-) (Bradley & Terry 1952)."""
+    return -F.logsigmoid(reward_chosen - reward_rejected).mean()
+
+
+def bradley_terry_variance_loss(reward_chosen, reward_rejected, spread_chosen, spread_rejected) -> torch.Tensor:
+    """AfD appendix A, Eq. 26: -log sigmoid((r+ - r-) / sqrt((v+^2 + v-^2) / 2))."""
+    scale = ((spread_chosen.square() + spread_rejected.square()) / 2).sqrt()
+    return -F.logsigmoid((reward_chosen - reward_rejected) / scale).mean()
+
+
+def preference_transformer_score(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Preference Transformer (Kim et al. 2023): sum_t w_t r_t with weights summing to one, (B,)."""
+    return (weights * rewards).sum(dim=1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float = 0.1):
+    """DPO (Rafailov et al.): -log sigmoid(beta * [(log pi(y+) - log ref(y+)) - (log pi(y-) - log ref(y-))]).
+    Inputs are sequence log-probs (B,); returns (loss, implicit reward of y+, of y-)."""
+    reward_chosen = beta * (policy_chosen - reference_chosen)
+    reward_rejected = beta * (policy_rejected - reference_rejected)
+    return -F.logsigmoid(reward_chosen - reward_rejected).mean(), reward_chosen.detach(), reward_rejected.detach()
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the response, averaged over its tokens."""
+    return -masked_mean(logp, mask)
+
+
+@dataclass
+class RewardOutput:
+    score: torch.Tensor             # (B,) sequence reward
+    rewards: torch.Tensor           # (B, T-1) per-transition rewards (read at t+1), zero off mask
+    mask: torch.Tensor              # (B, T-1) valid response transitions
+    spread: torch.Tensor | None = None   # (B,) v of Eq. 26 (bt-var)
+    weights: torch.Tensor | None = None  # (B, T-1) Preference Transformer weights
+
+
+class ScalarRewardModel(nn.Module):
+    """The baselines' reward models on any causal LM: "bt" (score at the last valid token), "bt-var"
+    (plus a variance head, Eq. 26) and "pref-trans" (attention-weighted sum of per-token rewards)."""
+
+    KINDS = ("bt", "bt-var", "pref-trans")
+
+    def __init__(self, lm: nn.Module, kind: str = "bt"):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"ScalarRewardModel kind={kind!r}: expected one of {self.KINDS}")
+        self.lm, self.kind = lm, kind
+        hidden_size = lm.get_output_embeddings().in_features
+        # No bias: these losses only see reward differences, so a bias would never get a gradient.
+        self.reward_head = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.normal_(self.reward_head.weight, std=0.02)  # as HF's sequence-classification heads
+        self.spread_head = nn.Linear(hidden_size, 1) if kind == "bt-var" else None  # v of Eq. 26
+        self.weighting = PreferenceAttention(hidden_size) if kind == "pref-trans" else None
+
+    def forward(self, input_ids, attention_mask, response_mask) -> RewardOutput:
+        check_masks(input_ids, attention_mask, response_mask)
+        hidden = hidden_states(self.lm, input_ids, attention_mask)
+        mask = response_mask[:, 1:].bool()
+        rewards = self.reward_head(hidden[:, 1:]).float()[..., 0] * mask  # (B, T-1): transition t read at t+1
+        last = last_index(mask)[:, None]
+        if self.kind == "pref-trans":
+            weights = self.weighting(hidden[:, 1:], mask, literal=True)  # sums to 1 over the response
+            return RewardOutput(preference_transformer_score(rewards, weights), rewards, mask, weights=weights)
+        spread = None
+        if self.spread_head is not None:
+            last_hidden = hidden[:, 1:].gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 1, d)
+            spread = F.softplus(self.spread_head(last_hidden).float()[:, 0, 0]) + 1e-4
+        return RewardOutput(rewards.gather(1, last).squeeze(1), rewards, mask, spread=spread)
+
+    def loss(self, chosen: RewardOutput, rejected: RewardOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.kind == "bt-var":
+            loss = bradley_terry_variance_loss(chosen.score, rejected.score, chosen.spread, rejected.spread)
+        else:
+            loss = bradley_terry_loss(chosen.score, rejected.score)
+        return loss, {"loss": loss, **preference_metrics(chosen.score, rejected.score)}
