@@ -42,6 +42,7 @@ Only torch and einops are needed; nothing here reads files or parses arguments.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -410,6 +411,13 @@ def preference_metrics(reward_chosen: torch.Tensor, reward_rejected: torch.Tenso
     """TRL-style metrics: accuracy (ties count half) and mean margin."""
     margin = (reward_chosen - reward_rejected).detach()
     return {"accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(), "margin": margin.mean()}
+
+
+def take_rows(output, rows):
+    """The rows `rows` (a slice or index tensor) of a TQROutput or RewardOutput: chosen and rejected
+    run through the model as one batch, then are taken apart."""
+    return type(output)(**{f.name: (getattr(output, f.name)[rows] if isinstance(getattr(output, f.name), torch.Tensor)
+                                    else getattr(output, f.name)) for f in dataclasses.fields(output)})
 
 
 # ----------------------------------------------------------------------------------------------

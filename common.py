@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,17 +82,37 @@ def resolve_model_path(name_or_path: str | None = None) -> str:
     return str(target)
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32):
-    """Load (causal LM, tokenizer). The tokenizer always pads on the right; pad defaults to EOS
-    (SmolLM2's pad *is* its EOS, so masks come from lengths, never from token ids)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class ModelLoadError(OSError):
+    """A model or tokenizer that cannot be loaded, said in one line."""
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """The tokenizer, padding on the right; pad defaults to EOS (SmolLM2's pad *is* its EOS, so masks
+    come from lengths, never from token ids)."""
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r} (a local model directory or a hub id): "
+                             f"{str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return tokenizer
+
+
+def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """Load (causal LM, tokenizer) from "smollm2" (the embedded default), a local path or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer or load_tokenizer(name_or_path)
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a causal LM from {path!r}: {str(error).splitlines()[0]}") from None
     return model, tokenizer
 
 
@@ -120,8 +141,10 @@ def split_hh(chosen: str, rejected: str, where: str = "<pair>") -> tuple[str, st
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
-def read_jsonl(path: str | Path):
-    """Yield (where, record) from a .jsonl or .jsonl.gz file; `where` is "file:line" for errors."""
+def read_jsonl(path: str | Path, yield_errors: bool = False):
+    """Yield (where, record) from a .jsonl or .jsonl.gz file; `where` is "file:line" for errors.
+    An unreadable line raises DataError, or with yield_errors is yielded as (where, DataError) so
+    the caller may skip it and read on."""
     import gzip
     import json
 
@@ -132,51 +155,45 @@ def read_jsonl(path: str | Path):
             where = f"{path}:{number}"
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(where, "<line>", f"invalid UTF-8 ({error.reason} at byte {error.start})") from None
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise DataError(where, "<line>", f"expected a JSON object, got {type(record).__name__}")
+            except UnicodeDecodeError as error:
+                record = DataError(where, "<line>", f"invalid UTF-8 ({error.reason} at byte {error.start})")
             except json.JSONDecodeError as error:
-                raise DataError(where, "<line>", f"malformed JSON ({error.msg}, column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(where, "<line>", f"expected a JSON object, got {type(record).__name__}")
+                record = DataError(where, "<line>", f"malformed JSON ({error.msg}, column {error.colno})")
+            except DataError as error:
+                record = error
+            if isinstance(record, DataError) and not yield_errors:
+                raise record
             yield where, record
 
 
 def load_hh_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
-    """HH-RLHF preference pairs -> [{"prompt", "chosen", "rejected", "where"}] (responses only in
-    chosen/rejected). Missing keys, non-strings, empty or identical responses are errors naming the line."""
-    pairs = []
-    for where, record in read_jsonl(path):
-        for field in ("chosen", "rejected"):
-            if not isinstance(record.get(field), str):
-                raise DataError(where, field, "missing" if field not in record else f"expected a string, got {type(record[field]).__name__}")
-        prompt, chosen, rejected = split_hh(record["chosen"], record["rejected"], where)
-        for field, text in (("chosen", chosen), ("rejected", rejected)):
-            if not text.strip():
-                raise DataError(where, field, "empty response")
-        if chosen == rejected:
-            raise DataError(where, "rejected", "identical to chosen: the pair carries no preference")
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": where})
-        if limit is not None and len(pairs) >= limit:
-            break
-    return pairs
+    """HH-RLHF preference pairs -> [{"prompt", "chosen", "rejected", "where"}]; bad rows are errors."""
+    return load_rows(str(path), "pairs", limit=limit)[0]
+
+
+def encode(tokenizer, prompt: str, responses: list[str], max_length: int) -> tuple[list[dict], bool]:
+    """Tokenise responses that share one prompt. The prompt is cut from the left (latest turns kept),
+    each response from the right, so prompt + response <= max_length; EOS ends every response.
+    Returns (one example per response, was anything cut)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+    encoded = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in responses]
+    longest = max(len(r) for r in encoded)
+    prompt_budget = max(max_length - longest, max_length // 2, 1)  # a long response may not squeeze the prompt below half
+    cut = len(prompt_ids) > prompt_budget or min(len(prompt_ids), prompt_budget) + longest > max_length
+    prompt_ids = prompt_ids[-prompt_budget:]
+    examples = [{"input_ids": prompt_ids + r[: max_length - len(prompt_ids)], "prompt_length": len(prompt_ids)} for r in encoded]
+    return examples, cut
 
 
 def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int) -> tuple[dict, dict, bool]:
-    """Tokenise a pair with one shared prompt. The prompt is cut from the left (latest turns kept),
-    each response from the right, so prompt + response <= max_length; EOS ends every response.
-    Returns (chosen example, rejected example, was_cut)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
-    responses = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in (chosen, rejected)]
-    longest = max(len(r) for r in responses)
-    prompt_budget = max(max_length - longest, max_length // 2, 1)  # a long response may not squeeze the prompt below half
-    cut = len(prompt_ids) > prompt_budget or len(prompt_ids[-prompt_budget:]) + longest > max_length
-    prompt_ids = prompt_ids[-prompt_budget:]
-    examples = [{"input_ids": prompt_ids + r[: max_length - len(prompt_ids)], "prompt_length": len(prompt_ids)} for r in responses]
-    return examples[0], examples[1], cut
+    """A preference pair with one shared (identically cut) prompt: (chosen, rejected, was_cut)."""
+    (chosen_example, rejected_example), cut = encode(tokenizer, prompt, [chosen, rejected], max_length)
+    return chosen_example, rejected_example, cut
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -191,6 +208,456 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
         response_mask[row, example["prompt_length"]:n] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+# ---- data sources: built-in task, local files, hub datasets; every row checked ----
+
+def read_records(source: str | Path, split: str = "train", yield_errors: bool = False):
+    """Yield (where, record) from a local .json / .jsonl / .jsonl.gz / .parquet file, or from a hub
+    dataset id through `datasets` (split as given). `where` names the file and line (or row)."""
+    path = Path(source)
+    if path.is_file():
+        name = path.name
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            yield from read_jsonl(path, yield_errors)
+        elif name.endswith(".json"):
+            import json
+
+            try:
+                data = json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}", "<file>", f"invalid UTF-8 at byte {error.start}") from None
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{error.lineno}", "<file>", f"malformed JSON ({error.msg})") from None
+            rows = data.get(split, data.get("data")) if isinstance(data, dict) else data
+            if not isinstance(rows, list):
+                raise DataError(str(path), "<file>", "expected a JSON list of objects (or {split: [...]})")
+            for index, record in enumerate(rows):
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}[{index}]", "<row>", f"expected an object, got {type(record).__name__}")
+                yield f"{path}[{index}]", record
+        elif name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            for index, record in enumerate(pq.read_table(path).to_pylist()):
+                yield f"{path}:row {index}", record
+        else:
+            raise DataError(str(path), "<file>", "unsupported file type: use .json, .jsonl, .jsonl.gz or .parquet")
+    elif str(source).endswith((".json", ".jsonl", ".gz", ".parquet")) or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source}: no such file")  # a path, not a hub id ("org/name")
+    else:
+        import datasets
+
+        for index, record in enumerate(datasets.load_dataset(str(source), split=split)):
+            yield f"{source}[{split}]:{index}", record
+
+
+def _text(record: dict, where: str, field: str, allow_empty: bool = False) -> str:
+    if field not in record:
+        raise DataError(where, field, "missing")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(where, field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(where, field, "empty")
+    return value
+
+
+def _render_conversation(tokenizer, prompt, response, where: str, field: str) -> tuple[str, str]:
+    """TRL's conversational format: message lists rendered with the tokenizer's chat template."""
+    for name, messages in (("prompt", prompt), (field, response)):
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            raise DataError(where, name, "expected a list of {role, content} messages")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(where, field, "conversational data needs a tokenizer with a chat template")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError(where, field, "the chat template does not render the prompt as a prefix of the conversation")
+    return prompt_text, full[len(prompt_text):]
+
+
+def pair_from_record(record: dict, where: str, tokenizer=None) -> dict:
+    """One preference pair from any supported format: HH raw (`chosen`/`rejected` dialogues), TRL
+    standard (`prompt`/`chosen`/`rejected` strings) or TRL conversational (message lists)."""
+    for field in ("chosen", "rejected"):
+        if field not in record:
+            raise DataError(where, field, "missing")
+    if "prompt" not in record:  # Anthropic HH: the prompt is everything up to the last Assistant turn
+        prompt, chosen, rejected = split_hh(_text(record, where, "chosen"), _text(record, where, "rejected"), where)
+    elif isinstance(record["chosen"], list):
+        prompt, chosen = _render_conversation(tokenizer, record["prompt"], record["chosen"], where, "chosen")
+        _, rejected = _render_conversation(tokenizer, record["prompt"], record["rejected"], where, "rejected")
+    else:
+        prompt = _text(record, where, "prompt", allow_empty=True)
+        chosen, rejected = _text(record, where, "chosen"), _text(record, where, "rejected")
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(where, field, "empty response")
+    if chosen == rejected:
+        raise DataError(where, "rejected", "identical to chosen: the pair carries no preference")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": where}
+
+
+def demonstration_from_record(record: dict, where: str, tokenizer=None) -> dict:
+    """One demonstration: `prompt`/`response`, `prompt`/`completion`, `instruction`/`input`/`output`,
+    `question`/`answer`, or the chosen half of a preference pair. Instruction and question formats
+    are rendered through the tokenizer's chat template when it has one."""
+    def chat(user_text: str) -> str:
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+        return user_text + "\n\n"
+
+    if "chosen" in record:
+        pair = pair_from_record(record, where, tokenizer)
+        prompt, response = pair["prompt"], pair["chosen"]
+    elif "instruction" in record:
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(where, "input", f"expected a string, got {type(extra).__name__}")
+        prompt = chat(_text(record, where, "instruction") + (f"\n\n{extra}" if extra.strip() else ""))
+        response = _text(record, where, "output")
+    elif "question" in record:
+        prompt, response = chat(_text(record, where, "question")), _text(record, where, "answer")
+    elif "prompt" in record:
+        key = "response" if "response" in record else "completion"
+        prompt, response = _text(record, where, "prompt", allow_empty=True), _text(record, where, key)
+    else:
+        raise DataError(where, "<row>", "not a demonstration: expected prompt/response, prompt/completion, "
+                        "instruction/input/output, question/answer or chosen/rejected")
+    return {"prompt": prompt, "response": response, "where": where}
+
+
+@dataclass
+class LoadReport:
+    """What loading did to the rows: kept, skipped (with reasons), cut to fit max_length."""
+    source: str
+    kept: int = 0
+    skipped: dict = field(default_factory=dict)
+    cut: int = 0
+
+    def __str__(self):
+        skipped = sum(self.skipped.values())
+        reasons = "; ".join(f"{n} x {r}" for r, n in self.skipped.items())
+        return (f"{self.source}: {self.kept} kept, {skipped} skipped{f' ({reasons})' if skipped else ''}, "
+                f"{self.cut} cut to fit --max-length")
+
+
+def load_rows(source: str, kind: str, split: str = "train", tokenizer=None, skip_bad: bool = False,
+              limit: int | None = None) -> tuple[list[dict], LoadReport]:
+    """Pairs (kind="pairs") or demonstrations (kind="demos") from a source: "builtin" or
+    "builtin:tiny" (the offline task, see task.py), a local file, or a hub dataset id. Bad rows raise
+    DataError naming file:line and field, or, with skip_bad, are skipped and counted."""
+    report = LoadReport(f"{source} [{split}]")
+    if source.startswith("builtin"):
+        import task
+
+        size = source.split(":", 1)[1] if ":" in source else "default"
+        built = task.load_task(size)
+        rows = built.pairs(split) if kind == "pairs" else built.demonstrations(split)
+        rows = [dict(row, where=f"builtin:{size}[{split}]:{i}") for i, row in enumerate(rows)][:limit]
+        report.kept = len(rows)
+        return rows, report
+    convert = pair_from_record if kind == "pairs" else demonstration_from_record
+    rows = []
+    for where, record in read_records(source, split, yield_errors=True):
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            if isinstance(record, DataError):  # an unreadable line
+                raise record
+            rows.append(convert(record, where, tokenizer))
+        except DataError as error:
+            if not skip_bad:
+                raise
+            reason = f"{error.field}: {error.problem.split(' (')[0].split(':')[0]}"
+            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+    report.kept = len(rows)
+    if not rows:
+        raise DataError(report.source, "<file>", "no usable rows")
+    return rows, report
+
+
+# ---- command line: a dataclass is the config, its field metadata the --help ----
+
+def arg(default, help: str, choices=None):
+    """A config field with its --help text (cleanrl style: one dataclass, a real --help)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def parse_config(cls, argv=None, description: str | None = None):
+    """Parse argv into the dataclass `cls`: --field-name for every field, booleans as --x/--no-x."""
+    import argparse
+    import dataclasses
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=Formatter)
+    for f in dataclasses.fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"), help=meta.get("help"))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+# ---- distributed: DDP under torchrun (gloo on CPU, NCCL on GPU), a no-op otherwise ----
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Read torchrun's environment; start a process group when there is more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum(values: list[float], dist: Distributed) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---- batches: grouped by length, deterministic in (seed, epoch), sharded across ranks ----
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle, then sort by length inside mega-batches of 64 batches, so a batch pads little
+    (HH dialogues pad to ~2.2x their tokens at random, ~1.1x grouped); batch order shuffled again."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = batch_size * 64
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def shard(batch: list, dist: Distributed) -> list:
+    """This rank's part of a global batch (every rank gets at least one item if the batch allows)."""
+    return batch[dist.rank::dist.world_size]
+
+
+# ---- checkpoints: trainable weights, optimiser, scheduler, RNG and data position, written atomically ----
+
+def rng_state() -> dict:
+    import random
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, state: dict) -> None:
+    """Everything a run needs to continue: only trainable parameters are stored (frozen ones come
+    back from the base model), so a checkpoint of SmolLM2 with 4 trainable layers is small."""
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    payload = {"model": trainable, "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict() if scheduler is not None else None,
+               "rng": rng_state(), **state}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a run killed mid-write keeps the previous checkpoint
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    missing = model.load_state_dict(payload["model"], strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"{path}: parameters the model does not have: {missing.unexpected_keys[:5]}")
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return payload
+
+
+# ---- metrics: JSON lines, one object per logged step ----
+
+class MetricsLog:
+    """Append JSON lines to `path` on the main process. On resume, lines past the resumed step are
+    dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int | None = None):
+        import json
+
+        self.path, self.enabled, self._json = path, enabled, json
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                path.write_text("")
+            elif path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+            with self.path.open("a") as handle:
+                handle.write(self._json.dumps(clean) + "\n")
+
+
+# ---- reward models: build, save (safetensors), load, score ----
+
+REWARD_KINDS = ("bt", "bt-var", "pref-trans", "ava-p", "ava-d")
+
+
+def build_reward_model(lm, kind: str, ava_config=None):
+    """A reward model of one kind around a causal LM: TQR for AVA, ScalarRewardModel otherwise."""
+    import ava
+
+    if kind in ("ava-p", "ava-d"):
+        model = ava.TQR(lm, ava_config or ava.AVAConfig())
+        uses_lm_head = model.q_head is None
+    elif kind in ava.ScalarRewardModel.KINDS:
+        model, uses_lm_head = ava.ScalarRewardModel(lm, kind), False
+    else:
+        raise ValueError(f"unknown reward model kind {kind!r}: expected one of {REWARD_KINDS}")
+    head = lm.get_output_embeddings()
+    if not uses_lm_head and head.weight is not lm.get_input_embeddings().weight:
+        head.requires_grad_(False)  # an untied LM head this model never reads: no gradient, so freeze it (DDP)
+    return model
+
+
+def save_reward_model(directory: str | Path, model, tokenizer, meta: dict) -> None:
+    """`directory/` gets the backbone via save_pretrained (safetensors), the tokenizer, the heads
+    (`heads.safetensors`: everything outside the LM) and `reward_model.json` (kind, AVA config, run config)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.lm.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    heads = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if not name.startswith("lm.")}
+    save_file(heads, str(directory / "heads.safetensors"))
+    (directory / "reward_model.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_reward_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """Load what `save_reward_model` wrote -> (model in eval mode, tokenizer, meta)."""
+    import json
+
+    import ava
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / "reward_model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: not a saved reward model (no reward_model.json)")
+    meta = json.loads(meta_path.read_text())
+    lm, tokenizer = load_model(str(directory))
+    model = build_reward_model(lm, meta["kind"], ava.AVAConfig(**meta["ava_config"]) if meta.get("ava_config") else None)
+    missing = model.load_state_dict(load_file(str(directory / "heads.safetensors")), strict=False)
+    not_loaded = [k for k in missing.missing_keys if not k.startswith("lm.")]
+    if not_loaded or missing.unexpected_keys:
+        raise RuntimeError(f"{directory}/heads.safetensors does not match a {meta['kind']} model: "
+                           f"missing {not_loaded}, unexpected {missing.unexpected_keys}")
+    return model.to(device).eval(), tokenizer, meta
+
+
+def reward_forward(model, batch: dict):
+    """(sequence score (B,), per-transition rewards (B, T-1), sigma (B, T-1) or None, mask) of any reward model."""
+    import ava
+
+    out = model(**batch)
+    if isinstance(out, ava.TQROutput):
+        rewards, sigma = ava.dense_rewards(out)
+        return out.sequence_reward(), rewards, sigma, out.mask
+    return out.score, out.rewards, None, out.mask
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_length: int = 512,
+                batch_size: int = 8, per_token: bool = True) -> list[dict]:
+    """Score responses to prompts with a reward model: {"score", "sigma", and per token: "tokens",
+    "rewards", "sigmas"} (sigma only for AVA's TQR; per-token rewards are Eq. 19's mu_t)."""
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        examples = [encode(tokenizer, p, [r], max_length)[0][0] for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        batch = collate(examples, tokenizer.pad_token_id)
+        score, rewards, sigma, mask = reward_forward(model, batch)
+        for row in range(len(examples)):
+            item = {"score": float(score[row])}
+            positions = mask[row].nonzero().flatten()
+            if sigma is not None:
+                item["sigma"] = float(sigma[row, positions[-1]])
+            if per_token:
+                item["tokens"] = [tokenizer.decode([int(batch["input_ids"][row, t + 1])]) for t in positions]
+                item["rewards"] = rewards[row, positions].tolist()
+                if sigma is not None:
+                    item["sigmas"] = sigma[row, positions].tolist()
+            results.append(item)
+    return results
+
+
+# ---- models: which layers train ----
+
+def decoder_layers(lm) -> torch.nn.ModuleList:
+    """The stack of decoder blocks of any HF causal LM (Llama's `layers`, GPT-2's `h`, ...)."""
+    n = lm.config.num_hidden_layers
+    for module in lm.base_model.children():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(lm).__name__}: cannot find its {n} decoder layers")
+
+
+def freeze_layers(lm, trainable_layers: int | None) -> None:
+    """Train only the top `trainable_layers` decoder blocks and the final norm (None: train all).
+    Embeddings and a tied LM head freeze with the bottom of the stack."""
+    if trainable_layers is None:
+        return
+    layers = decoder_layers(lm)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    top = list(layers)[len(layers) - trainable_layers:] if trainable_layers > 0 else []
+    for module in top:
+        module.requires_grad_(True)
+    for name, module in lm.base_model.named_children():  # the final norm (Llama `norm`, GPT-2 `ln_f`)
+        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Embedding)) and any(True for _ in module.parameters()):
+            if "norm" in name or name.startswith("ln"):
+                module.requires_grad_(True)
+
+
+def pair_batches(tokenizer, pairs: list[dict], max_length: int) -> tuple[dict, dict, int]:
+    """Preference pairs -> (chosen batch, rejected batch, number of pairs that had to be cut)."""
+    encoded = [encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], max_length) for p in pairs]
+    pad = tokenizer.pad_token_id
+    return (collate([e[0] for e in encoded], pad), collate([e[1] for e in encoded], pad), sum(e[2] for e in encoded))
+
+
+def token_reward_table(tokenizer, input_ids, mu, sigma, mask) -> list[tuple[str, float, float]]:
+    """One sequence's response tokens with the reward of the transition that emitted each one:
+    [(token text, mu, sigma)]. input_ids (T,); mu, sigma, mask on the transition grid (T-1,)."""
+    rows = []
+    for t in mask.nonzero().flatten().tolist():
+        rows.append((tokenizer.decode([int(input_ids[t + 1])]), float(mu[t]), float(sigma[t])))
+    return rows
 
 
 # ---- generation (shared by task.py, train_direct.py, train_ppo.py) ----
@@ -278,17 +745,23 @@ def _sample_batch(model, prompts_ids: list[list[int]], *, max_new_tokens: int, t
     from transformers import DynamicCache
 
     device = eos_ids.device
-    B, L = len(prompts_ids), max(len(ids) for ids in prompts_ids)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)  # (B, L), left-padded
-    attention_mask = torch.zeros((B, L), dtype=torch.long, device=device)  # (B, L)
-    for row, ids in enumerate(prompts_ids):
+    # identical prompts (several samples of one prompt) are encoded once, then their cache rows copied
+    unique: dict[tuple[int, ...], int] = {}
+    row_of = torch.tensor([unique.setdefault(tuple(ids), len(unique)) for ids in prompts_ids], device=device)  # (B,)
+    U, L = len(unique), max(len(ids) for ids in unique)
+    input_ids = torch.full((U, L), pad_id, dtype=torch.long, device=device)  # (U, L), left-padded
+    attention_mask = torch.zeros((U, L), dtype=torch.long, device=device)  # (U, L)
+    for row, ids in enumerate(unique):
         input_ids[row, L - len(ids):] = torch.tensor(ids, device=device)
         attention_mask[row, L - len(ids):] = 1
     # every prompt starts at position 0 whatever its padding (the pad value itself is never attended)
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L)
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (U, L)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (U, V)
+    cache.reorder_cache(row_of)  # (U, ...) -> (B, ...) in every layer
+    logits, attention_mask, position_ids = logits[row_of], attention_mask[row_of], position_ids[row_of]
+    B = len(prompts_ids)
 
     new_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
     lengths = torch.zeros(B, dtype=torch.long, device=device)  # (B,) reply tokens before the EOS
@@ -370,47 +843,3 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                                temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                                chat_template=chat_template, progress=progress, desc=desc)
     return [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
-
-
-# ---- models: which layers train ----
-
-def decoder_layers(lm) -> torch.nn.ModuleList:
-    """The stack of decoder blocks of any HF causal LM (Llama's `layers`, GPT-2's `h`, ...)."""
-    n = lm.config.num_hidden_layers
-    for module in lm.base_model.children():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"{type(lm).__name__}: cannot find its {n} decoder layers")
-
-
-def freeze_layers(lm, trainable_layers: int | None) -> None:
-    """Train only the top `trainable_layers` decoder blocks and the final norm (None: train all).
-    Embeddings and a tied LM head freeze with the bottom of the stack."""
-    if trainable_layers is None:
-        return
-    layers = decoder_layers(lm)
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    top = list(layers)[len(layers) - trainable_layers:] if trainable_layers > 0 else []
-    for module in top:
-        module.requires_grad_(True)
-    for name, module in lm.base_model.named_children():  # the final norm (Llama `norm`, GPT-2 `ln_f`)
-        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Embedding)) and any(True for _ in module.parameters()):
-            if "norm" in name or name.startswith("ln"):
-                module.requires_grad_(True)
-
-
-def pair_batches(tokenizer, pairs: list[dict], max_length: int) -> tuple[dict, dict, int]:
-    """Preference pairs -> (chosen batch, rejected batch, number of pairs that had to be cut)."""
-    encoded = [encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], max_length) for p in pairs]
-    pad = tokenizer.pad_token_id
-    return (collate([e[0] for e in encoded], pad), collate([e[1] for e in encoded], pad), sum(e[2] for e in encoded))
-
-
-def token_reward_table(tokenizer, input_ids, mu, sigma, mask) -> list[tuple[str, float, float]]:
-    """One sequence's response tokens with the reward of the transition that emitted each one:
-    [(token text, mu, sigma)]. input_ids (T,); mu, sigma, mask on the transition grid (T-1,)."""
-    rows = []
-    for t in mask.nonzero().flatten().tolist():
-        rows.append((tokenizer.decode([int(input_ids[t + 1])]), float(mu[t]), float(sigma[t])))
-    return rows
