@@ -193,10 +193,13 @@ def boltzmann_log_likelihood(q_values: torch.Tensor, actions: torch.Tensor, beta
 
 def _token_terms(hidden, weight, bias, actions, reward_weights, *, alpha, beta, pretrained, with_logp):
     """One chunk: hidden (n, d) -> (n, 3) = [Q(s, a) weighted, log-prob of a under the Q-policy,
-    log pi_LM(a | s)]. The (n, V) logits die here; autograd checkpointing recomputes them."""
+    log pi_LM(a | s)]. The (n, V) logits die here; autograd checkpointing recomputes them.
+    pretrained=None skips the Q columns (zeros): DPO and SFT need only log pi."""
     logits = F.linear(hidden, weight, bias).float()  # (n, V)
     w = reward_weights.float()
-    if pretrained:  # Q from the LM head (Eq. 12), weighted by w_t (Eq. 11)
+    if pretrained is None:
+        q_taken = q_logprob = torch.zeros_like(w)
+    elif pretrained:  # Q from the LM head (Eq. 12), weighted by w_t (Eq. 11)
         q_taken = w * pretrained_q(logits, actions, alpha)
         q_logprob = q_taken  # <= 0: a log-probability under softmax(alpha * pi), scaled by w
     else:  # fresh Q head: `logits` are Q-values; the policy is Boltzmann (Eq. 3)
@@ -235,7 +238,7 @@ def token_logprobs(lm: nn.Module, input_ids, attention_mask, response_mask, chun
     head = lm.get_output_embeddings()
     selected = hidden[:, :-1][mask]  # (N, d)
     terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask],
-                               selected.new_ones(selected.shape[0]), with_logp=True, chunk=chunk)
+                               selected.new_ones(selected.shape[0]), pretrained=None, with_logp=True, chunk=chunk)
     return _scatter(terms[:, 2], mask)
 
 

@@ -131,13 +131,19 @@ class DataError(ValueError):
 
 def split_hh(chosen: str, rejected: str, where: str = "<pair>") -> tuple[str, str, str]:
     """Anthropic HH raw format -> (prompt, chosen response, rejected response). The shared prompt is
-    everything up to and including the last "\\n\\nAssistant:" of the chosen dialogue."""
-    cut = chosen.rfind(HH_ASSISTANT)
+    everything up to and including the last "\n\nAssistant:" of the dialogue that both sides share:
+    normally the chosen dialogue's last Assistant turn; a few HH rows carry an extra Assistant turn
+    inside the chosen response, and there the prompt ends where the two dialogues still agree."""
+    common_length = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common_length += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, common_length)
     if cut < 0:
-        raise DataError(where, "chosen", f"no {HH_ASSISTANT.strip()!r} turn: not an HH dialogue")
+        field = "chosen" if HH_ASSISTANT not in chosen else "rejected"
+        raise DataError(where, field, f"no {HH_ASSISTANT.strip()!r} turn shared by chosen and rejected: not an HH pair")
     prompt = chosen[: cut + len(HH_ASSISTANT)]
-    if not rejected.startswith(prompt):
-        raise DataError(where, "rejected", "does not share the chosen dialogue's prompt (everything up to its last Assistant turn)")
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
@@ -349,12 +355,13 @@ def load_rows(source: str, kind: str, split: str = "train", tokenizer=None, skip
     "builtin:tiny" (the offline task, see task.py), a local file, or a hub dataset id. Bad rows raise
     DataError naming file:line and field, or, with skip_bad, are skipped and counted."""
     report = LoadReport(f"{source} [{split}]")
-    if source.startswith("builtin"):
+    if source.startswith("builtin"):  # "builtin[:SIZE][:gold]"; gold = noise-free labels (the gold sign)
         import task
 
-        size = source.split(":", 1)[1] if ":" in source else "default"
+        parts = source.split(":")[1:]
+        size = next((p for p in parts if p != "gold"), "default")
         built = task.load_task(size)
-        rows = built.pairs(split) if kind == "pairs" else built.demonstrations(split)
+        rows = built.pairs(split, noise_free="gold" in parts) if kind == "pairs" else built.demonstrations(split)
         rows = [dict(row, where=f"builtin:{size}[{split}]:{i}") for i, row in enumerate(rows)][:limit]
         report.kept = len(rows)
         return rows, report
@@ -711,7 +718,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     (Holtzman et al. 2020): sample from the smallest set of most likely tokens whose mass reaches top_p.
 
     Written for speed on a CPU, where sampling would otherwise cost more than the model's forward
-    step (B=32, V=49152: full sort ~55 ms, torch.multinomial ~25 ms, one decoding step ~95 ms):
+    step (B=32, V=49152: full sort ~55 ms, torch.multinomial ~25 ms, one decoding step ~100 ms):
     the nucleus is looked for among the 256 likeliest tokens first (widened until it fits, so the
     result is exact), and one uniform per row is inverted through the CDF.
     """
@@ -826,7 +833,7 @@ def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int, t
                     model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
                     temperature=temperature, top_p=top_p, generator=generator, eos_ids=eos_ids, pad_id=pad_id)
                 for row, i in enumerate(batch):
-                    results[i] = Generation(prompt_ids=encoded[i],
+                    results[i] = Generation(prompt_ids=list(encoded[i]),
                                             response_ids=new_tokens[row, :lengths[row]].tolist(),
                                             finished=bool(finished[row]))
                 bar.update(len(batch))
