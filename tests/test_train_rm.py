@@ -207,3 +207,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, pair
     for a, b in zip(lines["one"][:-1], lines["two"][:-1]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["rewards/accuracies"] == b["rewards/accuracies"]
     assert lines["one"][-1]["eval/accuracy"] == lines["two"][-1]["eval/accuracy"]
+
+
+@pytest.mark.integration
+def test_default_data_is_the_builtin_task(tmp_path, tiny_model_dir):
+    """The main script's default data is the offline task: pairs from its train split, accuracy on
+    its dev split (here its tiny size, sampled once from the real SmolLM2 into the cache)."""
+    assert train_rm.Args().data == "builtin"
+    import task
+
+    built = task.load_task("tiny", progress=False)
+    final, _ = run(tmp_path, "--model", tiny_model_dir, "--data", "builtin:tiny", "--objective", "ava-p")
+    assert final["train_pairs"] == len(built.pairs("train")) and final["eval/pairs"] == len(built.pairs("dev"))
+    gold, _ = run(tmp_path, "--model", tiny_model_dir, "--data", "builtin:tiny", "--eval-data", "builtin:tiny:gold",
+                  "--max-steps", "1", name="gold")
+    assert gold["eval/pairs"] == len(built.pairs("dev", noise_free=True))
