@@ -132,7 +132,18 @@ def report() -> None:
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
               "Load average above ~2 means other work shared the 2 cores: its tokens/s is not comparable."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")
+    update_readme("\n".join(lines[2:]))
     print("\n".join(lines))
+
+
+def update_readme(block: str) -> None:
+    """README.md shows the table between its table1 markers: generated, never typed by hand."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- table1:start (bench/table1.py --report writes this) -->", "<!-- table1:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:

@@ -172,8 +172,10 @@ def markdown(result: dict) -> str:
         f"{result['load']['fresh_process']['load_task_seconds']:.2f} s / "
         f"{result['load']['fresh_process']['process_seconds']:.2f} s |",
         "",
-        f"Other processes used {100 * b['cpu_share_used_by_other_processes']:.0f}% of the CPUs during the build "
-        f"and {100 * result['load']['cpu_share_used_by_other_processes']:.0f}% during the fresh-process load "
+        (f"Other processes used {100 * b['cpu_share_used_by_other_processes']:.0f}% of the CPUs during the build and "
+         if b["rebuilt_now"] else "Not rebuilt (--no-rebuild): the build time is the one recorded in the cache. "
+         "Other processes used ")
+        + f"{100 * result['load']['cpu_share_used_by_other_processes']:.0f}% during the fresh-process load "
         "(timings are clean only near 0%).",
         "",
         f"Settings: {result['config']['samples_per_prompt']} replies per prompt, <= {result['config']['max_new_tokens']} "
@@ -202,8 +204,9 @@ def markdown(result: dict) -> str:
         "- longer-wins: the longer reply (in tokens, or in characters) predicted preferred; agreement with the gold "
         "sign over pairs with different gold and different lengths (n). Most replies reach the token cap, so the "
         "token version leaves most pairs undecided.",
-        f"- determinism: the rebuild reproduced the replies cached before it: {result['build']['reproduced_previous_cache']} "
-        "(None: there was no previous cache).",
+        "- determinism: " + ("not checked (no rebuild)." if not b["rebuilt_now"] else
+                             "no previous cache to compare the rebuild with." if b["reproduced_previous_cache"] is None else
+                             f"the rebuild reproduced the replies cached before it: {b['reproduced_previous_cache']}."),
         "- judge ties: pairs whose gold differs by at most the tie margin (judge() says \"tie\").",
         "",
     ]
