@@ -11,8 +11,8 @@ table can be filled in parts across sessions:
     python bench/table1.py --task harmless --rows BT,AVA-p --seeds 0     # run what is missing
     python bench/table1.py --report                                       # rebuild the table only
 
-Throughput (tokens/s) is measured inside each run; the load average at the end of the run is
-recorded next to it, since a busy machine makes it incomparable.
+Throughput (tokens/s) is measured inside each run; the share of CPU time other processes took
+during the run is recorded next to it, since a busy machine makes it incomparable.
 """
 from __future__ import annotations
 
@@ -75,6 +75,12 @@ def result_path(task: str, row: str, seed: int) -> Path:
     return RESULTS / task / f"{slug}-seed{seed}.json"
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes of this machine have spent busy (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
 def run_row(task: str, row: str, seed: int) -> dict:
     arguments = run_arguments(task, row, seed)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
@@ -86,11 +92,15 @@ def run_row(task: str, row: str, seed: int) -> dict:
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")
     print("running:", " ".join(command[1:]), flush=True)
-    started = time.time()
+    started, busy_before = time.time(), busy_cpu_seconds()
+    own_before = os.times().children_user + os.times().children_system
     subprocess.run(command, check=True, cwd=ROOT)
+    wall = time.time() - started
+    own = os.times().children_user + os.times().children_system - own_before
+    other = max(0.0, busy_cpu_seconds() - busy_before - own) / (wall * os.cpu_count())
     final = json.loads((output_dir / "final.json").read_text())
     result = {"task": task, "row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
-              "wall_seconds": time.time() - started, "load_average_at_end": os.getloadavg()[0], **final}
+              "wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other, **final}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -113,24 +123,29 @@ def report() -> None:
                           "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
                           "wilson95": [low, high], "eval_pairs": n, "ties": sum(r["eval/ties"] for r in runs) / len(runs),
                           "tokens_per_second": sum(r["train_tokens_per_second"] for r in runs) / len(runs),
-                          "load_average_at_end": max(r["load_average_at_end"] for r in runs),
+                          "other_cpu_share": max((r.get("other_processes_cpu_share") for r in runs), default=None,
+                                                 key=lambda v: -1 if v is None else v),
                           "peak_rss_gb": max(r["peak_rss_gb_rank0"] for r in runs),
                           "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "command": runs[0]["command"]})
     (ROOT / "bench" / "results" / "table1.json").write_text(json.dumps(table, indent=2))
     lines = ["# Table 1 at CPU scale: reward accuracy on dev", "",
              "Regenerate: `python bench/table1.py --task harmless` (runs what is missing; `--report` only rebuilds).",
              f"Main configuration: {MAIN}. Ablation configuration: {ABLATION}.", "",
-             "| task | row | config | seeds | dev accuracy | 95% interval | ties | train tokens/s | load avg | peak RSS (GB) | minutes |",
+             "| task | row | config | seeds | dev accuracy | 95% interval | ties | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
+        other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%"
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "")
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {100 * r['ties']:.1f} | "
-                     f"{r['tokens_per_second']:.0f} | {r['load_average_at_end']:.1f} | {r['peak_rss_gb']:.2f} | {r['wall_minutes']:.1f} |")
+                     f"{r['tokens_per_second']:.0f} | {other} | "
+                     f"{r['peak_rss_gb']:.2f} | {r['wall_minutes']:.1f} |")
     missing = [f"{t}/{row}" for t in TASKS[:2] for row in ROWS if not result_path(t, row, 0).is_file()]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
-              "Load average above ~2 means other work shared the 2 cores: its tokens/s is not comparable."]
+              "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
+              "is comparable only near 0% (rows marked 'not recorded' ran before this was measured and shared",
+              "the machine with other jobs)."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")
     update_readme("\n".join(lines[2:]))
     print("\n".join(lines))
