@@ -58,8 +58,9 @@ Judge
     judge can be swapped in.
 
 Cache
-    Sampling is the only slow part (5.5 min on 2 CPU cores for the default size, see
-    bench/results/task.md), so only the samples are cached, in
+    Sampling is the only slow part (5.5-7 min on 2 CPU cores for the default size: 327 s on an idle
+    machine, 403 s with 11% of it busy elsewhere, bench/results/task.md), so only the samples are
+    cached, in
     common.cache_dir()/task/<size>-<key>/task.json, where <key> hashes the prompts, the model
     files, every generation setting, the seed and TASK_FORMAT_VERSION. Gold scores and labels are
     recomputed on load (VADER takes ~0.1 ms a text), so they always follow the code above. The
@@ -531,7 +532,7 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
               build_if_missing: bool = True, progress: bool = True) -> Task:
     """Load the task from the cache, sampling it first if the cache has no entry for these inputs.
 
-    size: "default" (432 prompts x 4 replies x <= 48 tokens, ~5.5 min to build on 2 cores) or "tiny"
+    size: "default" (432 prompts x 4 replies x <= 48 tokens, 5.5-7 min to build on 2 cores) or "tiny"
     (12 prompts x 2 replies x <= 12 tokens, for tests). model: a local model directory, or None for
     the embedded SmolLM2-135M-Instruct. rebuild: sample again even if cached. build_if_missing=False
     raises FileNotFoundError instead of sampling when nothing is cached.
