@@ -292,7 +292,7 @@ class TQR(nn.Module):
         read = response.clone()
         read[:, :-1] |= mask
         if self.weighting is None:
-            weights = read.to(hidden.dtype).float()
+            weights = read.float()
         else:
             weights = self.weighting(hidden, read, literal=cfg.reward_weighting == "literal")  # (B, T)
 

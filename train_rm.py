@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     metrics = common.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None)
 
-    def save(final: bool = False):
+    def save():
         if dist.is_main:
             common.save_checkpoint(checkpoint_path, unwrap(model), optimizer, scheduler,
                                    {"step": step, "epoch": epoch, "batch": batch_index, "args": dataclasses.asdict(args)})
@@ -299,7 +299,7 @@ def main(argv=None) -> dict:
             epoch, batch_index = epoch + 1, 0
     bar.close()
     elapsed = time.perf_counter() - started
-    save(final=True)
+    save()
 
     total_tokens = common.all_reduce_sum([tokens], dist)[0]
     final = {"objective": kind, "ablate": args.ablate, "afd": args.afd, "steps": step,
