@@ -286,9 +286,9 @@ def _render_conversation(tokenizer, prompt, response, where: str, field: str) ->
 def pair_from_record(record: dict, where: str, tokenizer=None) -> dict:
     """One preference pair from any supported format: HH raw (`chosen`/`rejected` dialogues), TRL
     standard (`prompt`/`chosen`/`rejected` strings) or TRL conversational (message lists)."""
-    for field in ("chosen", "rejected"):
-        if field not in record:
-            raise DataError(where, field, "missing")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(where, key, "missing")
     if "prompt" not in record:  # Anthropic HH: the prompt is everything up to the last Assistant turn
         prompt, chosen, rejected = split_hh(_text(record, where, "chosen"), _text(record, where, "rejected"), where)
     elif isinstance(record["chosen"], list):
@@ -297,9 +297,9 @@ def pair_from_record(record: dict, where: str, tokenizer=None) -> dict:
     else:
         prompt = _text(record, where, "prompt", allow_empty=True)
         chosen, rejected = _text(record, where, "chosen"), _text(record, where, "rejected")
-    for field, text in (("chosen", chosen), ("rejected", rejected)):
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
-            raise DataError(where, field, "empty response")
+            raise DataError(where, key, "empty response")
     if chosen == rejected:
         raise DataError(where, "rejected", "identical to chosen: the pair carries no preference")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": where}
@@ -393,7 +393,9 @@ def arg(default, help: str, choices=None):
 
 
 def parse_config(cls, argv=None, description: str | None = None):
-    """Parse argv into the dataclass `cls`: --field-name for every field, booleans as --x/--no-x."""
+    """Parse argv into the dataclass `cls`: --field-name for every field, booleans as --x/--no-x.
+    Fields a script inherits (TrainFlags, AVAFlags) appear in --help in their own groups, after the
+    script's own."""
     import argparse
     import dataclasses
 
@@ -401,13 +403,83 @@ def parse_config(cls, argv=None, description: str | None = None):
         pass
 
     parser = argparse.ArgumentParser(description=description, formatter_class=Formatter)
-    for f in dataclasses.fields(cls):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"), help=meta.get("help"))
+    owners = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    groups = {c: parser.add_argument_group((c.__doc__ or c.__name__).strip().splitlines()[0]) if c is not cls else parser
+              for c in owners}
+    for owner in owners:
+        own = vars(owner).get("__annotations__", {})
+        for f in dataclasses.fields(cls):
+            if f.name not in own or next(c for c in owners if f.name in vars(c).get("__annotations__", {})) is not owner:
+                continue
+            flag, meta, group = "--" + f.name.replace("_", "-"), f.metadata, groups[owner]
+            if isinstance(f.default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
+            else:
+                group.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"),
+                                   help=meta.get("help"))
     return cls(**vars(parser.parse_args(argv)))
+
+
+@dataclass
+class TrainFlags:
+    """training loop (shared by train_rm.py, train_direct.py, train_ppo.py)"""
+    model: str = arg(DEFAULT_MODEL, "'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path")
+    max_length: int = arg(512, "tokens per sequence: prompts cut from the left, responses from the right")
+    batch_size: int = arg(8, "pairs (or demonstrations) per optimiser step, over all processes")
+    eval_batch_size: int = arg(16, "pairs per evaluation batch, per process")
+    lr: float = arg(1e-4, "AdamW learning rate (linear decay to 0)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
+    epochs: int = arg(1, "passes over the training data")
+    max_steps: int = arg(0, "stop after this many optimiser steps (0: run all epochs)")
+    trainable_layers: int = arg(4, "top decoder layers trained, the rest frozen (-1: train everything)")
+    seed: int = arg(0, "seed of initialisation, data order and sampling")
+    limit: int = arg(0, "use only the first N training rows (0: all)")
+    eval_limit: int = arg(0, "use only the first N evaluation pairs (0: all)")
+    eval_every: int = arg(0, "evaluate every N steps (0: at the end only)")
+    save_every: int = arg(50, "write a checkpoint every N steps (and at the end)")
+    log_every: int = arg(1, "write a metrics line every N steps")
+    resume: bool = arg(False, "continue from OUTPUT_DIR/checkpoint.pt")
+    skip_bad_rows: bool = arg(False, "skip malformed rows and count them, instead of stopping at the first")
+    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
+    crash_at_step: int = arg(0, "testing aid: SIGKILL this process right after step N (to test --resume)")
+
+
+def _ava_default(name: str):
+    import ava
+
+    return getattr(ava.AVAConfig, name)
+
+
+@dataclass
+class AVAFlags:
+    """AVA hyper-parameters and variants (ava.AVAConfig; see README)"""
+    ablate: str = arg("", "comma-separated Table 1 ablations, e.g. 'w/o rwt,w/o neg' "
+                          "(from: w/o rwt, w/o neg, w/o irl, w/o cer, w/o ptq)")
+    alpha: float = arg(_ava_default("alpha"), "Eq. 12 temperature mapping LM probabilities to Q-values")
+    beta: float = arg(_ava_default("beta"), "likelihood weight (Eq. 13) / Boltzmann temperature (Eq. 3)")
+    gamma: float = arg(_ava_default("gamma"), "TD discount (Eq. 14)")
+    lam: float = arg(_ava_default("lam"), "weight of the TD log-density term (lambda, Eq. 13)")
+    cer_weight: float = arg(_ava_default("cer_weight"), "weight of CER (Eq. 18)")
+    reward_weighting: str = arg(_ava_default("reward_weighting"), "Eq. 11 weights", choices=("mean-one", "literal", "off"))
+    negative: str = arg(_ava_default("negative"), "rejected-likelihood term", choices=("literal", "unlikelihood", "off"))
+    cer: str = arg(_ava_default("cer"), "CER form", choices=("sigmoid", "logsigmoid", "off"))
+    kl_td_on: str = arg(_ava_default("kl_td_on"), "sequences that get KL and TD terms", choices=("both", "chosen"))
+    pretrained_q: bool = arg(_ava_default("pretrained_q"), "Q from the pretrained LM head via Eq. 12 (--no-pretrained-q = w/o ptq)")
+    irl: bool = arg(_ava_default("irl"), "KL and TD terms (--no-irl = w/o irl)")
+
+    def ava_config(self):
+        import dataclasses
+
+        import ava
+
+        names = {f.name for f in dataclasses.fields(ava.AVAConfig)}
+        config = ava.AVAConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        ablations = [a.strip() if a.strip().startswith("w/o") else f"w/o {a.strip()}" for a in self.ablate.split(",") if a.strip()]
+        unknown = [a for a in ablations if a not in ava.ABLATIONS]
+        if unknown:
+            raise SystemExit(f"--ablate: unknown {unknown}; choose from {list(ava.ABLATIONS)}")
+        return ava.ablate(config, *ablations)
 
 
 # ---- distributed: DDP under torchrun (gloo on CPU, NCCL on GPU), a no-op otherwise ----
@@ -667,6 +739,165 @@ def token_reward_table(tokenizer, input_ids, mu, sigma, mask) -> list[tuple[str,
     return rows
 
 
+# ---- the training loop the scripts share ----
+
+def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, output_dir: Path, *,
+               evaluate=None, desc: str = "", metric_name=lambda term: term, state: dict | None = None):
+    """AdamW with linear decay to 0, gradient clipping, length-grouped batches sharded across ranks,
+    DDP when there are several processes, a tqdm bar and JSON-lines metrics on rank 0, a checkpoint
+    every `args.save_every` steps and at the end, and `args.resume` from OUTPUT_DIR/checkpoint.pt.
+
+    `args` needs: batch_size, lr, weight_decay, max_grad_norm, epochs, max_steps, seed, eval_every,
+    save_every, log_every, resume, crash_at_step. `lengths[i]` is item i's token count (batching and
+    tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP-wrapped) model
+    and this rank's item indices; `evaluate(model) -> dict` runs every `args.eval_every` steps.
+    Returns (unwrapped model, {"steps", "tokens", "seconds"}), tokens summed over ranks."""
+    import dataclasses
+    import signal
+    import time
+
+    checkpoint_path = output_dir / "checkpoint.pt"
+    if args.resume and not checkpoint_path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+    if len(lengths) < dist.world_size:
+        raise SystemExit(f"{len(lengths)} training rows cannot feed {dist.world_size} processes")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = -(-len(lengths) // args.batch_size)
+    total_steps = min(args.max_steps or 10**12, steps_per_epoch * args.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
+    step, epoch, batch_index = 0, 0, 0
+    if args.resume:
+        saved = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch"]
+    inner = model
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None)
+
+    def save():
+        if dist.is_main:
+            save_checkpoint(checkpoint_path, inner, optimizer, scheduler,
+                            {"step": step, "epoch": epoch, "batch": batch_index, **(state or {}),
+                             "args": dataclasses.asdict(args)})
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not dist.is_main)
+    tokens, started = 0, time.perf_counter()
+    while step < total_steps and epoch < args.epochs:
+        batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+        while batch_index < len(batches) and step < total_steps:
+            local = shard(batches[batch_index], dist)
+            loss, terms = loss_fn(model, local)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step, batch_index = step + 1, batch_index + 1
+            tokens += sum(lengths[i] for i in local)
+            names = sorted(terms)
+            reduced = all_reduce_sum([float(terms[k].detach()) for k in names], dist)
+            record = {metric_name(k): v / dist.world_size for k, v in zip(names, reduced)}
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "rewards/accuracies")})
+            if evaluate is not None and args.eval_every and step % args.eval_every == 0:
+                record.update(evaluate(model))
+            if step % args.log_every == 0 or any(k.startswith("eval/") for k in record):
+                metrics.write({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **record})
+            if args.save_every and step % args.save_every == 0:
+                save()
+            if args.crash_at_step and step == args.crash_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if batch_index >= len(batches):
+            epoch, batch_index = epoch + 1, 0
+    bar.close()
+    seconds = time.perf_counter() - started
+    save()
+    return inner, {"steps": step, "tokens": all_reduce_sum([tokens], dist)[0], "seconds": seconds, "metrics": metrics}
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion (accuracies and win rates on a few hundred items)."""
+    import math
+
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+# ---- policies: save, load, sample with a disk cache ----
+
+def save_policy(directory: str | Path, lm, tokenizer, meta: dict) -> None:
+    """A trained policy: save_pretrained (safetensors) + tokenizer + policy.json (how it was made)."""
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / "policy.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def model_identity(name_or_path: str) -> dict:
+    """What names a model's weights for a cache key: the resolved path plus the weight files'
+    names, sizes and modification times (a retrained model in the same directory gets a new key)."""
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return {"name": str(name_or_path)}  # a hub id: its revision is the hub's business
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {"path": str(path.resolve()), "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]}
+
+
+def cached_generate(model_name: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                    seed: int, chat_template: bool, model=None, tokenizer=None, dist: Distributed | None = None,
+                    desc: str = "sampling") -> list[str]:
+    """`generate` with its replies cached on disk under a key of the model's weights, the prompts and
+    the sampling settings: baselines' and initial-policy samples are drawn once, then reused. Rank 0
+    samples; other ranks wait and read. `model`/`tokenizer` may be passed if already loaded."""
+    import json
+
+    settings = {"model": model_identity(model_name), "prompts": prompts, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p, "seed": seed, "chat_template": chat_template}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "samples" / f"{key}.json"
+    dist = dist or Distributed()
+    if not path.is_file() and dist.is_main:
+        if model is None:
+            model, tokenizer = load_model(model_name)
+        samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, chat_template=chat_template, desc=desc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"settings": settings, "samples": samples}))
+        os.replace(tmp, path)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return json.loads(path.read_text())["samples"]
+
+
+def afd_pairs(demos: list[dict], model_name: str, *, max_new_tokens: int, temperature: float, top_p: float,
+              seed: int, model=None, tokenizer=None, dist: Distributed | None = None) -> list[dict]:
+    """AfD (Sun & van der Schaar): pair every demonstration (x, y*) with a sample y~ of the initial
+    policy, (x, chosen=y*, rejected=y~). Samples are cached (`cached_generate`). Pairs whose sample is
+    empty or equals the demonstration are dropped and counted: they carry no preference."""
+    samples = cached_generate(model_name, [d["prompt"] for d in demos], max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, chat_template=False,
+                              model=model, tokenizer=tokenizer, dist=dist, desc="AfD: sampling the initial policy")
+    pairs = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s, "where": d["where"]}
+             for d, s in zip(demos, samples) if s.strip() and s != d["response"]]
+    if (dist is None or dist.is_main) and len(pairs) < len(demos):
+        print(f"AfD: {len(demos) - len(pairs)} demonstrations dropped: the initial policy's sample was empty or identical")
+    return pairs
+
+
 # ---- generation (shared by task.py, train_direct.py, train_ppo.py) ----
 # A plain sampling loop over the KV cache, not `model.generate`: every step is in view (temperature,
 # nucleus filter, EOS bookkeeping), randomness comes from a private torch.Generator (the output
@@ -850,3 +1081,231 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                                temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                                chat_template=chat_template, progress=progress, desc=desc)
     return [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
+
+
+# ---- visualisation: where the reward is earned ----
+# Per-token readings of any reward model (Eq. 19's mu_t with sigma_t, the Eq. 11 weights w_t, the
+# TD error delta_t of Eq. 14), aligned with the built-in task's gold per-token reward, and two views
+# of them: a matplotlib Figure and coloured HTML. Used by notebooks/ and `train_rm.py --visualize`.
+
+READING_LABELS = {"ava": "mu_t (Eq. 19)", "pref-trans": "r_t (Pref-Trans)",
+                  "bt": "BT head at each prefix", "bt-var": "BT head at each prefix"}
+
+
+@torch.no_grad()
+def token_readings(model, tokenizer, prompt: str, responses: list[str], max_length: int = 512,
+                   gold: bool = False) -> list[dict]:
+    """Score responses to one prompt token by token. Per response: "tokens" (decoded, EOS last unless
+    the response was cut), "rewards" (AVA: mu_t; Pref-Trans: r_t; BT: its head read at every prefix,
+    which only the last one was trained for), "sigmas" and "deltas" (AVA; the last delta is None:
+    the TD error needs y_{t+2}), "weights" (Eq. 11 / Pref-Trans, rescaled to mean one over the
+    response), "score" (the sequence reward), "kind", "label", "eos".
+
+    Alignment: `encode` tokenises each response alone and appends EOS, so the k-th response
+    transition emits the k-th token of tokenizer(response, add_special_tokens=False), which is the
+    tokenisation task.gold_token_rewards uses; gold=True adds "gold" on that grid (None on the EOS)."""
+    import ava
+
+    examples, _ = encode(tokenizer, prompt, responses, max_length)
+    batch = collate(examples, tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(**batch)
+    finally:
+        model.train(was_training)
+    if isinstance(out, ava.TQROutput):
+        kind, (rewards, sigmas), score = "ava", ava.dense_rewards(out), out.sequence_reward()
+        weights = out.weights[:, 1:]  # (B, T-1): mu_t is read at position t+1, so is its weight
+        deltas, td_mask = ava.td_error(out.q_taken, out.mask, model.config.gamma)
+    else:
+        kind, rewards, sigmas, deltas, score = model.kind, out.rewards, None, None, out.score
+        weights = None if out.weights is None else out.weights * out.mask.sum(dim=1, keepdim=True)  # sum 1 -> mean 1
+    readings = []
+    for row, (response, example) in enumerate(zip(responses, examples)):
+        positions = out.mask[row].nonzero().flatten().tolist()
+        ids = example["input_ids"][example["prompt_length"]:]
+        text_ids = tokenizer(response, add_special_tokens=False).input_ids
+        eos = len(ids) == len(text_ids) + 1  # encode appends EOS; a cut response loses it
+        n_text = len(ids) - eos
+        if ids[:n_text] != text_ids[:n_text] or len(positions) != len(ids):
+            raise AssertionError("response tokens in the batch differ from the response tokenised alone")
+        pick = (lambda values: [float(values[row, t]) for t in positions])
+        item = {"kind": kind, "label": READING_LABELS[kind], "score": float(score[row]), "eos": eos,
+                "tokens": [tokenizer.decode([i]) for i in ids], "rewards": pick(rewards),
+                "sigmas": None if sigmas is None else pick(sigmas),
+                "weights": None if weights is None else pick(weights),
+                "deltas": None if deltas is None else [float(deltas[row, t]) if td_mask[row, t] else None for t in positions]}
+        if gold:
+            import task
+
+            item["gold"] = task.gold_token_rewards(response, tokenizer)[:n_text] + [None] * eos
+        readings.append(item)
+    return readings
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's rho: the Pearson correlation of average ranks (tied values share their mean rank).
+    NaN when there are fewer than two pairs or either side is constant."""
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"rank_correlation: expected two 1-d sequences of one length, got {x.shape} and {y.shape}")
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+
+    def ranks(values):
+        _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        return (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based mean rank of each tie group
+
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def _token_label(token: str) -> str:
+    """A token as a tick label: whitespace made visible, long tokens shortened."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    text = text.strip() or "\u2423"
+    return text if len(text) <= 12 else text[:11] + "\u2026"
+
+
+def _values(seq) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in seq]
+
+
+def plot_token_rewards(items: list[dict], titles: list[str] | None = None, columns: int | None = None,
+                       max_tokens: int = 64):
+    """A matplotlib Figure of `token_readings` items, `columns` side by side (default: all in one
+    row; e.g. chosen | rejected), each with up to three panels: the reward per token (bars; AVA's
+    +-sigma_t band; the gold per-token reward as diamonds on a second axis when known), the reward
+    weights w_t, and TD consistency (delta_t against the band mu_t +- sigma_t that Eq. 13's
+    log N(delta_t; mu_t, sigma_t) rewards it for staying in). Only the first max_tokens tokens show."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    titles = titles or [f"response {i}" for i in range(len(items))]
+    columns = columns or len(items)
+    groups = [items[start:start + columns] for start in range(0, len(items), columns)]
+    kinds = [["reward"] + (["weights"] if any(i.get("weights") for i in g) else [])
+             + (["td"] if any(i.get("deltas") for i in g) else []) for g in groups]  # panels of each row of items
+    offsets = np.cumsum([0] + [len(k) for k in kinds])
+    width = max(6.0, min(0.16 * max(len(i["tokens"][:max_tokens]) for i in items) + 1.5, 11.0))
+    fig = Figure(figsize=(width * columns, 2.0 * offsets[-1] + 1.1 * len(groups)), layout="constrained")
+    axes = fig.subplots(offsets[-1], columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()  # switched back on where something is drawn
+    golds = [abs(v) for item in items for v in _values((item.get("gold") or [])[:max_tokens]) if v == v]
+    gold_bound = 1.15 * max(golds, default=0.0) or 1.0
+    for index, (item, title) in enumerate(zip(items, titles)):
+        group, column = divmod(index, columns)
+        n = min(len(item["tokens"]), max_tokens)
+        x = np.arange(n)
+        rewards = np.array(_values(item["rewards"][:n]))
+        sigmas = None if item.get("sigmas") is None else np.array(_values(item["sigmas"][:n]))
+        drawn = []
+        for p, panel in enumerate(kinds[group]):
+            ax = axes[offsets[group] + p, column]
+            if panel == "reward":
+                ax.bar(x, rewards, color=np.where(rewards >= 0, "tab:green", "tab:red"), alpha=0.8)
+                if sigmas is not None:
+                    ax.fill_between(x, rewards - sigmas, rewards + sigmas, step="mid", color="tab:blue", alpha=0.18,
+                                    linewidth=0)
+                ax.set_ylabel(item["label"], fontsize=8)
+                ax.set_title(f"{title}   (sequence reward {item['score']:+.3f})", fontsize=9, loc="left")
+                if item.get("gold") is not None:
+                    gold = np.nan_to_num(np.array(_values(item["gold"][:n])))
+                    twin = ax.twinx()
+                    twin.scatter(x[gold != 0], gold[gold != 0], marker="D", s=22, color="black", zorder=3,
+                                 label="gold (VADER valence)")
+                    twin.set_ylim(-gold_bound, gold_bound)
+                    twin.set_ylabel("gold per token", fontsize=8)
+                    twin.tick_params(labelsize=7)
+                    twin.legend(loc="upper right", fontsize=7, frameon=False)
+            elif panel == "weights" and item.get("weights") is not None:
+                ax.bar(x, _values(item["weights"][:n]), color="0.45")
+                ax.axhline(1, color="tab:blue", linewidth=0.6, linestyle="--")
+                ax.set_ylabel("w_t (mean 1)", fontsize=8)
+            elif panel == "td" and item.get("deltas") is not None:
+                if sigmas is not None:
+                    ax.fill_between(x, rewards - sigmas, rewards + sigmas, step="mid", color="tab:blue", alpha=0.18,
+                                    linewidth=0, label="mu_t +- sigma_t")
+                ax.plot(x, rewards, color="tab:blue", linewidth=1, label="mu_t")
+                ax.plot(x, _values(item["deltas"][:n]), "o", color="tab:orange", markersize=3, label="delta_t (Eq. 14)")
+                ax.set_ylabel("TD", fontsize=8)
+                ax.legend(loc="upper right", fontsize=7, frameon=False)
+            else:
+                continue
+            ax.set_axis_on()
+            ax.axhline(0, color="0.6", linewidth=0.6)
+            ax.tick_params(labelsize=7)
+            ax.set_xlim(-0.6, n - 0.4)
+            ax.set_xticks(x, [])
+            drawn.append(ax)
+        drawn[-1].set_xticks(x, [_token_label(t) for t in item["tokens"][:n]], rotation=90, fontsize=7)
+    for row in axes:  # one y scale per row of panels, so chosen and rejected compare
+        shown = [ax for ax in row if ax.axison]
+        if not shown:
+            continue
+        low, high = min(ax.get_ylim()[0] for ax in shown), max(ax.get_ylim()[1] for ax in shown)
+        if any(ax.get_ylabel() == item["label"] for ax in shown for item in items):  # reward panels: symmetric,
+            low, high = -max(-low, high), max(-low, high)  # so the reward's zero lines up with the gold's
+        for ax in shown:
+            ax.set_ylim(low, high)
+    return fig
+
+
+def token_rewards_html(items: list[dict], titles: list[str] | None = None, columns: int | None = None) -> str:
+    """`token_readings` items as coloured text (green: positive reward, red: negative; one shared
+    scale), `columns` side by side. Hovering a token shows its numbers; a token carrying a gold word
+    valence is underlined in the gold's colour."""
+    from html import escape
+
+    titles = titles or [f"response {i}" for i in range(len(items))]
+    columns = columns or len(items)
+    scale = max((abs(r) for item in items for r in item["rewards"]), default=0.0) or 1.0
+
+    def colour(value, strength):
+        red, green = (0, 150) if value >= 0 else (210, 0)
+        return f"rgba({red},{green},0,{strength:.2f})"
+
+    cells = []
+    for item, title in zip(items, titles):
+        spans = []
+        for t, token in enumerate(item["tokens"]):
+            reward = item["rewards"][t]
+            tip = [f"{item['label']}: {reward:+.4f}"]
+            for key, name in (("sigmas", "sigma"), ("weights", "w"), ("deltas", "delta"), ("gold", "gold")):
+                if item.get(key) is not None and item[key][t] is not None:
+                    tip.append(f"{name}: {item[key][t]:+.4f}")
+            gold = (item.get("gold") or [None] * len(item["tokens"]))[t]
+            underline = f"border-bottom:3px solid {colour(gold, 1.0)};" if gold else ""
+            text = token.replace("\n", "\u23ce\n")
+            spans.append(f'<span title="{escape(" | ".join(tip))}" style="background:{colour(reward, 0.75 * abs(reward) / scale)};'
+                         f'{underline}">{escape(text)}</span>')
+        cells.append(f'<td style="vertical-align:top;text-align:left;padding:6px"><b>{escape(title)}</b> '
+                     f'(sequence reward {item["score"]:+.3f})<div style="font-family:monospace;white-space:pre-wrap;'
+                     f'line-height:1.9">{"".join(spans)}</div></td>')
+    rows = "".join(f"<tr>{''.join(cells[i:i + columns])}</tr>" for i in range(0, len(cells), columns))
+    label = items[0]["label"] if items else "reward"
+    legend = (f"background: {escape(label)}, green positive, red negative, full colour at |value| = {scale:.3g}; "
+              "underline: a gold word valence (built-in task); hover over a token for its numbers")
+    return f'<table style="border-collapse:collapse;table-layout:fixed;width:100%">{rows}</table><p style="font-size:smaller">{legend}</p>'
+
+
+def write_token_reward_views(model, tokenizer, rows: list[dict], directory: str | Path, max_length: int = 512,
+                             gold: bool = False) -> tuple[Path, Path]:
+    """Score rows (pairs: chosen | rejected side by side; demonstrations: the response) token by token
+    and write directory/token_rewards.png and directory/token_rewards.html; returns both paths."""
+    items, titles = [], []
+    for row in rows:
+        responses = [row["chosen"], row["rejected"]] if "chosen" in row else [row["response"]]
+        items += token_readings(model, tokenizer, row["prompt"], responses, max_length, gold)
+        where = row.get("where", "")
+        titles += [f"{where} chosen", f"{where} rejected"] if "chosen" in row else [f"{where} response"]
+    columns = 2 if rows and "chosen" in rows[0] else 1
+    directory = Path(directory)
+    png, html = directory / "token_rewards.png", directory / "token_rewards.html"
+    plot_token_rewards(items, titles, columns=columns).savefig(png, dpi=90)
+    html.write_text("<!doctype html>\n<meta charset=\"utf-8\"><title>Per-token rewards</title>\n"
+                    + token_rewards_html(items, titles, columns=columns) + "\n", encoding="utf-8")
+    return png, html

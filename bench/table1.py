@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -48,15 +47,6 @@ ROWS = {  # name: (train_rm.py arguments, configuration, seeds)
     "AVA-p w/o ptq": ({"objective": "ava-p", "ablate": "w/o ptq"}, ABLATION, 1),
 }
 TASKS = ("harmless", "helpful", "builtin")
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def run_arguments(task: str, row: str, seed: int) -> list[str]:
@@ -117,7 +107,7 @@ def report() -> None:
             accuracies = [r["eval/accuracy"] for r in runs]
             n = runs[0]["eval/pairs"]
             mean = sum(accuracies) / len(accuracies)
-            low, high = wilson(mean * n, n)
+            low, high = common.wilson(mean * n, n)
             spread = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else None
             table.append({"task": task, "row": row, "config": "main" if config is MAIN else "ablation",
                           "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
@@ -151,11 +141,11 @@ def report() -> None:
     print("\n".join(lines))
 
 
-def update_readme(block: str) -> None:
-    """README.md shows the table between its table1 markers: generated, never typed by hand."""
+def update_readme(block: str, name: str = "table1") -> None:
+    """README.md shows a benchmark's table between its markers: generated, never typed by hand."""
     readme = ROOT / "README.md"
     text = readme.read_text()
-    start, end = "<!-- table1:start (bench/table1.py --report writes this) -->", "<!-- table1:end -->"
+    start, end = f"<!-- {name}:start (bench/{name}.py --report writes this) -->", f"<!-- {name}:end -->"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])

@@ -82,7 +82,7 @@ def test_ava_d_and_afd_on_demonstrations(tmp_path, tiny_model_dir, pairs_file, m
     assert final["train_pairs"] == 8 and final["steps"] == 2
     final, _ = run(tmp_path, "--model", tiny_model_dir, "--objective", "bt", "--afd", "--data", demos,
                    "--afd-max-new-tokens", "6", "--eval-data", pairs_file, name="afd")
-    cached = list((tmp_path / "cache" / "afd").glob("*.json"))
+    cached = list((tmp_path / "cache" / "samples").glob("*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())["samples"]) == 8
     stamp = cached[0].stat().st_mtime_ns
     run(tmp_path, "--model", tiny_model_dir, "--objective", "ava-p", "--afd", "--data", demos,

@@ -1,0 +1,351 @@
+"""Direct optimisation of the policy with AVA-p / AVA-d, against DPO, SFT and AfD; judged by win rate.
+
+  python train_direct.py --objective ava-p                       # AVA-p on the built-in task's pairs
+  python train_direct.py --objective dpo                         # DPO (frozen reference, log-probs precomputed)
+  python train_direct.py --objective sft --chosen-half           # SFT on the chosen half of the pairs
+  python train_direct.py --objective ava-d                       # AVA-d on demonstrations (builtin: best of 4)
+  python train_direct.py --objective dpo --afd                   # AfD w/ DPO: (demonstration, initial sample) pairs
+  torchrun --nproc_per_node 2 train_direct.py --objective ava-p --data ../shared/data/hh-rlhf-harmless/train.jsonl.gz
+  python train_direct.py --eval-only --load runs/direct/policy --opponent runs/sft/policy --judge gold
+
+Algorithm 1 with the policy initialised from the pretrained LLM: for ava-p / ava-d the LLM *is* the
+TQR's backbone, its LM head mapped to Q by Eq. 12, so the likelihood, TD and CER terms train the
+policy and the reward head together. The trained policy samples from the LM's own distribution
+pi_w (Eq. 12 maps pi_w to Q for the objective; it is not a different policy).
+
+Evaluation (rank 0): the implicit-reward accuracy on held-out pairs (DPO: beta * log pi/pi_ref;
+AVA: E[R|y] of the reward head), then win / tie / lose of the trained policy's samples against an
+opponent's (the initial model, or another saved policy) on held-out prompts, under the built-in
+task's gold judge or a reward model saved by train_rm.py. Opponent samples are cached on disk.
+
+Output: OUTPUT_DIR/policy (save_pretrained; AVA also writes its heads, so it loads as a reward model
+too), OUTPUT_DIR/metrics.jsonl, OUTPUT_DIR/samples.jsonl (every judged pair), OUTPUT_DIR/final.json,
+OUTPUT_DIR/checkpoint.pt (for --resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import ava
+import common
+from common import arg
+
+OBJECTIVES = ("ava-p", "ava-d", "dpo", "sft")
+PAIRWISE = ("ava-p", "dpo")  # trained on preference pairs (or AfD pairs); the others on demonstrations
+
+
+@dataclass
+class Args(common.AVAFlags, common.TrainFlags):
+    """train_direct.py"""
+    objective: str = arg("ava-p", "training objective", choices=OBJECTIVES)
+    afd: bool = arg(False, "AfD: build (demonstration, sample of the initial policy) pairs from demonstrations "
+                           "(for dpo and ava-p)")
+    chosen_half: bool = arg(False, "demonstrations (sft, ava-d, AfD) are the chosen responses of --data's pairs")
+    data: str = arg("builtin", "training data: builtin[:tiny], a local file, or a hub dataset id")
+    train_split: str = arg("train", "split of --data (builtin and hub datasets)")
+    eval_data: str = arg("", "held-out pairs for the implicit-reward accuracy (default: builtin:gold dev when --data is builtin)")
+    eval_split: str = arg("dev", "split of --eval-data")
+    eval_prompts: str = arg("", "held-out prompts to sample and judge: builtin[:tiny] or a pairs/demonstrations file "
+                                "(default: builtin when --data is builtin; 'none' skips the win rate)")
+    prompt_split: str = arg("test", "split of --eval-prompts")
+    prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)")
+    samples_per_prompt: int = arg(4, "replies sampled per held-out prompt, by each side")
+    opponent: str = arg("initial", "what the trained policy is judged against: 'initial' (the untrained --model) "
+                                   "or a policy directory (OUTPUT_DIR/policy of another run, or any model path)")
+    judge: str = arg("gold", "'gold' (the built-in task's gold judge) or a reward model directory saved by train_rm.py")
+    max_new_tokens: int = arg(48, "length cap of sampled replies")
+    temperature: float = arg(1.0, "sampling temperature (0: greedy)")
+    top_p: float = arg(0.95, "nucleus sampling")
+    sample_seed: int = arg(1234, "seed of evaluation sampling (the same for both sides)")
+    dpo_beta: float = arg(0.1, "DPO's beta (KL strength to the reference)")
+    output_dir: str = arg("runs/direct", "where the policy, metrics, samples and checkpoints go")
+    lr: float = arg(2e-5, "AdamW learning rate (linear decay to 0)")
+    eval_only: bool = arg(False, "only judge --load against --opponent on --eval-prompts")
+    load: str = arg("", "a saved policy directory (for --eval-only)")
+    afd_max_new_tokens: int = arg(48, "AfD: length cap of the initial policy's samples")
+
+
+class Policy(nn.Module):
+    """The LM as a policy: per-transition log pi(y_{t+1} | y_{1:t}) of the response (DPO, SFT). A module
+    of its own so that DDP's forward (and so its gradient synchronisation) wraps the whole computation."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask)  # (B, T-1)
+
+
+# ---- data ----
+
+def load_training_rows(args: Args, tokenizer):
+    """Pairs for ava-p / dpo; demonstrations for sft / ava-d and for AfD (to be paired with samples)."""
+    wants_demos = args.objective not in PAIRWISE or args.afd
+    if wants_demos and args.chosen_half:
+        pairs, report = common.load_rows(args.data, "pairs", args.train_split, tokenizer, args.skip_bad_rows, args.limit or None)
+        return [{"prompt": p["prompt"], "response": p["chosen"], "where": p["where"]} for p in pairs], report
+    return common.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
+                            args.skip_bad_rows, args.limit or None)
+
+
+def encode_rows(rows: list[dict], tokenizer, max_length: int, report) -> list[tuple]:
+    items = []
+    for row in rows:
+        texts = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
+        examples, cut = common.encode(tokenizer, row["prompt"], texts, max_length)
+        report.cut += cut
+        items.append(tuple(examples))
+    return items
+
+
+def load_eval_pairs(args: Args, tokenizer):
+    source = args.eval_data or ("builtin:gold" if args.data.startswith("builtin") else "")
+    if not source:
+        return [], None
+    if source.startswith("builtin") and args.data.startswith("builtin:tiny") and "tiny" not in source:
+        source = source.replace("builtin", "builtin:tiny", 1)
+    rows, report = common.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
+    return encode_rows(rows, tokenizer, args.max_length, report), report
+
+
+def load_prompts(args: Args, tokenizer) -> list[str]:
+    """Held-out prompts as the exact text training saw (builtin: chat-templated; HH: raw dialogue)."""
+    source = args.eval_prompts or (args.data.split(":gold")[0] if args.data.startswith("builtin") else "none")
+    if source == "none":
+        return []
+    if source.startswith("builtin"):
+        import task
+
+        size = source.split(":")[1] if ":" in source else "default"
+        prompts = [p["prompt"] for p in task.load_task(size).prompts(args.prompt_split)]
+    else:
+        rows, _ = common.load_rows(source, "demos", args.prompt_split, tokenizer, args.skip_bad_rows)
+        prompts = list(dict.fromkeys(row["prompt"] for row in rows))  # unique, in order
+    return prompts[:args.prompt_limit or None]
+
+
+# ---- losses ----
+
+def sequence_logprobs(model, items: list[tuple], pad_id: int) -> torch.Tensor:
+    """sum_t log pi(y_{t+1} | y_{1:t}) over the response, (rows,), for every sequence of `items`,
+    chosen ones first (one forward for the whole batch)."""
+    columns = len(items[0])
+    batch = common.collate([item[c] for c in range(columns) for item in items], pad_id)
+    return model(**batch).sum(dim=1)
+
+
+@torch.no_grad()
+def reference_logprobs(lm, items: list[tuple], pad_id: int, batch_size: int) -> torch.Tensor:
+    """DPO's frozen reference: the initial policy's sequence log-probs, (items, 2), computed once before
+    training (the reference never changes, so it need not stay in memory as a second model)."""
+    policy, values = Policy(lm).eval(), []
+    for start in range(0, len(items), batch_size):
+        part = items[start:start + batch_size]
+        values.append(sequence_logprobs(policy, part, pad_id).view(2, len(part)).T)
+    return torch.cat(values) if values else torch.zeros(0, 2)
+
+
+def compute_loss(model, items, references, args: Args, config: ava.AVAConfig, pad_id: int):
+    kind, n = args.objective, len(items)
+    if kind == "sft":
+        batch = common.collate([item[0] for item in items], pad_id)
+        loss = ava.sft_loss(model(**batch), batch["response_mask"][:, 1:].bool())
+        return loss, {"loss": loss}
+    if kind == "dpo":
+        logp = sequence_logprobs(model, items, pad_id)
+        loss, reward_chosen, reward_rejected = ava.dpo_loss(logp[:n], logp[n:], references[:, 0], references[:, 1], args.dpo_beta)
+        return loss, {"loss": loss, **ava.preference_metrics(reward_chosen, reward_rejected)}
+    if kind == "ava-d":
+        return ava.ava_d_loss(model(**common.collate([item[0] for item in items], pad_id)), config)
+    out = model(**common.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
+    return ava.ava_p_loss(ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n)), config)
+
+
+METRIC_NAMES = {"loss": "loss", "accuracy": "rewards/accuracies", "margin": "rewards/margins", "sigma": "ava/sigma"}
+
+
+def metric_name(term: str) -> str:
+    return METRIC_NAMES.get(term, f"ava/{term}")
+
+
+# ---- evaluation ----
+
+@torch.no_grad()
+def implicit_reward_accuracy(model, kind: str, items: list[tuple], references, args: Args, pad_id: int) -> dict:
+    """How often the trained model's own reward ranks the chosen reply of a held-out pair first.
+    DPO: beta * (log pi - log pi_ref); AVA: E[R|y] (mu at the last token). Exact ties counted apart."""
+    was_training = model.training
+    model.eval()
+    differences = []
+    for start in range(0, len(items), args.eval_batch_size):
+        part = items[start:start + args.eval_batch_size]
+        n = len(part)
+        if kind == "dpo":
+            logp = sequence_logprobs(model, part, pad_id)
+            reference = references[start:start + n]
+            differences.append(args.dpo_beta * ((logp[:n] - reference[:, 0]) - (logp[n:] - reference[:, 1])))
+        else:
+            out = model(**common.collate([p[0] for p in part] + [p[1] for p in part], pad_id))
+            score = out.sequence_reward()
+            differences.append(score[:n] - score[n:])
+    model.train(was_training)
+    difference = torch.cat(differences)
+    wins, ties = int((difference > 0).sum()), int((difference == 0).sum())
+    low, high = common.wilson(wins + 0.5 * ties, len(difference))
+    return {"eval/accuracy": (wins + 0.5 * ties) / len(difference), "eval/accuracy_wilson95": [low, high],
+            "eval/ties": ties / len(difference), "eval/pairs": len(difference)}
+
+
+def judge_all(judge: str, prompts: list[str], ours: list[str], theirs: list[str]) -> list[str]:
+    """'win' / 'tie' / 'lose' for each (ours, theirs) under the gold judge or a saved reward model."""
+    if judge == "gold":
+        import task
+
+        return [task.judge(p, a, b) for p, a, b in zip(prompts, ours, theirs)]
+    model, tokenizer, _ = common.load_reward_model(judge)
+    score_a = [r["score"] for r in common.score_texts(model, tokenizer, prompts, ours, per_token=False)]
+    score_b = [r["score"] for r in common.score_texts(model, tokenizer, prompts, theirs, per_token=False)]
+    return ["tie" if a == b else "win" if a > b else "lose" for a, b in zip(score_a, score_b)]
+
+
+def win_rate(policy_lm, tokenizer, policy_name: str, prompts: list[str], args: Args, output_dir: Path | None) -> dict:
+    """Sample `samples_per_prompt` replies per prompt from the trained policy and from the opponent
+    (same prompts, settings and seed), judge them pairwise; a tie counts half (Wilson 95% interval)."""
+    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.sample_seed, chat_template=False)
+    ours = common.generate(policy_lm, tokenizer, repeated, desc=f"sampling {policy_name}", **sampling)
+    opponent = args.model if args.opponent == "initial" else args.opponent
+    theirs = common.cached_generate(opponent, repeated, desc=f"sampling {args.opponent}", **sampling)
+    verdicts = judge_all(args.judge, repeated, ours, theirs)
+    counts = {v: verdicts.count(v) for v in ("win", "tie", "lose")}
+    n = len(verdicts)
+    rate = (counts["win"] + 0.5 * counts["tie"]) / n
+    low, high = common.wilson(counts["win"] + 0.5 * counts["tie"], n)
+    result = {"win": counts["win"], "tie": counts["tie"], "lose": counts["lose"], "n": n, "win_rate": rate,
+              "wilson95": [low, high], "opponent": args.opponent, "judge": args.judge, "prompts": len(prompts)}
+    if args.judge == "gold":
+        import task
+
+        result["gold_mean_ours"] = sum(map(task.gold_score, ours)) / n
+        result["gold_mean_opponent"] = sum(map(task.gold_score, theirs)) / n
+    if output_dir is not None:
+        with (output_dir / "samples.jsonl").open("w") as handle:
+            for prompt, a, b, verdict in zip(repeated, ours, theirs, verdicts):
+                handle.write(json.dumps({"prompt": prompt, "policy": a, "opponent": b, "verdict": verdict}) + "\n")
+    return result
+
+
+def eval_only(args: Args) -> dict:
+    if not args.load:
+        raise SystemExit("--eval-only needs --load DIR (a policy saved by train_direct.py, or any model path)")
+    lm, tokenizer = common.load_model(args.load)
+    prompts = load_prompts(args, tokenizer)
+    if not prompts:
+        raise SystemExit("--eval-only needs --eval-prompts (builtin or a file of prompts)")
+    result = {"win_rate": win_rate(lm, tokenizer, args.load, prompts, args, None)}
+    print(json.dumps(result))
+    return result
+
+
+# ---- the run ----
+
+def main(argv=None) -> dict:
+    args = common.parse_config(Args, argv, __doc__)
+    dist = common.init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return eval_only(args)
+    kind = args.objective
+    if args.afd and kind not in PAIRWISE:
+        raise SystemExit(f"--afd builds preference pairs: use it with {' or '.join(PAIRWISE)}, not {kind}")
+    if kind in ("ava-p", "ava-d") and not args.pretrained_q:
+        raise SystemExit("direct optimisation trains the LM through Eq. 12's pretrained Q (a fresh Q head would "
+                         "leave the policy's own head out of the likelihood): drop --no-pretrained-q, or use train_rm.py")
+    if kind not in ("ava-p", "ava-d") and args.ablate:
+        raise SystemExit("--ablate applies to ava-p and ava-d only")
+    if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
+        raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
+    torch.manual_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume and not (output_dir / "checkpoint.pt").is_file():
+        raise SystemExit(f"--resume: no checkpoint at {output_dir / 'checkpoint.pt'}")
+
+    tokenizer = common.load_tokenizer(args.model)
+    config = args.ava_config()
+    pad_id = tokenizer.pad_token_id
+    rows, report = load_training_rows(args, tokenizer)  # bad data fails before the model loads
+    eval_items, eval_report = load_eval_pairs(args, tokenizer)
+    prompts = load_prompts(args, tokenizer)
+    lm, _ = common.load_model(args.model, tokenizer=tokenizer)
+    if args.afd:
+        rows = common.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
+    items = encode_rows(rows, tokenizer, args.max_length, report)
+    if dist.is_main:
+        print(report)
+        if eval_report:
+            print(eval_report)
+
+    references = eval_references = None
+    if kind == "dpo":  # before any update: the reference is the initial policy (cached for --resume)
+        path = output_dir / "reference_logprobs.pt"
+        if args.resume and path.is_file():
+            references, eval_references = torch.load(path).values()
+        else:
+            references = reference_logprobs(lm, items, pad_id, args.eval_batch_size)
+            eval_references = reference_logprobs(lm, eval_items, pad_id, args.eval_batch_size)
+            if dist.is_main:
+                torch.save({"train": references, "eval": eval_references}, path)
+    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else Policy(lm)).to(dist.device)
+
+    def loss_fn(model, local):
+        refs = references[local] if references is not None else None
+        return compute_loss(model, [items[i] for i in local], refs, args, config, pad_id)
+
+    lengths = [sum(len(example["input_ids"]) for example in item) for item in items]
+    model, run = common.train_loop(args, model, lengths, loss_fn, dist, output_dir, metric_name=metric_name,
+                                   desc=f"{'AfD w/ ' if args.afd else ''}{kind}")
+    final = {"objective": kind, "afd": args.afd, "steps": run["steps"], "train_rows": len(items),
+             "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
+             "train_tokens_per_second": run["tokens"] / run["seconds"] if run["seconds"] > 0 and run["tokens"] else None,
+             "train_seconds": run["seconds"]}
+    if dist.is_main:
+        if eval_items and kind != "sft":
+            final.update(implicit_reward_accuracy(model, kind, eval_items, eval_references, args, pad_id))
+        meta = {"objective": kind, "afd": args.afd, "ava_config": dataclasses.asdict(config) if kind.startswith("ava") else None,
+                "args": dataclasses.asdict(args)}
+        if isinstance(model, ava.TQR):  # the policy and its reward: loadable by load_model and load_reward_model
+            common.save_reward_model(output_dir / "policy", model, tokenizer, {"kind": kind, **meta})
+            (output_dir / "policy" / "policy.json").write_text(json.dumps(meta, indent=2, default=str))
+        else:
+            common.save_policy(output_dir / "policy", model.lm, tokenizer, meta)
+        if prompts:
+            final["win_rate"] = win_rate(model.lm, tokenizer, str(output_dir / "policy"), prompts, args, output_dir)
+        final["peak_rss_gb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        (output_dir / "final.json").write_text(json.dumps(final, indent=2))
+        run["metrics"].write({"step": run["steps"], "final": True, **final})
+        print(json.dumps(final))
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.DataError, common.ModelLoadError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
