@@ -230,14 +230,17 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
-def token_logprobs(lm: nn.Module, input_ids, attention_mask, response_mask, chunk: int = 512) -> torch.Tensor:
-    """log pi(y_{t+1} | y_{1:t}) per response transition, (B, T-1), zero elsewhere (for DPO and SFT)."""
+def token_logprobs(lm: nn.Module, input_ids, attention_mask, response_mask, chunk: int = 512,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_{t+1} | y_{1:t}) per response transition, (B, T-1), zero elsewhere (DPO, SFT, PPO).
+    `temperature` divides the logits (PPO scores its samples at the temperature it drew them with)."""
     check_masks(input_ids, attention_mask, response_mask)
     hidden = hidden_states(lm, input_ids, attention_mask)
     mask = response_mask[:, 1:].bool()  # transition t is trained when its action y_{t+1} is a response token
     head = lm.get_output_embeddings()
-    selected = hidden[:, :-1][mask]  # (N, d)
-    terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask],
+    selected = hidden[:, :-1][mask] / temperature  # (N, d); logits / T = (h / T) W^T + b / T
+    bias = None if head.bias is None else head.bias / temperature
+    terms = gather_token_terms(selected, head.weight, bias, input_ids[:, 1:][mask],
                                selected.new_ones(selected.shape[0]), pretrained=None, with_logp=True, chunk=chunk)
     return _scatter(terms[:, 2], mask)
 

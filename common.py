@@ -443,6 +443,20 @@ class TrainFlags:
     skip_bad_rows: bool = arg(False, "skip malformed rows and count them, instead of stopping at the first")
     threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
     crash_at_step: int = arg(0, "testing aid: SIGKILL this process right after step N (to test --resume)")
+    # scale (section "scale" below; README "Scale: from a laptop to a GPU node")
+    fsdp: bool = arg(False, "under torchrun: FSDP2 (parameters, gradients and AdamW state sharded over the processes; "
+                            "fully_shard on each decoder layer, then the root) instead of DDP; resume from sharded "
+                            "checkpoints (torch.distributed.checkpoint), full safetensors export at the end")
+    bf16: bool = arg(False, "bf16 mixed precision on a CUDA GPU with bf16 (fp32 master weights, gradients reduced in fp32); "
+                            "refused on CPU, where bf16 matmul is ~2.7x slower than fp32")
+    activation_checkpointing: bool = arg(False, "keep only each decoder layer's input and recompute the layer in the "
+                                                "backward pass: activation memory / ~n_layers, about 1/3 more compute")
+    plan: str = arg("", "print the per-GPU memory plan of this run's flags for MODEL ('llama-2-7b', or a model directory "
+                        "or config.json) and exit, loading no data and no weights (built on the meta device)")
+    plan_world_size: int = arg(1, "--plan: number of GPUs (FSDP divides parameters, gradients and AdamW state by it; DDP replicates)")
+    plan_gpu_gb: float = arg(80.0, "--plan: memory of one GPU, GB (10^9 bytes)")
+    dump_grads: str = arg("", "testing aid: after every step's backward (gradients reduced across processes, not yet "
+                              "clipped) rank 0 writes all full gradients so far to PATH (torch.save: a list, one dict per step)")
 
 
 def _ava_default(name: str):
@@ -490,6 +504,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    created: bool = False  # this call started the process group (so its caller should end it)
 
     @property
     def is_main(self) -> bool:
@@ -501,11 +516,12 @@ def init_distributed() -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not torch.distributed.is_initialized():
+    created = world_size > 1 and not torch.distributed.is_initialized()
+    if created:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank, device)
+    return Distributed(rank, world_size, local_rank, device, created)
 
 
 def all_reduce_sum(values: list[float], dist: Distributed) -> list[float]:
@@ -744,12 +760,13 @@ def token_reward_table(tokenizer, input_ids, mu, sigma, mask) -> list[tuple[str,
 def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, output_dir: Path, *,
                evaluate=None, desc: str = "", metric_name=lambda term: term, state: dict | None = None):
     """AdamW with linear decay to 0, gradient clipping, length-grouped batches sharded across ranks,
-    DDP when there are several processes, a tqdm bar and JSON-lines metrics on rank 0, a checkpoint
+    DDP (or FSDP2 with --fsdp) when there are several processes, a tqdm bar and JSON-lines metrics on rank 0, a checkpoint
     every `args.save_every` steps and at the end, and `args.resume` from OUTPUT_DIR/checkpoint.pt.
 
     `args` needs: batch_size, lr, weight_decay, max_grad_norm, epochs, max_steps, seed, eval_every,
-    save_every, log_every, resume, crash_at_step. `lengths[i]` is item i's token count (batching and
-    tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP-wrapped) model
+    save_every, log_every, resume, crash_at_step, and may set the scale flags of TrainFlags (fsdp, bf16,
+    activation_checkpointing, dump_grads; see `distribute`). `lengths[i]` is item i's token count (batching and
+    tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP- or FSDP-wrapped) model
     and this rank's item indices; `evaluate(model) -> dict` runs every `args.eval_every` steps.
     Returns (unwrapped model, {"steps", "tokens", "seconds"}), tokens summed over ranks."""
     import dataclasses
@@ -761,22 +778,28 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
         raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
     if len(lengths) < dist.world_size:
         raise SystemExit(f"{len(lengths)} training rows cannot feed {dist.world_size} processes")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    check_scale_flags(args, dist)
+    inner, sharded = model, is_sharded(args, dist)
+    skeleton = meta_skeleton(model) if sharded else None  # what FSDP's full weights go back into at the end
+    model = distribute(model, args, dist)  # DDP wrapper, FSDP2 in place, or the model itself (section "scale")
+    trainable = [p for p in inner.parameters() if p.requires_grad]  # after fully_shard: this rank's shards
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = -(-len(lengths) // args.batch_size)
     total_steps = min(args.max_steps or 10**12, steps_per_epoch * args.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
     step, epoch, batch_index = 0, 0, 0
     if args.resume:
-        saved = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        saved = resume_checkpoint(checkpoint_path, inner, optimizer, scheduler, sharded)
         step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch"]
-    inner = model
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None)
+    dumped = []  # --dump-grads
 
     def save():
+        if sharded:
+            save_sharded_checkpoint(checkpoint_path, inner, optimizer, scheduler,
+                                    {"step": step, "epoch": epoch, "batch": batch_index, **(state or {}),
+                                     "args": dataclasses.asdict(args)}, dist)
+            return
         if dist.is_main:
             save_checkpoint(checkpoint_path, inner, optimizer, scheduler,
                             {"step": step, "epoch": epoch, "batch": batch_index, **(state or {}),
@@ -791,9 +814,12 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
         batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
         while batch_index < len(batches) and step < total_steps:
             local = shard(batches[batch_index], dist)
-            loss, terms = loss_fn(model, local)
+            with autocast_context(args, dist):  # bf16 under DDP or one process (FSDP2 casts by its own policy)
+                loss, terms = loss_fn(model, local)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if getattr(args, "dump_grads", ""):
+                dump_gradients(args.dump_grads, inner, dumped, dist)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
@@ -818,7 +844,447 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
     bar.close()
     seconds = time.perf_counter() - started
     save()
+    if sharded:  # the full weights, gathered into a plain model on every rank: evaluation and export as usual
+        del model, optimizer, trainable
+        inner = gather_full_model(inner, skeleton, dist)
     return inner, {"steps": step, "tokens": all_reduce_sum([tokens], dist)[0], "seconds": seconds, "metrics": metrics}
+
+
+# ---- scale: DDP / FSDP2, activation checkpointing, LoRA, the 7B plan ----
+# One distributed layer for every script: `train_loop` calls `distribute` (DDP by default, FSDP2 with
+# --fsdp, activation checkpointing with --activation-checkpointing), casts to bf16 with --bf16 on a
+# GPU, writes sharded checkpoints (torch.distributed.checkpoint) under FSDP and gathers the full
+# weights back into a plain model at the end, so evaluation and the safetensors export run as in a
+# single process. LoRA (peft) is applied by the policy scripts before training and merged before
+# export. `memory_plan` works out bytes per GPU for a model on the meta device (--plan).
+# Measured on CPU/gloo (tests/test_scale.py): 2 processes reproduce 1 process's losses and gradients
+# over the same global batch, for DDP and for FSDP2 (torch 2.13; see `check_fsdp_averages`).
+
+LLAMA_2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)  # meta-llama/Llama-2-7b-hf's config.json
+
+
+def is_sharded(args, dist: Distributed) -> bool:
+    """FSDP2 is on: --fsdp under torchrun with more than one process (one process has nothing to shard)."""
+    return bool(getattr(args, "fsdp", False)) and dist.world_size > 1
+
+
+def check_scale_flags(args, dist: Distributed) -> None:
+    """Refuse flag combinations that cannot do what they say, before anything is loaded."""
+    if getattr(args, "bf16", False):
+        if dist.device.type != "cuda":
+            raise SystemExit("--bf16: mixed precision needs a CUDA GPU; on this CPU bf16 matmul runs ~2.7x slower "
+                             "than fp32, so training stays in fp32 (drop --bf16)")
+        if not torch.cuda.is_bf16_supported():
+            raise SystemExit("--bf16: this GPU has no bf16 support (drop --bf16)")
+
+
+def autocast_context(args, dist: Distributed):
+    """bf16 autocast around the forward pass and loss under --bf16, except under FSDP2, whose
+    MixedPrecisionPolicy casts the parameters itself. Master weights and optimiser stay fp32."""
+    import contextlib
+
+    if getattr(args, "bf16", False) and not is_sharded(args, dist):
+        return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def language_model(model):
+    """The Hugging Face causal LM inside a TQR / reward model / policy wrapper (its `.lm`), or the model."""
+    return getattr(model, "lm", model)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Keep only each decoder layer's input; the backward pass recomputes the layer (non-reentrant
+    torch.utils.checkpoint, through transformers, which checkpoints `forward` inside the module's
+    hooks, so FSDP2's hooks are not run twice)."""
+    lm = language_model(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_fsdp_averages(mesh) -> None:
+    """FSDP2 on gloo has been reported to sum gradients across ranks instead of averaging them
+    (pytorch issue 162338). A one-parameter probe, sharded like the model, catches that at start-up:
+    rank r sees gradient r + 1, so the mean is (world + 1) / 2 and the sum world (world + 1) / 2."""
+    from torch.distributed.fsdp import fully_shard
+
+    world, rank = mesh.size(), mesh.get_rank()
+    probe = torch.nn.Linear(1, world, bias=False, device=mesh.device_type)
+    torch.nn.init.ones_(probe.weight)
+    fully_shard(probe, mesh=mesh)
+    probe(torch.full((1, 1), float(rank + 1), device=mesh.device_type)).sum().backward()
+    got = probe.weight.grad.full_tensor().flatten()
+    if not torch.allclose(got, torch.full_like(got, (world + 1) / 2)):
+        raise SystemExit(f"FSDP2 on this torch ({torch.__version__}) and backend "
+                         f"({torch.distributed.get_backend()}) does not average gradients across processes "
+                         f"(got {got.tolist()}, expected {(world + 1) / 2}; pytorch issue 162338): drop --fsdp (DDP)")
+
+
+def distribute(model, args, dist: Distributed):
+    """The model as training sees it. One process: the model itself. Several: DDP (replicated weights,
+    gradients all-reduced, buckets shared with the gradients), or with --fsdp FSDP2: fully_shard on each
+    decoder layer, then on the root (TQR / reward model / policy, which owns the embeddings, the LM
+    head and our heads), applied in place; parameters become this rank's DTensor shards, so the
+    optimiser must be built afterwards. --bf16 under FSDP2: bf16 compute copies, fp32 gradient
+    reduction and fp32 master shards. --activation-checkpointing in every case."""
+    if getattr(args, "activation_checkpointing", False):
+        enable_activation_checkpointing(model)
+    if dist.world_size == 1:
+        return model
+    if not is_sharded(args, dist):
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    check_fsdp_averages(mesh)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if getattr(args, "bf16", False) else MixedPrecisionPolicy())
+    for layer in decoder_layers(language_model(model)):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard's full value (a collective: every rank must call it), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def dump_gradients(path: str, model, dumped: list, dist: Distributed) -> None:
+    """--dump-grads: append this step's full gradients {name: tensor} (every rank gathers FSDP
+    shards; rank 0 keeps them) and rewrite `path` with every step so far."""
+    grads = {name: _full(p.grad).detach().cpu().clone() for name, p in model.named_parameters() if p.grad is not None}
+    if dist.is_main:
+        dumped.append(grads)
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        torch.save(dumped, tmp)
+        os.replace(tmp, path)
+
+
+def meta_skeleton(model):
+    """A copy of `model` whose parameters live on the meta device (no memory) and whose buffers are
+    real copies (rotary frequencies are not in the state dict): the plain module that FSDP's
+    gathered weights are loaded back into by `gather_full_model`."""
+    import copy
+
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def gather_full_model(sharded, skeleton, dist: Distributed):
+    """All-gather FSDP's shards into the skeleton's plain module on every rank (train_rm evaluates on
+    every rank; rank 0 exports with save_pretrained). Costs the full model once per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    buffers = {name: b for name, b in skeleton.named_buffers()}
+    plain = skeleton.to_empty(device=dist.device)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or set(missing) - set(buffers):
+        raise RuntimeError(f"gathering FSDP weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in buffers.items():
+            if name not in full:  # non-persistent (rotary inv_freq): as before training
+                plain.get_buffer(name).copy_(value)
+    lm = language_model(plain)
+    if getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight  # to_empty gave each its own tensor
+    return plain.train(sharded.training)
+
+
+def save_sharded_checkpoint(path: Path, model, optimizer, scheduler, state: dict, dist: Distributed) -> None:
+    """FSDP2's checkpoint: every rank writes its shards of the trainable weights and AdamW state to
+    OUTPUT_DIR/checkpoint-sharded-STEP/ (torch.distributed.checkpoint), then rank 0 writes
+    `checkpoint.pt` (scheduler, RNG, data position, args, and the name of that directory) atomically
+    and deletes older sharded directories: a run killed mid-write resumes from the previous one."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = path.parent / f"checkpoint-sharded-{state['step']:07d}"
+    if dist.is_main and directory.exists():
+        shutil.rmtree(directory)  # a leftover of a killed run at this step
+    torch.distributed.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    dcp.save({"model": {k: v for k, v in model_state.items() if k in trainable}, "optimizer": optimizer_state},
+             checkpoint_id=directory)
+    torch.distributed.barrier()
+    if dist.is_main:
+        payload = {"sharded": directory.name, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                   "rng": rng_state(), **state}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        for old in path.parent.glob("checkpoint-sharded-*"):
+            if old != directory:
+                shutil.rmtree(old)
+    torch.distributed.barrier()
+
+
+def resume_checkpoint(path: Path, model, optimizer, scheduler, sharded: bool) -> dict:
+    """Load `checkpoint.pt` as written by `save_checkpoint` (DDP / one process) or, under FSDP2, by
+    `save_sharded_checkpoint`; a checkpoint of the other kind is refused with the flag to use."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if bool(payload.get("sharded")) != sharded:
+        kind = "sharded (FSDP2)" if payload.get("sharded") else "unsharded (DDP / one process)"
+        raise SystemExit(f"--resume: {path} is {kind}: resume with{'' if payload.get('sharded') else 'out'} --fsdp "
+                         f"under torchrun with more than one process")
+    if not sharded:
+        return load_checkpoint(path, model, optimizer, scheduler)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, to be filled
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    model_state = {k: v for k, v in model_state.items() if k in trainable}
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path.parent / payload["sharded"])
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(strict=False))
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return payload
+
+
+# LoRA through peft: adapters on the linear layers of the top --trainable-layers decoder blocks (all
+# with -1); every other LM weight frozen; the model's own heads (TQR's reward head and Eq. 11
+# weighting, or a fresh Q head) are created after and train in full. Merged into the weights for export.
+
+@dataclass
+class LoRAFlags:
+    """LoRA through peft (train_direct.py; train_ppo.py)"""
+    lora_r: int = arg(0, "LoRA rank: train low-rank adapters instead of the LM's weights (0: off); the adapters go on "
+                         "the top --trainable-layers decoder layers (-1: all); reward and Q heads train in full")
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator (the update is alpha / r * B A)")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA branch's input")
+    lora_target_modules: str = arg("all-linear", "comma-separated names of the linear layers to adapt (e.g. "
+                                                 "'q_proj,v_proj'), or 'all-linear' (every linear layer but the LM head)")
+
+
+def apply_lora(lm, args) -> int:
+    """Inject LoRA adapters into `lm` in place (peft) when args.lora_r > 0 and freeze everything but
+    them. Returns the number of adapter parameters (0: LoRA off, nothing changed)."""
+    if not getattr(args, "lora_r", 0):
+        return 0
+    from peft import LoraConfig, inject_adapter_in_model
+
+    n = lm.config.num_hidden_layers
+    k = getattr(args, "trainable_layers", -1)
+    if k == 0:
+        raise SystemExit("--lora-r with --trainable-layers 0: no decoder layer to adapt")
+    targets = args.lora_target_modules
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+                        layers_to_transform=None if k < 0 or k >= n else list(range(n - k, n)))
+    inject_adapter_in_model(config, lm)
+    lm.peft_config = {"default": config}  # what merge_lora saves as adapter_config.json
+    count = 0
+    for name, p in lm.named_parameters():
+        p.requires_grad_("lora_" in name)
+        count += p.numel() if "lora_" in name else 0
+    if count == 0:
+        raise SystemExit(f"--lora-target-modules {targets!r}: no such linear layer in {type(lm).__name__}")
+    return count
+
+
+def merge_lora(lm, adapter_dir: str | Path | None = None) -> int:
+    """Fold the LoRA updates into the weights and put the plain layers back (the exported model is an
+    ordinary causal LM); with `adapter_dir`, first save the adapter alone (peft's format). Returns the
+    number of merged layers (0: no LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [(name, module) for name, module in lm.named_modules() if isinstance(module, LoraLayer)]
+    if not adapted:
+        return 0
+    if adapter_dir is not None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter_dir = Path(adapter_dir)
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(lm, adapter_name="default")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(adapter_dir / "adapter_model.safetensors"))
+        lm.peft_config["default"].save_pretrained(str(adapter_dir))
+    with torch.no_grad():
+        for name, module in adapted:
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent_name) if parent_name else lm, child, module.get_base_layer())
+    del lm.peft_config
+    return len(adapted)
+
+
+# The memory plan: bytes per GPU, worked out from a model built on the meta device (no weights).
+
+def activation_bytes_per_token_layer(config, precision: str = "fp32") -> int:
+    """What autograd keeps per token for one Llama-style decoder layer (HF's LlamaDecoderLayer, SDPA
+    attention without the T x T matrix, as flash / memory-efficient kernels on a GPU), h = hidden,
+    kv = key/value width, i = intermediate, a = heads. Counted tensor by tensor with
+    saved_tensors_hooks; tests/test_scale.py checks each line exactly on CPU:
+      "fp32":     4 * (8h + 2kv + 4i + a + 2)  each RMSNorm keeps its input, normalised input and output;
+                                               attention q, k, v and its output; SwiGLU gate, up, silu, product
+      "bf16":     20h + 4kv + 8i + 4a + 8      bf16 weights (FSDP2's bf16 policy): RMSNorm upcasts its input to fp32
+      "autocast": 30h + 4kv + 8i + 4a + 8      fp32 weights under bf16 autocast (DDP, one GPU): fp32 residual stream
+                                               and norms, each linear keeps its own bf16 copy of its input
+                                               (plus every weight's bf16 copy, counted apart by `memory_plan`)
+    """
+    h, i, a = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", a) * (getattr(config, "head_dim", None) or h // a)
+    if precision == "fp32":
+        return 4 * (8 * h + 2 * kv + 4 * i + a + 2)
+    return {"bf16": 20, "autocast": 30}[precision] * h + 4 * kv + 8 * i + 4 * a + 8
+
+
+def _plan_model(config, objective: str, args):
+    """The model `objective` trains, on the meta device, frozen / LoRA'd as the flags say."""
+    import ava
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+        lora = apply_lora(lm, args)
+        if objective in ("ava-p", "ava-d"):
+            model = ava.TQR(lm, args.ava_config() if hasattr(args, "ava_config") else ava.AVAConfig())
+        elif objective in ava.ScalarRewardModel.KINDS:
+            model = build_reward_model(lm, objective)
+        else:  # dpo, sft: the LM itself (DPO's reference log-probs are computed once before training)
+            model = lm
+    return model, lm, lora
+
+
+def plan_config(name: str):
+    """'llama-2-7b' (built in, no download), or a model directory / config.json (no weights read)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name.lower() in ("llama-2-7b", "llama2-7b", "meta-llama/llama-2-7b-hf"):
+        return LlamaConfig(**LLAMA_2_7B)
+    path = Path(name)
+    return AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path))
+
+
+def memory_plan(args, objective: str, script: str = "") -> dict:
+    """Bytes per GPU for training `objective` with this run's flags on args.plan_world_size GPUs:
+    parameters (fp32 master weights), gradients and AdamW state (fp32, trainable only), FSDP2's
+    transient all-gather / reduce-scatter buffers, activations (with and without checkpointing),
+    and the full-vocabulary chunks. FSDP2 splits every parameter along dim 0 over the GPUs (padded,
+    as fully_shard does); DDP and one GPU keep everything whole. Tokens per GPU: ceil(batch_size /
+    world) pairs (or demonstrations) x sequences per item x max_length, i.e. every sequence padded
+    to --max-length (an upper bound).
+
+    Activations, bytes per token (L' = decoder layers from the lowest trained one up: autograd keeps
+    nothing below it; A = `activation_bytes_per_token_layer`; c = bytes of a hidden state):
+      checkpointing off:  L' * A + final norm + heads + A
+      checkpointing on:   L' * c * hidden + final norm + heads + A   (each layer keeps its input only)
+    where the last A is one layer's worth: the recomputed layer, or the backward's working set. Heads:
+    AVA and Pref-Trans keep Eq. 11's query and key (2 c h) and fp32 T x T scores (12 T); AVA, DPO and
+    SFT keep the gathered hidden states of the trained transitions (c h). The full-vocabulary chunks
+    add 6 x vocab_chunk x V x 4 bytes, transient. Under bf16 autocast (DDP, one GPU) every matmul
+    also keeps a bf16 copy of its weight: 2 bytes per weight the backward crosses (checkpointing on:
+    the cached trainable ones plus one layer's)."""
+    import math
+
+    config = plan_config(args.plan)
+    model, lm, lora = _plan_model(config, objective, args)
+    world = max(1, args.plan_world_size)
+    fsdp = bool(args.fsdp) and world > 1
+    precision = ("bf16" if fsdp else "autocast") if args.bf16 else "fp32"
+    compute = 2 if precision == "bf16" else 4  # bytes of the hidden states between layers (and of gathered weights)
+    layers = decoder_layers(lm)
+    layer_ids = {id(p) for p in layers.parameters()}
+
+    def local(p):  # elements this GPU holds
+        return math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) if fsdp and p.dim() > 0 else p.numel()
+
+    params = list(model.parameters())  # each tensor once (tied weights too)
+    n_params, n_trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    local_all = sum(local(p) for p in params)
+    local_trainable = sum(local(p) for p in params if p.requires_grad)
+    gib = 2**30
+    parts = {"parameters": 4 * local_all, "gradients": 4 * local_trainable, "optimizer": 8 * local_trainable}
+    if fsdp:  # the root (embeddings, LM head, final norm, our heads) stays gathered through forward and backward;
+        root = sum(p.numel() for p in params if id(p) not in layer_ids)  # two layers gathered at once (prefetch);
+        layer = max(sum(p.numel() for p in block.parameters()) for block in layers)  # one layer's unsharded fp32 grads
+        layer_trainable = max(sum(p.numel() for p in block.parameters() if p.requires_grad) for block in layers)
+        parts["fsdp_buffers"] = compute * (root + 2 * layer) + 4 * layer_trainable
+    trained = [j for j, block in enumerate(layers) if any(p.requires_grad for p in block.parameters())]
+    crossed_layers = len(layers) - min(trained) if trained else 0  # below the lowest trained layer autograd keeps nothing
+    autocast = {"off": 0, "on": 0}
+    if args.bf16 and not fsdp:  # autocast: every matmul saves its bf16 weight copy for the backward pass, from
+        matrices = lambda module: sum(p.numel() for p in module.parameters() if p.dim() == 2)  # not the norms'
+        crossed = sum(matrices(block) for block in list(layers)[min(trained):]) if trained else 0
+        reads_head = objective not in ("bt", "bt-var", "pref-trans")  # the lowest trained layer up, the LM head
+        crossed += (lm.get_output_embeddings().weight.numel() if reads_head else 0) + sum(  # and our heads
+            p.numel() for name, p in model.named_parameters() if model is not lm and not name.startswith("lm."))
+        largest = max(matrices(block) for block in layers)
+        autocast = {"off": 2 * crossed, "on": 2 * (n_trainable + largest)}  # checkpointing: cached trainable copies
+    pairwise = objective in ("ava-p", "dpo", "bt", "bt-var", "pref-trans") or getattr(args, "afd", False)
+    sequences = 2 if pairwise else 1
+    items = math.ceil(args.batch_size / world)
+    tokens = items * sequences * args.max_length
+    h, length = config.hidden_size, args.max_length
+    per_layer = activation_bytes_per_token_layer(config, precision)
+    norm = 8 * h if compute == 2 else 12 * h
+    heads = {"ava-p": 3 * compute * h + 12 * length, "ava-d": 3 * compute * h + 12 * length,  # Eq. 11 q, k (B T T fp32)
+             "pref-trans": 2 * compute * h + 12 * length, "dpo": compute * h, "sft": compute * h}.get(objective, 0)
+    per_token = {"off": crossed_layers * per_layer + norm + heads,
+                 "on": crossed_layers * compute * h + norm + heads}  # checkpointing keeps layer inputs
+    working = per_layer if crossed_layers else 0  # one layer's activations: the backward's working set (the recomputed layer)
+    vocab = 0 if objective in ("bt", "bt-var", "pref-trans") else 6 * 4 * getattr(args, "vocab_chunk", 512) * config.vocab_size
+    overhead = 2 * gib  # CUDA context, NCCL buffers, allocator slack: assumed, not measured
+    static = sum(parts.values()) + vocab + overhead
+    result = {"script": script, "objective": objective, "model": args.plan, "world_size": world,
+              "sharding": "FSDP2" if fsdp else ("DDP" if world > 1 else "none"), "bf16": bool(args.bf16),
+              "trainable_layers": args.trainable_layers, "lora_r": getattr(args, "lora_r", 0),
+              "batch_size": args.batch_size, "max_length": length, "tokens_per_gpu": tokens,
+              "params": n_params, "trainable_params": n_trainable, "lora_params": lora,
+              "gpu_gb": args.plan_gpu_gb, "bytes": {**parts, "vocab_chunks": vocab, "overhead": overhead}}
+    for ac in ("off", "on"):  # (and the recomputed layer's copies)
+        activations = tokens * (per_token[ac] + working)
+        total = static + autocast[ac] + activations
+        fits = max(0, int((args.plan_gpu_gb * 1e9 - static - autocast[ac]) // (sequences * length * (per_token[ac] + working))))
+        result[f"checkpointing_{ac}"] = {"activations": activations, "autocast_copies": autocast[ac], "total": total,
+                                         "fits": total <= args.plan_gpu_gb * 1e9, "max_items_per_gpu": fits}
+    result["chosen"] = "on" if args.activation_checkpointing else "off"
+    return result
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a few readable lines."""
+    gb = lambda n: f"{n / 1e9:.1f} GB"
+    lines = [f"{plan['script'] or 'plan'}: {plan['objective']} on {plan['model']} ({plan['params'] / 1e9:.2f} B parameters, "
+             f"{plan['trainable_params'] / 1e9:.3f} B trainable{', LoRA r=%d' % plan['lora_r'] if plan['lora_r'] else ''}), "
+             f"{plan['world_size']} GPU(s) x {plan['gpu_gb']:.0f} GB, {plan['sharding']}, {'bf16' if plan['bf16'] else 'fp32'}",
+             f"  per GPU: {plan['tokens_per_gpu']} tokens ({plan['batch_size']} items per step over all GPUs, "
+             f"max length {plan['max_length']})"]
+    lines += [f"  {name:<16} {gb(value):>10}" for name, value in plan["bytes"].items()]
+    for ac in ("off", "on"):
+        part = plan[f"checkpointing_{ac}"]
+        mark = " <- this run" if plan["chosen"] == ac else ""
+        copies = f"bf16 weight copies {gb(part['autocast_copies'])}, " if part["autocast_copies"] else ""
+        lines.append(f"  activation checkpointing {ac:>3}: activations {gb(part['activations'])}, {copies}total {gb(part['total'])}, "
+                     f"{'fits' if part['fits'] else 'does NOT fit'}; at most {part['max_items_per_gpu']} items per GPU{mark}")
+    return "\n".join(lines)
+
+
+def print_plan(args, objective: str, script: str = "") -> dict:
+    """--plan: print `memory_plan` and return it (the scripts return right after, loading nothing)."""
+    plan = memory_plan(args, objective, script)
+    print(format_plan(plan))
+    return plan
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -896,6 +1362,71 @@ def afd_pairs(demos: list[dict], model_name: str, *, max_new_tokens: int, temper
     if (dist is None or dist.is_main) and len(pairs) < len(demos):
         print(f"AfD: {len(demos) - len(pairs)} demonstrations dropped: the initial policy's sample was empty or identical")
     return pairs
+
+
+# ---- judging policies: win / tie / lose under the gold judge or a reward model ----
+
+def judge_replies(judge: str, prompts: list[str], ours: list[str], theirs: list[str], max_length: int = 512) -> list[str]:
+    """'win' / 'tie' / 'lose' for each (ours, theirs): `judge` is "gold" (the built-in task's gold
+    judge, task.judge) or a reward model directory saved by train_rm.py (higher sequence score wins)."""
+    if judge == "gold":
+        import task
+
+        return [task.judge(p, a, b) for p, a, b in zip(prompts, ours, theirs)]
+    model, tokenizer, _ = load_reward_model(judge)
+    score_a = [r["score"] for r in score_texts(model, tokenizer, prompts, ours, max_length, per_token=False)]
+    score_b = [r["score"] for r in score_texts(model, tokenizer, prompts, theirs, max_length, per_token=False)]
+    return ["tie" if a == b else "win" if a > b else "lose" for a, b in zip(score_a, score_b)]
+
+
+def win_rate_summary(verdicts: list[str]) -> dict:
+    """Counts, the win rate (a tie counts half) and its Wilson 95% interval."""
+    counts = {v: verdicts.count(v) for v in ("win", "tie", "lose")}
+    n = len(verdicts)
+    score = counts["win"] + 0.5 * counts["tie"]
+    return {**counts, "n": n, "win_rate": score / n if n else float("nan"), "wilson95": list(wilson(score, n))}
+
+
+def judge_policy(lm, tokenizer, prompts: list[str], *, opponent: str, judge: str, samples_per_prompt: int,
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int, name: str = "policy",
+                 samples_path: Path | None = None) -> dict:
+    """Sample `samples_per_prompt` replies per prompt from `lm` and from `opponent` (a model name or
+    directory; its samples are cached) with the same prompts, settings and seed, and judge them
+    pairwise. Prompts are the exact text training saw (no chat template is added)."""
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat_template=False)
+    ours = generate(lm, tokenizer, repeated, desc=f"sampling {name}", **sampling)
+    theirs = cached_generate(opponent, repeated, desc=f"sampling {opponent}", **sampling)
+    verdicts = judge_replies(judge, repeated, ours, theirs)
+    result = {**win_rate_summary(verdicts), "opponent": opponent, "judge": judge, "prompts": len(prompts)}
+    if judge == "gold":
+        import task
+
+        result["gold_mean_ours"] = sum(map(task.gold_score, ours)) / len(ours)
+        result["gold_mean_opponent"] = sum(map(task.gold_score, theirs)) / len(theirs)
+    if samples_path is not None:
+        import json
+
+        with Path(samples_path).open("w") as handle:
+            for prompt, a, b, verdict in zip(repeated, ours, theirs, verdicts):
+                handle.write(json.dumps({"prompt": prompt, "policy": a, "opponent": b, "verdict": verdict}) + "\n")
+    return result
+
+
+def load_prompts(source: str, split: str, tokenizer=None, skip_bad: bool = False, limit: int = 0) -> list[str]:
+    """Prompts as the exact text training saw: "builtin[:SIZE]" (the task's chat-templated prompts of
+    `split`), or the unique prompts of a pairs / demonstrations file, in order; "none" gives []."""
+    if source == "none" or not source:
+        return []
+    if source.startswith("builtin"):
+        import task
+
+        size = next((part for part in source.split(":")[1:] if part != "gold"), "default")
+        prompts = [p["prompt"] for p in task.load_task(size).prompts(split)]
+    else:
+        rows, _ = load_rows(source, "demos", split, tokenizer, skip_bad)
+        prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+    return prompts[:limit or None]
 
 
 # ---- generation (shared by task.py, train_direct.py, train_ppo.py) ----

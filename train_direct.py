@@ -43,7 +43,7 @@ PAIRWISE = ("ava-p", "dpo")  # trained on preference pairs (or AfD pairs); the o
 
 
 @dataclass
-class Args(common.AVAFlags, common.TrainFlags):
+class Args(common.AVAFlags, common.LoRAFlags, common.TrainFlags):
     """train_direct.py"""
     objective: str = arg("ava-p", "training objective", choices=OBJECTIVES)
     afd: bool = arg(False, "AfD: build (demonstration, sample of the initial policy) pairs from demonstrations "
@@ -120,17 +120,7 @@ def load_eval_pairs(args: Args, tokenizer):
 def load_prompts(args: Args, tokenizer) -> list[str]:
     """Held-out prompts as the exact text training saw (builtin: chat-templated; HH: raw dialogue)."""
     source = args.eval_prompts or (args.data.split(":gold")[0] if args.data.startswith("builtin") else "none")
-    if source == "none":
-        return []
-    if source.startswith("builtin"):
-        import task
-
-        size = source.split(":")[1] if ":" in source else "default"
-        prompts = [p["prompt"] for p in task.load_task(size).prompts(args.prompt_split)]
-    else:
-        rows, _ = common.load_rows(source, "demos", args.prompt_split, tokenizer, args.skip_bad_rows)
-        prompts = list(dict.fromkeys(row["prompt"] for row in rows))  # unique, in order
-    return prompts[:args.prompt_limit or None]
+    return common.load_prompts(source, args.prompt_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
 
 
 # ---- losses ----
@@ -205,44 +195,13 @@ def implicit_reward_accuracy(model, kind: str, items: list[tuple], references, a
             "eval/ties": ties / len(difference), "eval/pairs": len(difference)}
 
 
-def judge_all(judge: str, prompts: list[str], ours: list[str], theirs: list[str]) -> list[str]:
-    """'win' / 'tie' / 'lose' for each (ours, theirs) under the gold judge or a saved reward model."""
-    if judge == "gold":
-        import task
-
-        return [task.judge(p, a, b) for p, a, b in zip(prompts, ours, theirs)]
-    model, tokenizer, _ = common.load_reward_model(judge)
-    score_a = [r["score"] for r in common.score_texts(model, tokenizer, prompts, ours, per_token=False)]
-    score_b = [r["score"] for r in common.score_texts(model, tokenizer, prompts, theirs, per_token=False)]
-    return ["tie" if a == b else "win" if a > b else "lose" for a, b in zip(score_a, score_b)]
-
-
 def win_rate(policy_lm, tokenizer, policy_name: str, prompts: list[str], args: Args, output_dir: Path | None) -> dict:
-    """Sample `samples_per_prompt` replies per prompt from the trained policy and from the opponent
-    (same prompts, settings and seed), judge them pairwise; a tie counts half (Wilson 95% interval)."""
-    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.sample_seed, chat_template=False)
-    ours = common.generate(policy_lm, tokenizer, repeated, desc=f"sampling {policy_name}", **sampling)
-    opponent = args.model if args.opponent == "initial" else args.opponent
-    theirs = common.cached_generate(opponent, repeated, desc=f"sampling {args.opponent}", **sampling)
-    verdicts = judge_all(args.judge, repeated, ours, theirs)
-    counts = {v: verdicts.count(v) for v in ("win", "tie", "lose")}
-    n = len(verdicts)
-    rate = (counts["win"] + 0.5 * counts["tie"]) / n
-    low, high = common.wilson(counts["win"] + 0.5 * counts["tie"], n)
-    result = {"win": counts["win"], "tie": counts["tie"], "lose": counts["lose"], "n": n, "win_rate": rate,
-              "wilson95": [low, high], "opponent": args.opponent, "judge": args.judge, "prompts": len(prompts)}
-    if args.judge == "gold":
-        import task
-
-        result["gold_mean_ours"] = sum(map(task.gold_score, ours)) / n
-        result["gold_mean_opponent"] = sum(map(task.gold_score, theirs)) / n
-    if output_dir is not None:
-        with (output_dir / "samples.jsonl").open("w") as handle:
-            for prompt, a, b, verdict in zip(repeated, ours, theirs, verdicts):
-                handle.write(json.dumps({"prompt": prompt, "policy": a, "opponent": b, "verdict": verdict}) + "\n")
-    return result
+    """The trained policy against --opponent under --judge (common.judge_policy)."""
+    return common.judge_policy(
+        policy_lm, tokenizer, prompts, opponent=args.model if args.opponent == "initial" else args.opponent,
+        judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.sample_seed, name=policy_name,
+        samples_path=None if output_dir is None else output_dir / "samples.jsonl")
 
 
 def eval_only(args: Args) -> dict:
@@ -261,7 +220,10 @@ def eval_only(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     args = common.parse_config(Args, argv, __doc__)
+    if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
+        return common.print_plan(args, args.objective, "train_direct.py")
     dist = common.init_distributed()
+    common.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
@@ -309,6 +271,7 @@ def main(argv=None) -> dict:
             if dist.is_main:
                 torch.save({"train": references, "eval": eval_references}, path)
     common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    common.apply_lora(lm, args)  # --lora-r: adapters only (the heads below are built after, and train in full)
     model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else Policy(lm)).to(dist.device)
 
     def loss_fn(model, local):
@@ -325,6 +288,7 @@ def main(argv=None) -> dict:
     if dist.is_main:
         if eval_items and kind != "sft":
             final.update(implicit_reward_accuracy(model, kind, eval_items, eval_references, args, pad_id))
+        common.merge_lora(model.lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
         meta = {"objective": kind, "afd": args.afd, "ava_config": dataclasses.asdict(config) if kind.startswith("ava") else None,
                 "args": dataclasses.asdict(args)}
         if isinstance(model, ava.TQR):  # the policy and its reward: loadable by load_model and load_reward_model
@@ -338,7 +302,7 @@ def main(argv=None) -> dict:
         (output_dir / "final.json").write_text(json.dumps(final, indent=2))
         run["metrics"].write({"step": run["steps"], "final": True, **final})
         print(json.dumps(final))
-    if dist.world_size > 1:
+    if dist.created:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return final

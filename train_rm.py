@@ -144,7 +144,10 @@ def eval_only(args: Args, dist: common.Distributed) -> dict:
 
 def main(argv=None) -> dict:
     args = common.parse_config(Args, argv, __doc__)
+    if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
+        return common.print_plan(args, args.objective, "train_rm.py")
     dist = common.init_distributed()
+    common.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
@@ -200,7 +203,7 @@ def main(argv=None) -> dict:
             source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
             shown = common.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
             common.write_token_reward_views(unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
-    if dist.world_size > 1:
+    if dist.created:  # a caller that started the process group (e.g. train_ppo's ML-IRL) keeps it
         torch.distributed.destroy_process_group()
     return final
 

@@ -1,0 +1,187 @@
+"""train_ppo.py: PPO's arithmetic against slow references, the reward choices, and the script end to
+end on a tiny random Llama (PPO with AVA and BT reward models, Best-of-N, ML-IRL with a preference
+reward and with a discriminator, resume after a kill)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ava
+import common
+import train_ppo
+import train_rm
+from conftest import ROOT, random_batch, randomize_heads, tiny_lm
+from test_train_rm import hh_rows, write_jsonl
+
+
+def reference_gae(rewards, values, mask, gamma, lam):
+    """GAE written per row over its list of valid transitions (Schulman et al. 2016)."""
+    advantages = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        steps = mask[b].nonzero().flatten().tolist()
+        following = 0.0
+        for i in reversed(range(len(steps))):
+            t = steps[i]
+            next_value = values[b, steps[i + 1]] if i + 1 < len(steps) else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            following = delta + gamma * lam * following
+            advantages[b, t] = following
+    return advantages
+
+
+def test_gae_matches_the_per_row_reference():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 9, dtype=torch.bool)
+    for b, (start, end) in enumerate([(0, 9), (2, 7), (4, 5), (1, 8)]):
+        mask[b, start:end] = True
+    rewards, values = torch.randn(4, 9, generator=generator) * mask, torch.randn(4, 9, generator=generator) * mask
+    for gamma, lam in [(1.0, 0.95), (0.9, 1.0), (1.0, 0.0)]:
+        advantages, returns = train_ppo.gae(rewards, values, mask, gamma, lam)
+        expected = reference_gae(rewards, values, mask, gamma, lam)
+        torch.testing.assert_close(advantages, expected)
+        torch.testing.assert_close(returns, (expected + values) * mask)
+
+
+def test_whiten_uses_only_valid_entries():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    out = train_ppo.whiten(values, mask)
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
+
+
+def test_ppo_losses_clip_the_ratio_and_the_value():
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.0, 1.0, 1.5, 0.5]]))  # ratios 1, 1, 1.5, 0.5
+    values = torch.tensor([[0.0, 0.0, 1.0, -1.0]])
+    returns = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    policy_loss, value_loss, stats = train_ppo.ppo_losses(logp, old, advantages, values, torch.zeros(1, 4), returns, mask, 0.2, 0.2)
+    # per token: -A * ratio, pessimistically clipped: [-1, 1, -1.2 (clipped), 0.8 (max(0.5, 0.8))]
+    assert policy_loss.item() == pytest.approx((-1 + 1 - 1.2 + 0.8) / 4)
+    # values clipped to +-0.2 of the old ones: max of the plain and the clipped squared error
+    expected = 0.5 * (0 + 1 + max(0.0, 0.8 ** 2) + max(4.0, 1.2 ** 2)) / 4
+    assert value_loss.item() == pytest.approx(expected)
+    assert stats["policy/clipfrac"].item() == pytest.approx(0.5) and stats["value/clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_rewards_dense_sequence_pessimistic_and_adversarial():
+    torch.manual_seed(0)
+    model = randomize_heads(ava.TQR(tiny_lm("llama")))
+    input_ids, attention_mask, response_mask = random_batch()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    out = model(**batch)
+    mask = out.mask
+    score, dense = train_ppo.score_rollouts(model, batch, dense=True, pessimism=0.0)
+    torch.testing.assert_close(dense, out.mu * mask)  # Eq. 19: mu_t at every response token
+    torch.testing.assert_close(score, out.sequence_reward())
+    score_k, dense_k = train_ppo.score_rollouts(model, batch, dense=True, pessimism=2.0)
+    torch.testing.assert_close(dense_k, (out.mu - 2.0 * out.sigma) * mask)
+    torch.testing.assert_close(score_k, out.sequence_reward() - 2.0 * out.sequence_sigma())
+    score_s, sparse = train_ppo.score_rollouts(model, batch, dense=False, pessimism=0.0)
+    last = ava.last_index(mask)
+    assert (sparse.count_nonzero(dim=1) <= 1).all() and torch.allclose(sparse[torch.arange(4), last], score_s)
+    discriminator = randomize_heads(ava.ScalarRewardModel(tiny_lm("llama"), "bt"))
+    logits = discriminator(**batch)
+    _, rkl = train_ppo.score_rollouts(discriminator, batch, dense=True, pessimism=0.0, discriminator="adversarial-rkl")
+    _, js = train_ppo.score_rollouts(discriminator, batch, dense=True, pessimism=0.0, discriminator="adversarial-js")
+    torch.testing.assert_close(rkl, logits.rewards * mask)  # log D - log(1 - D) = the logit
+    d = torch.sigmoid(logits.rewards)
+    torch.testing.assert_close(js, -torch.log1p(-d) * mask)  # -log(1 - D)
+
+
+def test_token_logprobs_divide_the_logits_by_the_temperature():
+    lm = tiny_lm("llama")
+    input_ids, attention_mask, response_mask = random_batch()
+    logp = ava.token_logprobs(lm, input_ids, attention_mask, response_mask, temperature=0.7)
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1] / 0.7
+    expected = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0] * response_mask[:, 1:]
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_rows(8))
+    models = {}
+    for kind in ("ava-p", "bt"):
+        train_rm.main(["--model", tiny_model_dir, "--objective", kind, "--data", pairs, "--max-length", "64",
+                       "--batch-size", "4", "--trainable-layers", "-1", "--lr", "1e-3", "--output-dir", str(tmp_path / kind)])
+        models[kind] = str(tmp_path / kind / "model")
+    return {"pairs": pairs, "models": models, "model": tiny_model_dir}
+
+
+FAST = ["--max-new-tokens", "6", "--rollout-batch", "4", "--minibatch", "2", "--samples-per-prompt", "1",
+        "--trainable-layers", "-1", "--lr", "1e-3", "--eval-split", "train", "--max-length", "64"]
+
+
+@pytest.mark.parametrize("kind,extra", [("ava-p", []), ("ava-p", ["--pessimism", "1.0"]), ("bt", []),
+                                        ("ava-p", ["--reward", "sequence", "--ppo-epochs", "2"])])
+def test_ppo_runs_logs_proxy_and_changes_the_policy(tmp_path, setup, kind, extra):
+    out = tmp_path / "ppo"
+    final = train_ppo.main(["--model", setup["model"], "--reward-model", setup["models"][kind], "--prompts", setup["pairs"],
+                            "--eval-prompts", setup["pairs"], "--updates", "3", "--output-dir", str(out), *FAST, *extra])
+    assert final["updates"] == 3 and final["win_rate"]["n"] == 8
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines[:-1]] == [1, 2, 3]
+    for key in ("proxy/score", "kl/sum", "loss/policy", "loss/value", "policy/clipfrac", "rollout/eos_rate"):
+        assert all(math.isfinite(line[key]) for line in lines[:-1]), key
+    assert lines[0]["kl/sum"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference's own
+    assert (out / "proxy_vs_gold.png").stat().st_size > 1000
+    before, _ = common.load_model(setup["model"])
+    after, _ = common.load_model(str(out / "policy"))
+    changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
+    assert changed  # PPO moved the policy
+
+
+def test_best_of_n_picks_the_reward_models_favourite(tmp_path, setup):
+    result = train_ppo.main(["--model", setup["model"], "--best-of-n", "3", "--reward-model", setup["models"]["ava-p"],
+                             "--bon-against", setup["models"]["bt"], "--eval-prompts", setup["pairs"],
+                             "--output-dir", str(tmp_path / "bon"), *FAST])
+    assert result["vs_plain_sample"]["n"] == 8 and result["vs_best_of_n_under"]["n"] == 8
+    assert json.loads((tmp_path / "bon" / "best_of_n.json").read_text()) == result
+
+
+@pytest.mark.parametrize("irl_reward,level", [("bt", "token"), ("adversarial-rkl", "token"), ("adversarial-js", "sequence")])
+def test_ml_irl_alternates_reward_learning_and_ppo(tmp_path, setup, irl_reward, level):
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"Say something nice {i}.", "response": f" You are great {i}."}
+                                                   for i in range(6)])
+    out = tmp_path / "irl"
+    final = train_ppo.main(["--model", setup["model"], "--iterations", "2", "--updates", "2", "--demos", demos,
+                            "--irl-reward", irl_reward, "--adversarial-level", level, "--reward-steps", "2",
+                            "--batch-size", "4", "--prompts", demos, "--eval-prompts", "none", "--output-dir", str(out), *FAST])
+    assert final["updates"] == 4 and final["iterations"] == 2
+    for k in (0, 1):  # one reward per iteration, learnt on that iteration's (demonstration, policy sample) pairs
+        assert (out / f"irl-{k}" / "reward" / "model" / "reward_model.json").is_file()
+        assert len((out / f"irl-{k}" / "pairs.jsonl").read_text().splitlines()) >= 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:-1]]
+    assert [line["iteration"] for line in lines] == [0, 0, 1, 1]
+
+
+def test_bad_flags_say_why(tmp_path, setup):
+    with pytest.raises(SystemExit, match="needs --reward-model"):
+        train_ppo.main(["--model", setup["model"], "--output-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a reward model"):
+        train_ppo.main(["--model", setup["model"], "--reward-model", str(tmp_path), "--output-dir", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_ppo_resume_after_a_kill_ends_with_the_same_metrics(tmp_path, setup):
+    base = [sys.executable, "train_ppo.py", "--model", setup["model"], "--reward-model", setup["models"]["ava-p"],
+            "--prompts", setup["pairs"], "--eval-prompts", "none", "--updates", "5", "--save-every", "2", *FAST]
+    done = subprocess.run(base + ["--output-dir", str(tmp_path / "straight")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = base + ["--output-dir", str(tmp_path / "killed")]
+    crashed = subprocess.run(killed + ["--crash-at-step", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    resumed = subprocess.run(killed + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    lines = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()[:-1]]
+             for n in ("straight", "killed")}
+    assert [line["step"] for line in lines["killed"]] == [1, 2, 3, 4, 5]
+    for a, b in zip(lines["straight"], lines["killed"]):
+        for key in ("proxy/score", "loss/policy", "loss/value", "kl/sum"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)

@@ -1,0 +1,544 @@
+"""PPO against a learned reward: AVA's dense intermediate rewards (Eq. 19) or a last-token score;
+Best-of-N; the ML-IRL loop; adversarial (AIRL / GAIL-style) rewards.
+
+  python train_ppo.py --reward-model runs/rm/model                    # PPO; AVA model -> dense rewards mu_t
+  python train_ppo.py --reward-model runs/rm/model --pessimism 1.0    # the pessimistic reward mu - 1.0 * sigma
+  python train_ppo.py --reward-model runs/bt/model                    # BT / Pref-Trans: last-token score
+  python train_ppo.py --best-of-n 8 --reward-model runs/rm/model --bon-against runs/bt/model   # Table 2
+  python train_ppo.py --iterations 3 --demos builtin --irl-reward ava-p                       # ML-IRL
+  python train_ppo.py --iterations 3 --demos builtin --irl-reward adversarial-rkl --adversarial-level token
+  torchrun --nproc_per_node 2 train_ppo.py --reward-model runs/rm/model
+
+One PPO update: sample a batch of replies (KV-cached, the shared sampler), score them with the
+frozen reward model and the frozen reference (the initial policy), build per-token rewards (the
+reward model's rewards minus kl_coef * (log pi - log pi_ref) at every token), estimate advantages
+with GAE (gamma = 1, lambda = 0.95) from a value model, whiten them over valid tokens, then
+`--ppo-epochs` passes of clipped policy and value losses over minibatches. The implementation
+details that make PPO on LMs work ("The N+ implementation details of RLHF with PPO"), each a flag
+or a documented choice:
+  - EOS: a reply ends at the policy's EOS; the EOS token is part of the action sequence (it gets a
+    log-prob, a reward and an advantage), exactly as the reward model saw EOS-terminated replies.
+    A reply cut at --max-new-tokens without EOS gets --missing-eos-penalty subtracted at its last token.
+  - Pad != EOS: SmolLM2's pad token *is* its EOS. Masks are built from lengths, never from ids, so an
+    EOS is never mistaken for padding (the purpose of a distinct pad token).
+  - Temperature: logits are divided by --temperature both when sampling and when computing the
+    log-probs PPO trains on (old, new and reference alike). --top-p defaults to 1: a nucleus would
+    make the sampled policy differ from the one whose log-probs are trained.
+  - Value model: a copy of the reward model's backbone with a scalar head initialised from its reward
+    head (AVA: the mu row), read at the state (position t) of each transition (--no-value-from-reward: the policy's backbone, zero head).
+  - GAE over response tokens with the value after the last token 0; advantages whitened over valid
+    tokens (--no-whiten-advantages); policy ratio clipped at --cliprange, value at --cliprange-value.
+  - Dropout off: every model runs in eval mode, during rollouts and updates.
+Rank 0 logs per update the proxy reward (the reward model's sequence score of the rollouts) and, on
+the built-in task, their gold reward, so reward hacking shows as a widening gap (proxy_vs_gold.png).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import ava
+import common
+from common import arg
+
+REWARDS = ("auto", "dense", "sequence")
+IRL_REWARDS = ("bt", "ava-p", "adversarial-rkl", "adversarial-js")
+
+
+@dataclass
+class Args(common.TrainFlags):
+    """train_ppo.py"""
+    reward_model: str = arg("", "a reward model saved by train_rm.py (its OUTPUT_DIR/model)")
+    reward: str = arg("auto", "dense: the reward at every token (Eq. 19, AVA's mu_t); sequence: the score at the last "
+                              "token; auto: dense for AVA models, sequence otherwise", choices=REWARDS)
+    pessimism: float = arg(0.0, "k of the pessimistic reward mu - k * sigma (AVA models: sigma is the posterior's)")
+    prompts: str = arg("builtin", "rollout prompts: builtin[:tiny] or a pairs / demonstrations file")
+    prompt_split: str = arg("train", "split of --prompts")
+    eval_prompts: str = arg("", "held-out prompts to judge on (default: builtin when --prompts is builtin; 'none' skips)")
+    eval_split: str = arg("test", "split of --eval-prompts")
+    prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)")
+    samples_per_prompt: int = arg(4, "replies per held-out prompt, by each side")
+    opponent: str = arg("initial", "what the final policy is judged against: 'initial' or a policy directory")
+    judge: str = arg("gold", "'gold' (the built-in task's judge) or a reward model directory")
+    output_dir: str = arg("runs/ppo", "where the policy, metrics, plot and checkpoints go")
+    lr: float = arg(1e-5, "AdamW learning rate of policy and value (linear decay to 0 over the updates)")
+    updates: int = arg(40, "PPO updates (per ML-IRL iteration)")
+    rollout_batch: int = arg(16, "prompts sampled per update, over all processes")
+    minibatch: int = arg(8, "replies per gradient step inside an update, over all processes")
+    ppo_epochs: int = arg(1, "passes over each rollout batch")
+    kl_coef: float = arg(0.05, "per-token KL penalty to the reference policy")
+    gamma: float = arg(1.0, "GAE discount")
+    gae_lambda: float = arg(0.95, "GAE lambda")
+    cliprange: float = arg(0.2, "policy ratio clip")
+    cliprange_value: float = arg(0.2, "value clip")
+    vf_coef: float = arg(0.1, "weight of the value loss")
+    whiten_advantages: bool = arg(True, "whiten advantages over the valid tokens of each rollout batch")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the last-token reward of a reply without EOS")
+    value_from_reward: bool = arg(True, "initialise the value model from the reward model (backbone and head)")
+    max_new_tokens: int = arg(48, "length cap of sampled replies")
+    temperature: float = arg(1.0, "sampling temperature, applied the same way to every log-prob PPO computes")
+    top_p: float = arg(1.0, "nucleus sampling at rollout (1: off, so the trained policy is the sampled one)")
+    sample_seed: int = arg(1234, "seed of the held-out evaluation samples")
+    best_of_n: int = arg(0, "Best-of-N mode: no training; pick the best of N samples of --model by --reward-model")
+    bon_against: str = arg("", "Best-of-N: also judge against the best of the same N under this reward model")
+    iterations: int = arg(0, "ML-IRL: alternate reward learning on (demonstration, policy sample) pairs with PPO, K times")
+    demos: str = arg("builtin", "ML-IRL: demonstrations (builtin: the task's best-of-4 replies)")
+    irl_reward: str = arg("ava-p", "ML-IRL reward learning: a preference objective on (demo, sample) pairs, or a "
+                                   "discriminator (adversarial-rkl: r = log D - log(1-D); adversarial-js: r = -log(1-D))",
+                          choices=IRL_REWARDS)
+    adversarial_level: str = arg("token", "discriminator at every token (dense reward) or on the whole reply",
+                                 choices=("token", "sequence"))
+    reward_steps: int = arg(30, "ML-IRL: reward / discriminator steps per iteration")
+    reward_lr: float = arg(1e-4, "ML-IRL: learning rate of reward learning")
+
+
+# ---- the value model ----
+
+class ValueModel(nn.Module):
+    """V(y_{1:t}) per transition t, read at position t (the state before the action), (B, T-1)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.get_output_embeddings().in_features, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        hidden = ava.hidden_states(self.lm, input_ids, attention_mask)
+        return self.head(hidden[:, :-1]).float()[..., 0] * response_mask[:, 1:]
+
+
+def value_model_from(reward_model, policy_lm, from_reward: bool) -> ValueModel:
+    """The critic: the reward model's backbone and reward head (AVA: the mu row), or the policy's backbone with a zero head."""
+    if not from_reward:
+        return ValueModel(copy.deepcopy(policy_lm))
+    value = ValueModel(copy.deepcopy(reward_model.lm))
+    with torch.no_grad():
+        value.head.weight.copy_(reward_model.reward_head.weight[:1])
+        if getattr(reward_model.reward_head, "bias", None) is not None:
+            value.head.bias.copy_(reward_model.reward_head.bias[:1])
+    return value
+
+
+# ---- PPO's arithmetic (all on the transition grid (B, T-1); mask = response transitions) ----
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over each row's response transitions; the value after the
+    last one is 0 (the episode ends). Returns (advantages, returns = advantages + values), zero off mask."""
+    mask = mask.float()
+    advantages = torch.zeros_like(rewards)
+    following = torch.zeros_like(rewards[:, 0])  # A_{t+1}
+    for t in reversed(range(rewards.shape[1])):
+        valid_next = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(following)
+        next_value = values[:, t + 1] * valid_next if t + 1 < rewards.shape[1] else torch.zeros_like(following)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        following = (delta + gamma * lam * following * valid_next) * mask[:, t]
+        advantages[:, t] = following
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the valid entries (unbiased variance, as in the N+ details), zero elsewhere."""
+    mean = ava.masked_mean(values, mask)
+    variance = ((values - mean) ** 2 * mask).sum() / (mask.sum() - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, cliprange: float, cliprange_value: float):
+    """Clipped surrogate policy loss and clipped value loss (PPO, Schulman et al. 2017), masked means."""
+    ratio = torch.exp(logp - old_logp)
+    policy_loss = ava.masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)), mask)
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    value_loss = 0.5 * ava.masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    stats = {"policy/clipfrac": ava.masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
+             "policy/approxkl": 0.5 * ava.masked_mean((logp - old_logp) ** 2, mask),
+             "value/clipfrac": ava.masked_mean(((values - old_values).abs() > cliprange_value).float(), mask)}
+    return policy_loss, value_loss, stats
+
+
+# ---- rewards ----
+
+@torch.no_grad()
+def score_rollouts(reward_model, batch: dict, dense: bool, pessimism: float, discriminator: str = ""):
+    """(sequence score (B,), per-transition reward (B, T-1)): dense puts the model's reward at every
+    response token, sequence puts the score at the last one. AVA: mu - k * sigma (Eq. 19). A
+    discriminator's logit l becomes l (reverse KL, AIRL) or softplus(l) = -log(1 - D) (JS, GAIL)."""
+    out = reward_model(**batch)
+    mask = batch["response_mask"][:, 1:].bool()
+    if isinstance(out, ava.TQROutput):
+        per_token, _ = ava.dense_rewards(out, pessimism)
+        score = out.sequence_reward() - pessimism * out.sequence_sigma()
+    else:
+        per_token, score = out.rewards, out.score
+    if discriminator:
+        transform = (lambda x: x) if discriminator == "adversarial-rkl" else F.softplus
+        per_token, score = transform(per_token) * mask, transform(score)
+    if not dense:
+        per_token = torch.zeros_like(per_token).scatter(1, ava.last_index(mask)[:, None], score[:, None])
+    return score, per_token * mask
+
+
+def rollout_examples(generations: list, eos_id: int) -> list[dict]:
+    """Prompt + reply (+ EOS if the policy emitted it) as training examples: the policy's own tokens,
+    never re-tokenised text."""
+    return [{"input_ids": g.prompt_ids + g.response_ids + ([eos_id] if g.finished else []),
+             "prompt_length": len(g.prompt_ids)} for g in generations]
+
+
+# ---- one PPO update ----
+
+def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, prompts: list[str], tokenizer,
+               args: Args, seed: int, dense: bool, dist: common.Distributed, discriminator: str = "") -> dict:
+    """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates. Returns stats."""
+    eos_id = tokenizer.eos_token_id
+    generations = common.generate_ids(policy.lm, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, seed=seed,
+                                      chat_template=False, progress=False)
+    batch = common.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id)
+    mask = batch["response_mask"][:, 1:].bool()
+    finished = torch.tensor([g.finished for g in generations])
+    with torch.no_grad():
+        old_logp = policy(**batch)
+        ref_logp = ava.token_logprobs(reference, **batch, temperature=args.temperature)
+        old_values = value(**batch)
+        score, model_rewards = score_rollouts(reward_model, batch, dense, args.pessimism, discriminator)
+        kl = (old_logp - ref_logp) * mask
+        rewards = model_rewards - args.kl_coef * kl
+        last = ava.last_index(mask)[:, None]
+        rewards = rewards.scatter_add(1, last, -(args.missing_eos_penalty * (~finished).float())[:, None])
+        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.gae_lambda)
+        if args.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+    replies = [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
+    stats = {"proxy/score": score.mean(), "proxy/reward_sum": (model_rewards.sum(1)).mean(), "kl/sum": kl.sum(1).mean(),
+             "rollout/length": mask.sum(1).float().mean(), "rollout/eos_rate": finished.float().mean()}
+    if args.prompts.startswith("builtin"):
+        import task
+
+        stats["gold/score"] = torch.tensor(sum(map(task.gold_score, replies)) / len(replies))
+    totals: dict[str, float] = {}
+    n, steps = len(prompts), 0
+    local_minibatch = max(1, args.minibatch // dist.world_size)
+    order_generator = torch.Generator().manual_seed(seed)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(n, generator=order_generator)
+        for start in range(0, n, local_minibatch):
+            rows = order[start:start + local_minibatch]
+            part = {k: v[rows] for k, v in batch.items()}
+            width = int(part["attention_mask"].sum(1).max())  # drop columns that are padding in every row
+            part = {k: v[:, :width] for k, v in part.items()}
+            m = mask[rows][:, :width - 1]
+            logp = policy(**part)
+            values = value(**part)
+            policy_loss, value_loss, more = ppo_losses(
+                logp, old_logp[rows][:, :width - 1], advantages[rows][:, :width - 1], values,
+                old_values[rows][:, :width - 1], returns[rows][:, :width - 1], m, args.cliprange, args.cliprange_value)
+            loss = policy_loss + args.vf_coef * value_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            for k, v in {"loss/policy": policy_loss, "loss/value": value_loss, **more}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+    scheduler.step()
+    stats.update({k: v / steps for k, v in totals.items()})
+    stats = {k: float(v) for k, v in stats.items()}
+    names = sorted(stats)
+    reduced = common.all_reduce_sum([stats[k] for k in names], dist)
+    return {k: v / dist.world_size for k, v in zip(names, reduced)}
+
+
+class PolicyLogprobs(nn.Module):
+    """The LM as the policy PPO trains: log pi(y_{t+1} | y_{1:t}) / at --temperature, (B, T-1).
+    A module so that DDP's forward wraps the computation (and so its gradient synchronisation)."""
+
+    def __init__(self, lm: nn.Module, temperature: float):
+        super().__init__()
+        self.lm, self.temperature = lm, temperature
+
+    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature=self.temperature)
+
+
+# ---- ML-IRL: reward learning on (demonstration, current policy sample) ----
+
+def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: Path, dist: common.Distributed):
+    """One reward-learning step of ML-IRL: sample the current policy on the demonstrations' prompts,
+    pair (demonstration, sample), and train a reward model on the pairs: a preference objective
+    through train_rm.py, or a discriminator (demonstration tokens 1, policy tokens 0) here."""
+    demos, _ = common.load_rows(args.demos, "demos", "train", tokenizer, args.skip_bad_rows, args.limit or None)
+    samples = common.generate(policy_lm, tokenizer, [d["prompt"] for d in demos], max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed + 7919 * iteration,
+                              chat_template=False, desc=f"ML-IRL {iteration}: sampling the policy")
+    pairs = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s}
+             for d, s in zip(demos, samples) if s.strip() and s != d["response"]]
+    directory = output_dir / f"irl-{iteration}"
+    saved = directory / "reward" / "model"
+    if (saved / "reward_model.json").is_file():  # learnt before a restart: the same reward, not a new one
+        model, _, _ = common.load_reward_model(saved)
+        return model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    if args.irl_reward in ("bt", "ava-p"):
+        import train_rm
+
+        train_rm.main(["--model", args.model, "--objective", args.irl_reward, "--data", str(directory / "pairs.jsonl"),
+                       "--output-dir", str(directory / "reward"), "--max-steps", str(args.reward_steps),
+                       "--epochs", "1000", "--batch-size", str(args.batch_size), "--lr", str(args.reward_lr),
+                       "--trainable-layers", str(args.trainable_layers), "--max-length", str(args.max_length),
+                       "--seed", str(args.seed + iteration), "--save-every", "0"])
+        model, _, _ = common.load_reward_model(saved)
+        return model.eval()
+    model = train_discriminator(args, pairs, tokenizer)
+    if dist.is_main:
+        common.save_reward_model(saved, model, tokenizer, {"kind": "bt", "ava_config": None,
+                                                           "discriminator": args.irl_reward, "level": args.adversarial_level})
+    return model
+
+
+def train_discriminator(args: Args, pairs: list[dict], tokenizer):
+    """D_phi(y | x) or D_phi(s, a) = sigmoid(logit) separating demonstrations (1) from policy samples (0)
+    by binary cross-entropy (AfD Eq. 18 / 20), on the initial model's backbone with a scalar head."""
+    lm, _ = common.load_model(args.model, tokenizer=tokenizer)
+    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    model = ava.ScalarRewardModel(lm, "bt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.reward_lr)
+    items = [common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], args.max_length)[:2] for p in pairs]
+    generator = torch.Generator().manual_seed(args.seed)
+    model.train()
+    for _ in tqdm(range(args.reward_steps), desc="discriminator", disable=not sys.stderr.isatty()):
+        rows = torch.randperm(len(items), generator=generator)[:args.batch_size].tolist()
+        n = len(rows)
+        out = model(**common.collate([items[i][0] for i in rows] + [items[i][1] for i in rows], tokenizer.pad_token_id))
+        labels = torch.cat([torch.ones(n), torch.zeros(n)])
+        if args.adversarial_level == "token":
+            token_labels = labels[:, None].expand_as(out.rewards)
+            loss = ava.masked_mean(F.binary_cross_entropy_with_logits(out.rewards, token_labels, reduction="none"), out.mask)
+        else:
+            loss = F.binary_cross_entropy_with_logits(out.score, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+# ---- Best-of-N (the paper's Table 2) ----
+
+@torch.no_grad()
+def best_of_n(args: Args, dist: common.Distributed) -> dict:
+    """For every held-out prompt (x samples_per_prompt): N samples of --model, the best under
+    --reward-model; judged against a plain sample and against the best under --bon-against."""
+    lm, tokenizer = common.load_model(args.model)
+    prompts = common.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p,
+                    chat_template=False)
+    candidates = common.cached_generate(args.model, [p for p in repeated for _ in range(args.best_of_n)],
+                                        seed=args.sample_seed, model=lm, tokenizer=tokenizer, desc="Best-of-N candidates", **sampling)
+    plain = common.cached_generate(args.model, repeated, seed=args.sample_seed + 1, model=lm, tokenizer=tokenizer,
+                                   desc="plain samples", **sampling)
+
+    def pick(reward_dir: str) -> list[str]:
+        model, rm_tokenizer, _ = common.load_reward_model(reward_dir)
+        scores = [r["score"] for r in common.score_texts(model, rm_tokenizer, [p for p in repeated for _ in range(args.best_of_n)],
+                                                         candidates, args.max_length, per_token=False)]
+        k = args.best_of_n
+        return [candidates[i * k + max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(repeated))]
+
+    ours = pick(args.reward_model)
+    result = {"best_of_n": args.best_of_n, "prompts": len(prompts), "reward_model": args.reward_model,
+              "vs_plain_sample": common.win_rate_summary(common.judge_replies(args.judge, repeated, ours, plain))}
+    if args.bon_against:
+        theirs = pick(args.bon_against)
+        result["vs_best_of_n_under"] = {"reward_model": args.bon_against,
+                                        **common.win_rate_summary(common.judge_replies(args.judge, repeated, ours, theirs))}
+    if args.judge == "gold":
+        import task
+
+        result["gold_mean"] = {"best_of_n": sum(map(task.gold_score, ours)) / len(ours),
+                               "plain": sum(map(task.gold_score, plain)) / len(plain)}
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "best_of_n.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result
+
+
+# ---- plots ----
+
+def plot_proxy_vs_gold(metrics_path: Path, out_path: Path) -> None:
+    """Proxy reward (the reward model's score) and gold reward of the rollouts per update: reward hacking
+    shows as the proxy rising while the gold stalls or falls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    lines = [line for line in lines if "proxy/score" in line]
+    if not lines:
+        return
+    x = list(range(1, len(lines) + 1))
+    fig, left = plt.subplots(figsize=(6, 3.5))
+    left.plot(x, [line["proxy/score"] for line in lines], color="tab:blue", label="proxy (reward model)")
+    left.set_xlabel("PPO update")
+    left.set_ylabel("proxy reward", color="tab:blue")
+    if "gold/score" in lines[0]:
+        right = left.twinx()
+        right.plot(x, [line["gold/score"] for line in lines], color="tab:orange", label="gold")
+        right.set_ylabel("gold reward", color="tab:orange")
+    left.set_title("Rollout reward per update: proxy vs gold")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+# ---- a stage: one reward model, a value model, an optimiser (ML-IRL starts a new one per iteration) ----
+
+def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: Path, dist: common.Distributed) -> dict:
+    discriminator = args.irl_reward if args.iterations and args.irl_reward.startswith("adversarial") else ""
+    if args.iterations:
+        reward_model = learn_reward(args, iteration, lm, tokenizer, output_dir, dist)
+    else:
+        reward_model, reward_tokenizer, _ = common.load_reward_model(args.reward_model)
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"--reward-model {args.reward_model}: its tokenizer differs from the policy's; PPO scores "
+                             "the policy's own tokens, so both must share one vocabulary")
+    reward_model.eval().requires_grad_(False)
+    dense = (args.reward == "dense" or (args.reward == "auto" and isinstance(reward_model, ava.TQR))
+             or (discriminator and args.adversarial_level == "token"))
+    value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).eval()
+    common.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    value.head.requires_grad_(True)
+    trainable = [p for module in (policy, value) for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / args.updates))
+    wrapped_policy, wrapped_value = policy, value
+    if dist.world_size > 1:
+        wrapped_policy, wrapped_value = nn.parallel.DistributedDataParallel(policy), nn.parallel.DistributedDataParallel(value)
+    return {"iteration": iteration, "reward_model": reward_model, "discriminator": discriminator, "dense": bool(dense),
+            "policy": wrapped_policy, "value": wrapped_value, "modules": nn.ModuleDict({"policy": policy, "value": value}),
+            "optimizer": optimizer, "scheduler": scheduler}
+
+
+# ---- the run ----
+
+def main(argv=None) -> dict:
+    args = common.parse_config(Args, argv, __doc__)
+    dist = common.init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.best_of_n:
+        if not args.reward_model:
+            raise SystemExit("--best-of-n needs --reward-model")
+        return best_of_n(args, dist)
+    if not args.iterations and not args.reward_model:
+        raise SystemExit("train_ppo.py needs --reward-model DIR (a model saved by train_rm.py), or --iterations K for ML-IRL")
+    if args.reward_model and not (Path(args.reward_model) / "reward_model.json").is_file():
+        raise SystemExit(f"--reward-model {args.reward_model!r}: not a reward model saved by train_rm.py (no reward_model.json)")
+    if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
+        raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
+    if args.rollout_batch % dist.world_size or args.minibatch % dist.world_size:
+        raise SystemExit(f"--rollout-batch and --minibatch must divide by the {dist.world_size} processes")
+    torch.manual_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = output_dir / "checkpoint.pt"
+    if args.resume and not checkpoint_path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+
+    lm, tokenizer = common.load_model(args.model)
+    train_prompts = common.load_prompts(args.prompts, args.prompt_split, tokenizer, args.skip_bad_rows, args.limit)
+    eval_source = args.eval_prompts or (args.prompts.split(":gold")[0] if args.prompts.startswith("builtin") else "none")
+    eval_prompts = common.load_prompts(eval_source, args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    if not train_prompts:
+        raise SystemExit(f"--prompts {args.prompts!r}: no prompts")
+    reference = copy.deepcopy(lm).eval().requires_grad_(False)  # the initial policy, frozen
+    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    policy = PolicyLogprobs(lm, args.temperature).eval()  # dropout off, always
+
+    iterations = max(args.iterations, 1)
+    total_updates = iterations * args.updates
+    update, state = 0, None
+    if args.resume:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        update = state["update"]
+        policy_weights = {k[len("policy."):]: v for k, v in state["model"].items() if k.startswith("policy.")}
+        policy.load_state_dict(policy_weights, strict=False)  # the rest of the state loads with its stage below
+    metrics = common.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=update if args.resume else None)
+    bar = tqdm(total=total_updates, initial=update, desc="PPO", disable=not dist.is_main)
+    started, stage = time.perf_counter(), None
+    while update < total_updates:
+        iteration = update // args.updates
+        if stage is None or stage["iteration"] != iteration:  # a new reward (ML-IRL), value model and optimiser
+            stage = build_stage(args, iteration, lm, policy, tokenizer, output_dir, dist)
+            if state is not None and update % args.updates:  # resumed mid-stage: its value, optimiser and RNG too
+                common.load_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"])
+            state = None
+        # the update's prompts: a seeded draw, so a resumed run sees what the uninterrupted one saw
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + update)
+        chosen = [train_prompts[i] for i in torch.randint(len(train_prompts), (args.rollout_batch,), generator=generator).tolist()]
+        stats = ppo_update(stage["policy"], stage["value"], reference, stage["reward_model"], stage["optimizer"],
+                           stage["scheduler"], common.shard(chosen, dist), tokenizer, args,
+                           seed=args.seed * 1_000_003 + update * 101 + dist.rank, dense=stage["dense"], dist=dist,
+                           discriminator=stage["discriminator"])
+        update += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("proxy/score", "gold/score", "kl/sum") if k in stats})
+        if update % args.log_every == 0:
+            metrics.write({"step": update, "iteration": iteration, "lr": stage["scheduler"].get_last_lr()[0], **stats})
+        if (args.save_every and update % args.save_every == 0) or update % args.updates == 0:
+            if dist.is_main:
+                common.save_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"],
+                                       {"update": update, "iteration": iteration})
+            if dist.world_size > 1:
+                torch.distributed.barrier()
+        if args.crash_at_step and update == args.crash_at_step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+
+    final = {"updates": update, "iterations": iterations, "train_seconds": time.perf_counter() - started,
+             "reward_model": args.reward_model, "reward": args.reward, "pessimism": args.pessimism}
+    if dist.is_main:
+        common.save_policy(output_dir / "policy", lm, tokenizer, {"args": dataclasses.asdict(args)})
+        if eval_prompts:
+            final["win_rate"] = common.judge_policy(
+                lm, tokenizer, eval_prompts, opponent=args.model if args.opponent == "initial" else args.opponent,
+                judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p, seed=args.sample_seed,
+                name="PPO policy", samples_path=output_dir / "samples.jsonl")
+        final["peak_rss_gb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        plot_proxy_vs_gold(output_dir / "metrics.jsonl", output_dir / "proxy_vs_gold.png")
+        (output_dir / "final.json").write_text(json.dumps(final, indent=2))
+        metrics.write({"step": update, "final": True, **final})
+        print(json.dumps(final))
+    if dist.created:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.DataError, common.ModelLoadError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
