@@ -1287,6 +1287,44 @@ def print_plan(args, objective: str, script: str = "") -> dict:
     return plan
 
 
+METRIC_NAMES = {"loss": "loss", "accuracy": "rewards/accuracies", "margin": "rewards/margins", "sigma": "ava/sigma"}
+
+
+def metric_name(term: str) -> str:
+    """TRL's names where users know them (rewards/accuracies, rewards/margins), ava/<term> otherwise."""
+    return METRIC_NAMES.get(term, f"ava/{term}")
+
+
+def write_final(final: dict, output_dir: Path, metrics: MetricsLog, step: int) -> None:
+    """Rank 0's end of a run: the peak RSS into `final`, then final.json, the last metrics line, stdout."""
+    import json
+    import resource
+
+    final["peak_rss_gb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    (Path(output_dir) / "final.json").write_text(json.dumps(final, indent=2))
+    metrics.write({"step": step, "final": True, **final})
+    print(json.dumps(final))
+
+
+def end_distributed(dist: Distributed) -> None:
+    """End the process group if this run started it (a caller that started it, e.g. ML-IRL calling
+    train_rm.main, keeps it)."""
+    if dist.created:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def run_script(main) -> None:
+    """`if __name__ == "__main__"` of every script: bad data, an unloadable model or a missing file end
+    in one line naming it, not a traceback."""
+    import sys
+
+    try:
+        main()
+    except (DataError, ModelLoadError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95% interval of a proportion (accuracies and win rates on a few hundred items)."""
     import math

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,13 +158,6 @@ def compute_loss(model, items, references, args: Args, config: ava.AVAConfig, pa
     return ava.ava_p_loss(ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n)), config)
 
 
-METRIC_NAMES = {"loss": "loss", "accuracy": "rewards/accuracies", "margin": "rewards/margins", "sigma": "ava/sigma"}
-
-
-def metric_name(term: str) -> str:
-    return METRIC_NAMES.get(term, f"ava/{term}")
-
-
 # ---- evaluation ----
 
 @torch.no_grad()
@@ -279,7 +270,7 @@ def main(argv=None) -> dict:
         return compute_loss(model, [items[i] for i in local], refs, args, config, pad_id)
 
     lengths = [sum(len(example["input_ids"]) for example in item) for item in items]
-    model, run = common.train_loop(args, model, lengths, loss_fn, dist, output_dir, metric_name=metric_name,
+    model, run = common.train_loop(args, model, lengths, loss_fn, dist, output_dir, metric_name=common.metric_name,
                                    desc=f"{'AfD w/ ' if args.afd else ''}{kind}")
     final = {"objective": kind, "afd": args.afd, "steps": run["steps"], "train_rows": len(items),
              "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
@@ -298,18 +289,10 @@ def main(argv=None) -> dict:
             common.save_policy(output_dir / "policy", model.lm, tokenizer, meta)
         if prompts:
             final["win_rate"] = win_rate(model.lm, tokenizer, str(output_dir / "policy"), prompts, args, output_dir)
-        final["peak_rss_gb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        (output_dir / "final.json").write_text(json.dumps(final, indent=2))
-        run["metrics"].write({"step": run["steps"], "final": True, **final})
-        print(json.dumps(final))
-    if dist.created:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        common.write_final(final, output_dir, run["metrics"], run["steps"])
+    common.end_distributed(dist)
     return final
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.DataError, common.ModelLoadError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    common.run_script(main)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -526,19 +525,11 @@ def main(argv=None) -> dict:
                 judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p, seed=args.sample_seed,
                 name="PPO policy", samples_path=output_dir / "samples.jsonl")
-        final["peak_rss_gb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         plot_proxy_vs_gold(output_dir / "metrics.jsonl", output_dir / "proxy_vs_gold.png")
-        (output_dir / "final.json").write_text(json.dumps(final, indent=2))
-        metrics.write({"step": update, "final": True, **final})
-        print(json.dumps(final))
-    if dist.created:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        common.write_final(final, output_dir, metrics, update)
+    common.end_distributed(dist)
     return final
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.DataError, common.ModelLoadError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    common.run_script(main)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,43 +179,28 @@ def main(argv=None) -> dict:
 
     lengths = [sum(len(example["input_ids"]) for example in item) for item in items]
     model, run = common.train_loop(
-        args, model, lengths, loss_fn, dist, output_dir, metric_name=metric_name,
+        args, model, lengths, loss_fn, dist, output_dir, metric_name=common.metric_name,
         evaluate=(lambda m: evaluate(m, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist)) if eval_items else None,
         desc=f"{kind}{' ' + args.ablate if args.ablate else ''}")
     step, elapsed, total_tokens, metrics = run["steps"], run["seconds"], run["tokens"], run["metrics"]
 
     final = {"objective": kind, "ablate": args.ablate, "afd": args.afd, "steps": step,
              "train_pairs": len(items), "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
-             "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None,
-             "peak_rss_gb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+             "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None}
     if eval_items:
         final.update(evaluate(model, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist))
     if dist.is_main:
         meta = {"kind": kind, "ava_config": dataclasses.asdict(config) if kind in ("ava-p", "ava-d") else None,
                 "args": dataclasses.asdict(args)}
         common.save_reward_model(output_dir / "model", unwrap(model), tokenizer, meta)
-        (output_dir / "final.json").write_text(json.dumps(final, indent=2))
-        metrics.write({"step": step, "final": True, **final})
-        print(json.dumps(final))
+        common.write_final(final, output_dir, metrics, step)
         if args.visualize:  # where the reward is earned (common.py, visualisation); the builtin task adds its gold
             source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
             shown = common.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
             common.write_token_reward_views(unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
-    if dist.created:  # a caller that started the process group (e.g. train_ppo's ML-IRL) keeps it
-        torch.distributed.destroy_process_group()
+    common.end_distributed(dist)
     return final
 
 
-METRIC_NAMES = {"loss": "loss", "accuracy": "rewards/accuracies", "margin": "rewards/margins", "sigma": "ava/sigma"}
-
-
-def metric_name(term: str) -> str:
-    """TRL's names where users know them (rewards/accuracies, rewards/margins), ava/<term> otherwise."""
-    return METRIC_NAMES.get(term, f"ava/{term}")
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.DataError, common.ModelLoadError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    common.run_script(main)

@@ -2,7 +2,9 @@
 
 SmolLM2-135M-Instruct on the built-in task (task.py), judged by its gold judge (VADER sentiment of
 the reply). Every row trains the policy with train_direct.py under one budget (CONFIG: the same
-optimiser steps, batch, learning rate and trainable layers), then samples 8 replies to each of the
+optimiser steps, batch, learning rate and trainable layers: one pass over the first 352 training
+pairs or demonstrations, 44 steps of 8, so the whole benchmark fits in about an hour on 2 CPU
+cores; a pair row sees twice the tokens of a demonstration row), then samples 8 replies to each of the
 task's held-out *test* prompts (nothing was tuned on them). Each row is judged against the initial
 model; head-to-head matchups (Table 4: AVA-p vs DPO and SFT, from preferences; Table 5: AVA-d vs
 SFT and AfD, from demonstrations) judge the two rows' stored replies prompt by prompt: the same
@@ -20,9 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from bench.table1 import busy_cpu_seconds, update_readme  # noqa: E402
+from bench import runner  # noqa: E402
+from bench.runner import slug  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "direct"
-CONFIG = {"trainable-layers": 4, "max-length": 256, "batch-size": 8, "lr": 5e-5, "max-steps": 88, "epochs": 2,
+CONFIG = {"trainable-layers": 2, "max-length": 128, "batch-size": 8, "lr": 5e-5, "max-steps": 44, "limit": 352, "epochs": 1,
           "eval-prompts": "builtin", "prompt-split": "test", "samples-per-prompt": 8, "judge": "gold", "opponent": "initial"}
 ROWS = {  # name: (train_direct.py arguments, table)
     "AVA-p": ({"objective": "ava-p"}, "preferences"),
@@ -57,10 +58,6 @@ def run_arguments(row: str) -> list[str]:
     return out
 
 
-def slug(row: str) -> str:
-    return row.replace("/", "").replace(" ", "-").replace("(", "").replace(")", "")
-
-
 def run_row(row: str) -> dict:
     arguments = run_arguments(row)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
@@ -71,17 +68,11 @@ def run_row(row: str) -> dict:
     command = [sys.executable, str(ROOT / "train_direct.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")
-    print("running:", " ".join(command[1:]), flush=True)
-    started, busy_before = time.time(), busy_cpu_seconds()
-    own_before = os.times().children_user + os.times().children_system
-    subprocess.run(command, check=True, cwd=ROOT)
-    wall = time.time() - started
-    own = os.times().children_user + os.times().children_system - own_before
-    other = max(0.0, busy_cpu_seconds() - busy_before - own) / (wall * os.cpu_count())
+    measured = runner.run_measured(command)
     final = json.loads((output_dir / "final.json").read_text())
     replies = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
-    result = {"row": row, "key": key, "command": "python train_direct.py " + " ".join(arguments), "wall_seconds": wall,
-              "other_processes_cpu_share": other, **final,
+    result = {"row": row, "key": key, "command": "python train_direct.py " + " ".join(arguments),
+              **measured, **final,
               "replies": [{"prompt": r["prompt"], "reply": r["policy"], "initial": r["opponent"]} for r in replies]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -177,7 +168,7 @@ def report() -> None:
                   f"median of {step['repeats']} interleaved forward+backward): AVA-p {s['ava-p']:.2f} s, DPO {s['dpo']:.2f} s, "
                   f"ratio AVA-p / DPO = {step['ratio_ava_p_over_dpo']:.2f}."]
     (ROOT / "bench" / "results" / "direct.md").write_text("\n".join(lines) + "\n")
-    update_readme("\n".join(lines[2:]), "direct")
+    runner.update_readme("\n".join(lines[2:]), "direct")
     print("\n".join(lines))
 
 

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from bench import runner  # noqa: E402
 
 DATA = Path("..") / "shared" / "data"  # relative to the repository (runs use cwd=ROOT): cache keys survive a move
 RESULTS = ROOT / "bench" / "results" / "table1"
@@ -61,14 +59,7 @@ def run_arguments(task: str, row: str, seed: int) -> list[str]:
 
 
 def result_path(task: str, row: str, seed: int) -> Path:
-    slug = row.replace("/", "").replace(" ", "-").replace("(", "").replace(")", "")
-    return RESULTS / task / f"{slug}-seed{seed}.json"
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds all processes of this machine have spent busy (from /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return RESULTS / task / f"{runner.slug(row)}-seed{seed}.json"
 
 
 def run_row(task: str, row: str, seed: int) -> dict:
@@ -81,16 +72,10 @@ def run_row(task: str, row: str, seed: int) -> dict:
     command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")
-    print("running:", " ".join(command[1:]), flush=True)
-    started, busy_before = time.time(), busy_cpu_seconds()
-    own_before = os.times().children_user + os.times().children_system
-    subprocess.run(command, check=True, cwd=ROOT)
-    wall = time.time() - started
-    own = os.times().children_user + os.times().children_system - own_before
-    other = max(0.0, busy_cpu_seconds() - busy_before - own) / (wall * os.cpu_count())
+    measured = runner.run_measured(command)
     final = json.loads((output_dir / "final.json").read_text())
     result = {"task": task, "row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
-              "wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other, **final}
+              **measured, **final}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -137,18 +122,8 @@ def report() -> None:
               "is comparable only near 0% (rows marked 'not recorded' ran before this was measured and shared",
               "the machine with other jobs)."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")
-    update_readme("\n".join(lines[2:]))
+    runner.update_readme("\n".join(lines[2:]), "table1")
     print("\n".join(lines))
-
-
-def update_readme(block: str, name: str = "table1") -> None:
-    """README.md shows a benchmark's table between its markers: generated, never typed by hand."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {name}:start (bench/{name}.py --report writes this) -->", f"<!-- {name}:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
