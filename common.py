@@ -845,7 +845,7 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
     seconds = time.perf_counter() - started
     save()
     if sharded:  # the full weights, gathered into a plain model on every rank: evaluation and export as usual
-        del model, optimizer, trainable
+        del model, optimizer, scheduler, trainable  # AdamW's shards go before the full weights come
         inner = gather_full_model(inner, skeleton, dist)
     return inner, {"steps": step, "tokens": all_reduce_sum([tokens], dist)[0], "seconds": seconds, "metrics": metrics}
 
@@ -935,6 +935,8 @@ def distribute(model, args, dist: Distributed):
     if getattr(args, "activation_checkpointing", False):
         enable_activation_checkpointing(model)
     if dist.world_size == 1:
+        if getattr(args, "fsdp", False):
+            print("--fsdp: one process, nothing to shard: training unsharded (FSDP2 needs torchrun with several processes)")
         return model
     if not is_sharded(args, dist):
         return torch.nn.parallel.DistributedDataParallel(
@@ -1699,12 +1701,13 @@ def token_readings(model, tokenizer, prompt: str, responses: list[str], max_leng
         n_text = len(ids) - eos
         if ids[:n_text] != text_ids[:n_text] or len(positions) != len(ids):
             raise AssertionError("response tokens in the batch differ from the response tokenised alone")
-        pick = (lambda values: [float(values[row, t]) for t in positions])
+        def pick(values, valid=None):  # this row's values at its response transitions; None where not valid
+            return None if values is None else [float(values[row, t]) if valid is None or valid[row, t] else None
+                                                for t in positions]
+
         item = {"kind": kind, "label": READING_LABELS[kind], "score": float(score[row]), "eos": eos,
-                "tokens": [tokenizer.decode([i]) for i in ids], "rewards": pick(rewards),
-                "sigmas": None if sigmas is None else pick(sigmas),
-                "weights": None if weights is None else pick(weights),
-                "deltas": None if deltas is None else [float(deltas[row, t]) if td_mask[row, t] else None for t in positions]}
+                "tokens": [tokenizer.decode([i]) for i in ids], "rewards": pick(rewards), "sigmas": pick(sigmas),
+                "weights": pick(weights), "deltas": pick(deltas, None if deltas is None else td_mask)}
         if gold:
             import task
 
@@ -1849,8 +1852,9 @@ def token_rewards_html(items: list[dict], titles: list[str] | None = None, colum
             gold = (item.get("gold") or [None] * len(item["tokens"]))[t]
             underline = f"border-bottom:3px solid {colour(gold, 1.0)};" if gold else ""
             text = token.replace("\n", "\u23ce\n")
-            spans.append(f'<span title="{escape(" | ".join(tip))}" style="background:{colour(reward, 0.75 * abs(reward) / scale)};'
-                         f'{underline}">{escape(text)}</span>')
+            background = colour(reward, 0.75 * abs(reward) / scale)
+            spans.append(f'<span title="{escape(" | ".join(tip))}" style="background:{background};{underline}">'
+                         f'{escape(text)}</span>')
         cells.append(f'<td style="vertical-align:top;text-align:left;padding:6px"><b>{escape(title)}</b> '
                      f'(sequence reward {item["score"]:+.3f})<div style="font-family:monospace;white-space:pre-wrap;'
                      f'line-height:1.9">{"".join(spans)}</div></td>')
@@ -1858,7 +1862,8 @@ def token_rewards_html(items: list[dict], titles: list[str] | None = None, colum
     label = items[0]["label"] if items else "reward"
     legend = (f"background: {escape(label)}, green positive, red negative, full colour at |value| = {scale:.3g}; "
               "underline: a gold word valence (built-in task); hover over a token for its numbers")
-    return f'<table style="border-collapse:collapse;table-layout:fixed;width:100%">{rows}</table><p style="font-size:smaller">{legend}</p>'
+    return (f'<table style="border-collapse:collapse;table-layout:fixed;width:100%">{rows}</table>'
+            f'<p style="font-size:smaller">{legend}</p>')
 
 
 def write_token_reward_views(model, tokenizer, rows: list[dict], directory: str | Path, max_length: int = 512,

@@ -1,0 +1,344 @@
+"""Scale (common.py, section "scale"): the 7B memory plan against what fully_shard and autograd really
+do, activation checkpointing, LoRA through peft, --bf16 refused on CPU; and under torchrun (slow):
+2 processes reproduce 1 process's losses AND gradients over the same global batch, for DDP and for
+FSDP2 on gloo (pytorch issue 162338 reported FSDP2 summing gradients there), and FSDP2's sharded
+checkpoints resume a killed run exactly."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ava
+import common
+import train_direct
+import train_rm
+from conftest import ROOT, random_batch, tiny_lm
+from test_train_rm import write_jsonl
+
+
+def plan_args(**overrides):
+    """train_direct's flags, as its parser would make them, with overrides."""
+    return dataclasses.replace(common.parse_config(train_direct.Args, []), **overrides)
+
+
+# ---- the plan ----
+
+def test_plan_of_llama_2_7b_divides_by_world_size_under_fsdp_and_replicates_under_ddp():
+    base = dict(plan="llama-2-7b", trainable_layers=-1, batch_size=16, max_length=1024, bf16=True)
+    fsdp = common.memory_plan(plan_args(**base, fsdp=True, plan_world_size=8), "dpo")
+    ddp = common.memory_plan(plan_args(**base, fsdp=False, plan_world_size=8), "dpo")
+    one = common.memory_plan(plan_args(**base, fsdp=True, plan_world_size=1), "dpo")
+    assert fsdp["params"] == 6_738_415_616  # Llama-2-7b
+    assert one["bytes"]["parameters"] == 4 * fsdp["params"] and one["sharding"] == "none"
+    assert ddp["bytes"]["parameters"] == one["bytes"]["parameters"] and ddp["bytes"]["optimizer"] == 8 * fsdp["params"]
+    for part in ("parameters", "gradients", "optimizer"):  # 4096, 11008 and 32000 all divide by 8: no padding
+        assert fsdp["bytes"][part] * 8 == one["bytes"][part]
+    assert fsdp["tokens_per_gpu"] == 2 * 2 * 1024 and one["tokens_per_gpu"] == 16 * 2 * 1024
+    on, off = fsdp["checkpointing_on"], fsdp["checkpointing_off"]
+    assert on["activations"] < off["activations"] / 5 and on["max_items_per_gpu"] > off["max_items_per_gpu"]
+    assert off["activations"] > 32 * 4096 * fsdp["tokens_per_gpu"]  # every layer keeps far more than its input
+
+
+def test_plan_counts_what_fully_shard_puts_on_each_rank():
+    """FSDP2 on a fake process group of 8 (no communication), on the meta device: rank 0's shards
+    hold exactly the elements the plan counts per GPU."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    args = plan_args(plan="llama-2-7b", trainable_layers=-1, fsdp=True, plan_world_size=8)
+    plan = common.memory_plan(args, "ava-p")
+    model, lm, _ = common._plan_model(common.plan_config("llama-2-7b"), "ava-p", args)
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        for layer in common.decoder_layers(lm):
+            fully_shard(layer)
+        fully_shard(model)
+        local = sum(p.to_local().numel() for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+    assert 4 * local == plan["bytes"]["parameters"]
+
+
+def test_plan_from_the_command_line_loads_nothing(capsys):
+    plan = train_rm.main(["--plan", "llama-2-7b", "--plan-world-size", "8", "--fsdp", "--bf16", "--trainable-layers", "-1",
+                          "--model", "/no/such/model", "--data", "/no/such/file.jsonl"])
+    out = capsys.readouterr().out
+    assert plan["objective"] == "ava-p" and plan["sharding"] == "FSDP2" and "parameters" in out and "fits" in out
+    lora = train_direct.main(["--plan", "llama-2-7b", "--lora-r", "16", "--bf16", "--activation-checkpointing",
+                              "--trainable-layers", "-1", "--objective", "dpo"])
+    # LoRA r=16 on all 7 linear layers of 32 blocks: r * (in + out) each
+    assert lora["lora_params"] == lora["trainable_params"] == 16 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008))
+    assert lora["checkpointing_on"]["fits"] and lora["chosen"] == "on"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "autocast"])
+def test_activation_formula_is_what_autograd_saves_per_layer(precision):
+    """The plan's bytes per token per decoder layer, against every tensor autograd keeps (counted once
+    per storage) in HF's Llama with SDPA: one layer's worth is the difference of a 2- and a 1-layer
+    model, and the per-token part the difference of two lengths (under autocast the saved bf16 weight
+    copies are the rest: exactly 2 bytes per weight of its linear layers)."""
+    import contextlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def saved(config, layers, length, batch=2):
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(config).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        params = {p.data_ptr() for p in lm.parameters()}
+        storages = {}
+
+        def pack(tensor):
+            if tensor.data_ptr() not in params:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        ids = torch.randint(0, 128, (batch, length))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        return sum(storages.values())
+
+    for hidden, kv_heads, heads, intermediate in [(64, 4, 4, 128), (128, 2, 8, 512)]:
+        config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads, max_position_embeddings=128)
+        one_layer = {length: saved(config, 2, length) - saved(config, 1, length) for length in (24, 48)}
+        per_token = (one_layer[48] - one_layer[24]) / (2 * 24)
+        assert per_token == common.activation_bytes_per_token_layer(config, precision)
+        linear = sum(p.numel() for p in LlamaForCausalLM(config).model.layers[0].parameters() if p.dim() == 2)
+        assert one_layer[24] - 2 * 24 * per_token == (2 * linear if precision == "autocast" else 0)
+
+
+# ---- activation checkpointing, bf16 on CPU ----
+
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
+    def run(checkpointing):
+        lm = tiny_lm("llama")
+        model = ava.TQR(lm, ava.AVAConfig())
+        if checkpointing:
+            common.enable_activation_checkpointing(model)
+        model.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss, _ = ava.ava_d_loss(model(*random_batch(batch_size=4, length=24)), model.config)
+        loss.backward()
+        return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (bytes_off, grads_off), (bytes_on, grads_on) = run(False), run(True)
+    assert bytes_on < 0.6 * bytes_off
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_is_refused_on_cpu(tmp_path):
+    with pytest.raises(SystemExit, match="CUDA"):
+        train_rm.main(["--bf16", "--output-dir", str(tmp_path)])
+
+
+# ---- LoRA ----
+
+def lora_args(r=4, trainable_layers=-1, targets="all-linear"):
+    return SimpleNamespace(lora_r=r, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=targets,
+                           trainable_layers=trainable_layers)
+
+
+@pytest.mark.parametrize("targets,trainable_layers", [("all-linear", -1), ("q_proj,v_proj", 1)])
+def test_lora_trains_only_adapters_and_heads_and_merges_into_a_plain_model(tmp_path, targets, trainable_layers):
+    lm = tiny_lm("llama")
+    initial = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    count = common.apply_lora(lm, lora_args(targets=targets, trainable_layers=trainable_layers))
+    model = ava.TQR(lm, ava.AVAConfig())
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):  # LoRA's B starts at zero, so A gets no gradient before B has moved once
+        optimizer.zero_grad()
+        out = model(*random_batch(batch_size=4, length=16, seed=step))
+        loss, _ = ava.ava_p_loss(ava.take_rows(out, slice(0, 2)), ava.take_rows(out, slice(2, 4)), model.config)
+        loss.backward()
+        if step == 0:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    heads = {n for n in with_grad if not n.startswith("lm.")}
+    adapters = with_grad - heads
+    assert heads == {"reward_head.weight", "reward_head.bias", "weighting.query.weight", "weighting.key.weight"}
+    assert adapters and all(".lora_A." in n or ".lora_B." in n for n in adapters)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in adapters) == count
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n in adapters}
+    assert layers == ({0, 1} if trainable_layers < 0 else {1})  # the top --trainable-layers blocks
+    assert {n.split(".")[-4] for n in adapters} == ({"q_proj", "v_proj"} if targets != "all-linear" else
+                                                    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    after = dict(model.named_parameters())
+    for name in with_grad:  # every trained tensor moved in the last step ...
+        assert not torch.equal(after[name], before[name]), name
+    for name, value in before.items():  # ... and nothing else did
+        if name not in with_grad:
+            assert torch.equal(after[name], value), name
+    # merged: an ordinary causal LM (original parameter names) with the same outputs, the adapter saved apart
+    batch = random_batch(batch_size=2, length=10, seed=7)
+    model.eval()
+    with torch.no_grad():
+        expected = model.lm(input_ids=batch[0], attention_mask=batch[1]).logits
+        assert common.merge_lora(model.lm, tmp_path / "adapter") > 0
+        merged = model.lm(input_ids=batch[0], attention_mask=batch[1]).logits
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    assert {n for n, _ in model.lm.named_parameters()} == set(initial)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_train_direct_with_lora_exports_a_merged_policy(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
+    from test_train_rm import hh_rows
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_rows(8))
+    out = tmp_path / "run"
+    final = train_direct.main(["--model", tiny_model_dir, "--objective", "ava-p", "--data", pairs, "--eval-data", pairs,
+                               "--eval-prompts", "none", "--output-dir", str(out), "--max-length", "64", "--batch-size", "4",
+                               "--lr", "1e-2", "--trainable-layers", "-1", "--lora-r", "4", "--epochs", "2"])
+    assert final["steps"] == 4
+    before, _ = common.load_model(tiny_model_dir)
+    after, _ = common.load_model(str(out / "policy"))  # a plain causal LM: the adapters are merged in
+    changed = {n for (n, a), b in zip(after.named_parameters(), before.parameters()) if not torch.equal(a, b)}
+    assert changed and all("proj" in n for n in changed)  # only adapted linear layers; embeddings and norms untouched
+    assert (out / "policy" / "lora" / "adapter_model.safetensors").is_file()
+    model, _, meta = common.load_reward_model(out / "policy")  # AVA's heads, trained in full, load with it
+    assert meta["args"]["lora_r"] == 4 and model.reward_head.weight.abs().sum() > 0
+
+
+# ---- torchrun: 2 processes against 1, DDP and FSDP2 on gloo ----
+
+def equal_length_pairs(n=8):
+    """Pairs whose chosen (and rejected) replies all tokenise to the same length. AVA's terms are means
+    over the response transitions a process holds, and data parallelism averages those means: that
+    equals the 1-process mean exactly when every process holds as many transitions (else tokens are
+    weighted by their process, as with any token-mean loss under DDP)."""
+    rows = []
+    for i in range(n):
+        prompt = f"\n\nHuman: question number {i} about cats?\n\nAssistant:"
+        rows.append({"chosen": prompt + f" A kind and helpful answer {i}.", "rejected": prompt + f" Go away {i}."})
+    return rows
+
+
+def run_script(tmp_path, name, script, flags, processes, port=29531, timeout=300):
+    out = tmp_path / name
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                str(port)] if processes > 1 else [sys.executable]
+    done = subprocess.run([*launcher, script, *flags, "--output-dir", str(out), "--dump-grads", str(out) + ".grads"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return lines, torch.load(str(out) + ".grads"), out
+
+
+def assert_same_training(one, two, steps):
+    (lines_one, grads_one, _), (lines_two, grads_two, _) = one, two
+    assert len(grads_one) == len(grads_two) == steps and len(lines_one) == len(lines_two) == steps + 1
+    for a, b in zip(lines_one[:-1], lines_two[:-1]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    for step, (a, b) in enumerate(zip(grads_one, grads_two)):
+        assert a.keys() == b.keys() and a, step
+        for name in a:  # each tensor to 1e-4 of its own scale (a summed gradient would be 2x)
+            scale = a[name].abs().max().clamp(min=1e-8)
+            assert float((a[name] - b[name]).abs().max() / scale) < 1e-4, (step, name)
+
+
+CASES = {  # script, flags
+    "rm-ava-p": ("train_rm.py", ["--objective", "ava-p", "--trainable-layers", "-1"]),
+    "direct-dpo": ("train_direct.py", ["--objective", "dpo", "--trainable-layers", "1", "--eval-prompts", "none"]),
+    "direct-ava-p-checkpointing": ("train_direct.py", ["--objective", "ava-p", "--trainable-layers", "-1",
+                                                       "--activation-checkpointing", "--eval-prompts", "none"]),
+    "direct-ava-p-lora": ("train_direct.py", ["--objective", "ava-p", "--lora-r", "4", "--lr", "1e-2",
+                                              "--eval-prompts", "none"]),
+}
+
+
+@pytest.fixture(scope="module")
+def scale_data(tmp_path_factory, tiny_model_dir):
+    directory = tmp_path_factory.mktemp("scale")
+    pairs = write_jsonl(directory / "pairs.jsonl", equal_length_pairs())
+    base = ["--model", tiny_model_dir, "--data", pairs, "--eval-data", pairs, "--max-length", "64", "--batch-size", "4",
+            "--lr", "1e-3", "--threads", "1", "--epochs", "2", "--save-every", "2"]
+    return directory, base, {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_match_one_in_losses_and_gradients(scale_data, case, sharding, monkeypatch):
+    directory, base, single = scale_data
+    monkeypatch.setenv("AVA_CACHE", str(directory / "cache"))
+    script, flags = CASES[case]
+    if case not in single:  # the 1-process reference, shared by DDP and FSDP
+        single[case] = run_script(directory, f"{case}-one", script, [*base, *flags], processes=1)
+    two = run_script(directory, f"{case}-{sharding}", script, [*base, *flags, *(["--fsdp"] if sharding == "fsdp" else [])],
+                     processes=2, port=29531 + list(CASES).index(case) * 2 + (sharding == "fsdp"))
+    assert_same_training(single[case], two, steps=4)
+    final_one = json.loads((single[case][2] / "final.json").read_text())
+    final_two = json.loads((two[2] / "final.json").read_text())
+    if "eval/accuracy" in final_one:
+        assert final_two["eval/accuracy"] == final_one["eval/accuracy"]
+    exported = "model" if script == "train_rm.py" else "policy"  # the export: one set of full weights
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run / exported / "model.safetensors")) for run in (single[case][2], two[2]))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    if sharding == "fsdp":  # resumable from shards; the last sharded checkpoint is the only one kept
+        assert [p.name for p in two[2].glob("checkpoint-sharded-*")] == ["checkpoint-sharded-0000004"]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_kill_ends_with_the_same_metrics(scale_data):
+    directory, base, _ = scale_data
+    flags = [*base, "--objective", "ava-p", "--trainable-layers", "-1", "--fsdp", "--epochs", "3"]
+    straight = run_script(directory, "fsdp-straight", "train_rm.py", flags, processes=2, port=29551)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = directory / "fsdp-killed"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29553",
+                "train_rm.py", *flags, "--output-dir", str(killed)]
+    crashed = subprocess.run(launcher + ["--crash-at-step", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert crashed.returncode != 0 and not (killed / "final.json").exists()
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["sharded"] == "checkpoint-sharded-0000004"
+    resumed = subprocess.run(launcher + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines[:-1]] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight[0][:-1], lines[:-1]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    final = json.loads((killed / "final.json").read_text())
+    assert final["eval/accuracy"] == json.loads((straight[2] / "final.json").read_text())["eval/accuracy"]
+    # a sharded checkpoint is not resumed without --fsdp (and says so)
+    refused = subprocess.run([sys.executable, "train_rm.py", *[f for f in flags if f != "--fsdp"], "--output-dir",
+                              str(killed), "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "sharded (FSDP2)" in refused.stderr
+
+
+def test_eq12_gradient_written_out_equals_autograd_of_the_formula():
+    """ava.pretrained_q's hand-written backward (it keeps fewer vocabulary-sized tensors) against
+    autograd through the plain formula, in float64, and torch's finite-difference gradcheck."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 13, dtype=torch.float64, generator=generator, requires_grad=True)
+    actions = torch.randint(0, 13, (6,), generator=generator)
+    upstream = torch.randn(6, dtype=torch.float64, generator=generator)
+    for alpha in (1.0, 3.0, 0.25):
+        scaled = alpha * logits.softmax(dim=-1)
+        plain = scaled.gather(-1, actions[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)
+        ours = ava.pretrained_q(logits, actions, alpha)
+        torch.testing.assert_close(ours, plain)
+        expected, = torch.autograd.grad((plain * upstream).sum(), logits)
+        got, = torch.autograd.grad((ours * upstream).sum(), logits)
+        torch.testing.assert_close(got, expected)
+        assert torch.autograd.gradcheck(lambda z: ava.pretrained_q(z, actions, alpha), (logits,))
+    half = logits.detach().bfloat16().requires_grad_()  # bf16 logits (FSDP2's bf16 policy): Q in float32
+    q = ava.pretrained_q(half, actions, 1.0)
+    q.sum().backward()
+    assert q.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
