@@ -1341,6 +1341,21 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 # ---- policies: save, load, sample with a disk cache ----
 
+class Policy(torch.nn.Module):
+    """The LM as a policy: log pi(y_{t+1} | y_{1:t}) per response transition at `temperature`, (B, T-1)
+    (DPO, SFT, PPO). A module of its own so that DDP's forward (and so its gradient synchronisation)
+    wraps the whole computation."""
+
+    def __init__(self, lm: torch.nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.lm, self.temperature = lm, temperature
+
+    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        import ava
+
+        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature=self.temperature)
+
+
 def save_policy(directory: str | Path, lm, tokenizer, meta: dict) -> None:
     """A trained policy: save_pretrained (safetensors) + tokenizer + policy.json (how it was made)."""
     import json

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import ava
 import common
@@ -69,18 +68,6 @@ class Args(common.AVAFlags, common.LoRAFlags, common.TrainFlags):
     eval_only: bool = arg(False, "only judge --load against --opponent on --eval-prompts")
     load: str = arg("", "a saved policy directory (for --eval-only)")
     afd_max_new_tokens: int = arg(48, "AfD: length cap of the initial policy's samples")
-
-
-class Policy(nn.Module):
-    """The LM as a policy: per-transition log pi(y_{t+1} | y_{1:t}) of the response (DPO, SFT). A module
-    of its own so that DDP's forward (and so its gradient synchronisation) wraps the whole computation."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
-        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask)  # (B, T-1)
 
 
 # ---- data ----
@@ -135,7 +122,7 @@ def sequence_logprobs(model, items: list[tuple], pad_id: int) -> torch.Tensor:
 def reference_logprobs(lm, items: list[tuple], pad_id: int, batch_size: int) -> torch.Tensor:
     """DPO's frozen reference: the initial policy's sequence log-probs, (items, 2), computed once before
     training (the reference never changes, so it need not stay in memory as a second model)."""
-    policy, values = Policy(lm).eval(), []
+    policy, values = common.Policy(lm).eval(), []
     for start in range(0, len(items), batch_size):
         part = items[start:start + batch_size]
         values.append(sequence_logprobs(policy, part, pad_id).view(2, len(part)).T)
@@ -263,7 +250,7 @@ def main(argv=None) -> dict:
                 torch.save({"train": references, "eval": eval_references}, path)
     common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     common.apply_lora(lm, args)  # --lora-r: adapters only (the heads below are built after, and train in full)
-    model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else Policy(lm)).to(dist.device)
+    model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else common.Policy(lm)).to(dist.device)
 
     def loss_fn(model, local):
         refs = references[local] if references is not None else None

@@ -263,18 +263,6 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     return {k: v / dist.world_size for k, v in zip(names, reduced)}
 
 
-class PolicyLogprobs(nn.Module):
-    """The LM as the policy PPO trains: log pi(y_{t+1} | y_{1:t}) / at --temperature, (B, T-1).
-    A module so that DDP's forward wraps the computation (and so its gradient synchronisation)."""
-
-    def __init__(self, lm: nn.Module, temperature: float):
-        super().__init__()
-        self.lm, self.temperature = lm, temperature
-
-    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
-        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature=self.temperature)
-
-
 # ---- ML-IRL: reward learning on (demonstration, current policy sample) ----
 
 def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: Path, dist: common.Distributed):
@@ -470,7 +458,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--prompts {args.prompts!r}: no prompts")
     reference = copy.deepcopy(lm).eval().requires_grad_(False)  # the initial policy, frozen
     common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    policy = PolicyLogprobs(lm, args.temperature).eval()  # dropout off, always
+    policy = common.Policy(lm, args.temperature).eval()  # dropout off, always
 
     iterations = max(args.iterations, 1)
     total_updates = iterations * args.updates

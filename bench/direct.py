@@ -108,7 +108,7 @@ def step_time(repeats: int = 10) -> dict:
     references = train_direct.reference_logprobs(lm, items, pad, batch_size=8)
     common.freeze_layers(lm, CONFIG["trainable-layers"])
     config = ava.AVAConfig()
-    models = {"ava-p": ava.TQR(lm, config), "dpo": train_direct.Policy(lm)}
+    models = {"ava-p": ava.TQR(lm, config), "dpo": common.Policy(lm)}
     args = {k: train_direct.Args(objective=k) for k in models}
     times = {k: [] for k in models}
     for i in range(repeats + 2):

@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.runner import busy_cpu_seconds  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 VOCABS = (49152, 128256)
@@ -152,11 +153,6 @@ def measure(method: str, vocab: int) -> dict:
             "step_seconds": sum(times) / len(times), "step_seconds_each": times, "measured_step_seconds": first_seconds,
             "step_cpu_seconds": sum(cpu_times) / len(cpu_times), "step_cpu_seconds_each": cpu_times,
             "trained_transitions": n_trained, "full_logits_bytes": rows * LENGTH * vocab * 4}
-
-
-def busy_cpu_seconds() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def run_all() -> dict:

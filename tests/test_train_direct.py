@@ -76,7 +76,7 @@ def test_dpo_starts_at_log_2_because_its_reference_is_the_initial_policy(tiny_mo
     items = train_direct.encode_rows(rows, tokenizer, 64, report)
     references = train_direct.reference_logprobs(lm, items, tokenizer.pad_token_id, batch_size=3)  # 2 batches
     args = train_direct.Args(objective="dpo")
-    loss, terms = train_direct.compute_loss(train_direct.Policy(lm), items, references, args, ava.AVAConfig(), tokenizer.pad_token_id)
+    loss, terms = train_direct.compute_loss(common.Policy(lm), items, references, args, ava.AVAConfig(), tokenizer.pad_token_id)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5) and terms["margin"].abs().item() < 1e-5
     # and the reference is the sum of the response's token log-probs, checked against full logits
     batch = common.collate([items[0][0]], tokenizer.pad_token_id)
