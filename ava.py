@@ -132,10 +132,71 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, -1).amax(dim=1)
 
 
-def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+SHARE_PROMPTS = True  # hidden_states runs a prompt shared by several rows once (exact; False: one padded batch)
+
+
+def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Last hidden states (B, T, d) of any Hugging Face causal LM (Llama, GPT-2, ...), after its final
-    norm, without computing the (B, T, V) logits the full model would."""
+    norm, without computing the (B, T, V) logits the full model would.
+
+    Given response_mask, rows whose prompts are the same tokens (a chosen and a rejected response, or
+    N samples of one prompt) share one pass over the prompt: it runs once, and its keys and values
+    serve every response of the group (`_shared_prompt_hidden_states`). A causal decoder's states up
+    to the end of the prompt do not depend on what follows, so this is the same function, computed
+    with less work and without padding the prompts; tests/test_tqr.py checks values and gradients
+    against the plain batch. Not used under activation checkpointing, which drops the KV cache."""
+    if (response_mask is not None and SHARE_PROMPTS and _right_padded(attention_mask)
+            and not (lm.training and getattr(lm, "is_activation_checkpointing", False))):
+        groups = prompt_groups(input_ids, response_mask)
+        if any(len(rows) > 1 for rows, _ in groups):
+            return _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups)
     return lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is its tokens, then padding (as common.collate builds batches)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool((attention_mask.bool() == (positions < attention_mask.sum(dim=1, keepdim=True))).all())
+
+
+def prompt_groups(input_ids: torch.Tensor, response_mask: torch.Tensor) -> list[tuple[list[int], int]]:
+    """[(rows, prompt length)]: rows whose tokens before their first response token are identical.
+    The prompt is everything before the first response token (at least one token must precede it)."""
+    starts = response_mask.int().argmax(dim=1).tolist()  # (B,) first response position
+    groups: dict[tuple, list[int]] = {}
+    for row, start in enumerate(starts):
+        key = (start, tuple(input_ids[row, :start].tolist())) if start > 0 else ("alone", row)
+        groups.setdefault(key, []).append(row)
+    return [(rows, key[0] if key[0] != "alone" else 0) for key, rows in groups.items()]
+
+
+def _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups) -> torch.Tensor:
+    """hidden_states with one pass per distinct prompt: prompt (1, P) with a KV cache, then the group's
+    k responses (k, R) attending to the cache repeated k times. Rows are right-padded as given;
+    positions past a row's length hold zeros (the plain batch holds states of padding there)."""
+    base = lm.base_model
+    lengths = attention_mask.sum(dim=1).tolist()
+    batch, width = input_ids.shape
+    pieces: list[torch.Tensor | None] = [None] * batch
+    for rows, prompt_length in groups:
+        if prompt_length == 0:  # no prompt to share: the row on its own, unpadded
+            row = rows[0]
+            pieces[row] = base(input_ids=input_ids[row:row + 1, :lengths[row]], use_cache=False).last_hidden_state[0]
+            continue
+        prompt = base(input_ids=input_ids[rows[0]:rows[0] + 1, :prompt_length], use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(len(rows))  # (1, heads, P, d_h) -> (k, heads, P, d_h)
+        end = max(lengths[r] for r in rows)
+        response_ids = input_ids[rows, prompt_length:end]  # (k, R)
+        mask = attention_mask[rows, :end]  # (k, P + R): the prompt, then each response's own length
+        positions = torch.arange(prompt_length, end, device=input_ids.device).expand(len(rows), -1)
+        responses = base(input_ids=response_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True).last_hidden_state  # (k, R, d)
+        for i, row in enumerate(rows):
+            pieces[row] = torch.cat([prompt.last_hidden_state[0], responses[i, :lengths[row] - prompt_length]])
+    hidden = nn.utils.rnn.pad_sequence(pieces, batch_first=True)  # (B, <=T, d)
+    return F.pad(hidden, (0, 0, 0, width - hidden.shape[1]))  # (B, T, d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +329,7 @@ def token_logprobs(lm: nn.Module, input_ids, attention_mask, response_mask, chun
     """log pi(y_{t+1} | y_{1:t}) per response transition, (B, T-1), zero elsewhere (DPO, SFT, PPO).
     `temperature` divides the logits (PPO scores its samples at the temperature it drew them with)."""
     check_masks(input_ids, attention_mask, response_mask)
-    hidden = hidden_states(lm, input_ids, attention_mask)
+    hidden = hidden_states(lm, input_ids, attention_mask, response_mask)
     mask = response_mask[:, 1:].bool()  # transition t is trained when its action y_{t+1} is a response token
     head = lm.get_output_embeddings()
     selected = hidden[:, :-1][mask] / temperature  # (N, d); logits / T = (h / T) W^T + b / T
@@ -322,7 +383,7 @@ class TQR(nn.Module):
         cfg = self.config
         check_masks(input_ids, attention_mask, response_mask)
         response = response_mask.bool()
-        hidden = hidden_states(self.lm, input_ids, attention_mask)  # (B, T, d)
+        hidden = hidden_states(self.lm, input_ids, attention_mask, response)  # (B, T, d)
         mask = response[:, 1:]  # (B, T-1): transition t trained iff its action y_{t+1} is a response token
         # Positions some term reads: Q at t for every trained transition, mu/sigma at t+1 (deviation 4).
         read = response.clone()
@@ -520,7 +581,7 @@ class ScalarRewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask) -> RewardOutput:
         check_masks(input_ids, attention_mask, response_mask)
-        hidden = hidden_states(self.lm, input_ids, attention_mask)
+        hidden = hidden_states(self.lm, input_ids, attention_mask, response_mask)
         mask = response_mask[:, 1:].bool()
         rewards = self.reward_head(hidden[:, 1:]).float()[..., 0] * mask  # (B, T-1): transition t read at t+1
         last = last_index(mask)[:, None]

@@ -1344,15 +1344,27 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 class Policy(torch.nn.Module):
     """The LM as a policy: log pi(y_{t+1} | y_{1:t}) per response transition at `temperature`, (B, T-1)
     (DPO, SFT, PPO). A module of its own so that DDP's forward (and so its gradient synchronisation)
-    wraps the whole computation."""
+    wraps the whole computation. Called without response_mask it is the LM itself (its HF output), so
+    the sampler can run through it: under FSDP2 the policy is the root module, whose forward gathers
+    the embeddings and LM head it owns (train_ppo.py samples from the sharded policy)."""
 
     def __init__(self, lm: torch.nn.Module, temperature: float = 1.0):
         super().__init__()
         self.lm, self.temperature = lm, temperature
 
-    def forward(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def generation_config(self):
+        return getattr(self.lm, "generation_config", None)
+
+    def forward(self, input_ids, attention_mask, response_mask=None, **lm_kwargs):
         import ava
 
+        if response_mask is None:  # sampling: the LM's own forward (logits at temperature 1, KV cache)
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
         return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature=self.temperature)
 
 
@@ -1561,11 +1573,19 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
     return choice.squeeze(-1)
 
 
-@torch.inference_mode()
 def _sample_batch(model, prompts_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                  top_p: float, generator: torch.Generator, eos_ids: torch.Tensor, pad_id: int):
+                  top_p: float, generator: torch.Generator, eos_ids: torch.Tensor, pad_id: int, synced: bool = False):
     """Sample replies for one batch of tokenised prompts. Returns (new tokens (B, N), reply lengths (B,),
-    finished (B,)); row b's reply is new_tokens[b, :lengths[b]], its EOS (if any) excluded."""
+    finished (B,)); row b's reply is new_tokens[b, :lengths[b]], its EOS (if any) excluded. synced: stop
+    only when every process's batch has finished (an FSDP-sharded model's forward is a collective, so
+    every process must run as many), and under no_grad rather than inference_mode, since FSDP2 reuses
+    the buffers it gathers parameters into and inference tensors cannot be written outside it."""
+    with (torch.no_grad() if synced else torch.inference_mode()):
+        return _sample_tokens(model, prompts_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              generator=generator, eos_ids=eos_ids, pad_id=pad_id, synced=synced)
+
+
+def _sample_tokens(model, prompts_ids, *, max_new_tokens, temperature, top_p, generator, eos_ids, pad_id, synced):
     from transformers import DynamicCache
 
     device = eos_ids.device
@@ -1596,7 +1616,11 @@ def _sample_batch(model, prompts_ids: list[list[int]], *, max_new_tokens: int, t
         hit_eos = torch.isin(token, eos_ids) & ~finished
         lengths += (~finished & ~hit_eos).long()
         finished |= hit_eos
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        done = finished.all()
+        if synced:
+            done = done.to(torch.int32)
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        if bool(done) or step == max_new_tokens - 1:
             break
         # finished rows keep decoding (simpler than shrinking the cache); their tokens lie past
         # `lengths` and are never read, and rows never attend to each other
@@ -1609,8 +1633,9 @@ def _sample_batch(model, prompts_ids: list[list[int]], *, max_new_tokens: int, t
 
 def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int = 16, chat_template: bool = True,
-                 progress: bool = True, desc: str = "generating") -> list[Generation]:
+                 progress: bool = True, desc: str = "generating", synced: bool = False) -> list[Generation]:
     """Sample one reply per prompt with a KV cache, in left-padded batches; returns token ids.
+    synced: the model is FSDP-sharded and every process calls this with as many prompts (see _sample_batch).
 
     Prompts are batched longest-first (similar lengths waste little padding) and the results put
     back in input order. The output is a deterministic function of (model, prompts, settings, seed);
@@ -1648,7 +1673,8 @@ def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int, t
                 batch = order[start:start + batch_size]
                 new_tokens, lengths, finished = _sample_batch(
                     model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, generator=generator, eos_ids=eos_ids, pad_id=pad_id)
+                    temperature=temperature, top_p=top_p, generator=generator, eos_ids=eos_ids, pad_id=pad_id,
+                    synced=synced)
                 for row, i in enumerate(batch):
                     results[i] = Generation(prompt_ids=list(encoded[i]),
                                             response_ids=new_tokens[row, :lengths[row]].tolist(),

@@ -56,7 +56,7 @@ IRL_REWARDS = ("bt", "ava-p", "adversarial-rkl", "adversarial-js")
 
 
 @dataclass
-class Args(common.TrainFlags):
+class Args(common.LoRAFlags, common.TrainFlags):
     """train_ppo.py"""
     reward_model: str = arg("", "a reward model saved by train_rm.py (its OUTPUT_DIR/model)")
     reward: str = arg("auto", "dense: the reward at every token (Eq. 19, AVA's mu_t); sequence: the score at the last "
@@ -198,13 +198,19 @@ def rollout_examples(generations: list, eos_id: int) -> list[dict]:
 
 # ---- one PPO update ----
 
+def unwrap(module):
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
 def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, prompts: list[str], tokenizer,
-               args: Args, seed: int, dense: bool, dist: common.Distributed, discriminator: str = "") -> dict:
-    """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates. Returns stats."""
+               args: Args, seed: int, dense: bool, dist: common.Distributed, discriminator: str = "",
+               dumped: list | None = None) -> dict:
+    """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates. Returns stats.
+    --dump-grads: every minibatch's reduced gradients are appended to `dumped` and written out."""
     eos_id = tokenizer.eos_token_id
-    generations = common.generate_ids(policy.lm, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p, seed=seed,
-                                      chat_template=False, progress=False)
+    generations = common.generate_ids(unwrap(policy), tokenizer, prompts,
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                      seed=seed, chat_template=False, progress=False, synced=common.is_sharded(args, dist))
     batch = common.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id)
     mask = batch["response_mask"][:, 1:].bool()
     finished = torch.tensor([g.finished for g in generations])
@@ -249,6 +255,9 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
             loss = policy_loss + args.vf_coef * value_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.dump_grads:
+                common.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": unwrap(policy), "value": unwrap(value)}),
+                                      dumped, dist)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
@@ -412,13 +421,16 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
              or (discriminator and args.adversarial_level == "token"))
     value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).eval()
     common.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    value.head.requires_grad_(True)
-    trainable = [p for module in (policy, value) for p in module.parameters() if p.requires_grad]
+    common.apply_lora(value.lm, args)  # --lora-r: the critic's backbone adapts like the policy's
+    value.head.requires_grad_(True)  # its head trains in full
+    wrapped_policy, wrapped_value = policy, value
+    if common.is_sharded(args, dist):  # the policy was sharded once, in main; the critic is new each stage
+        common.distribute(value, args, dist)
+    elif dist.world_size > 1:
+        wrapped_policy, wrapped_value = nn.parallel.DistributedDataParallel(policy), nn.parallel.DistributedDataParallel(value)
+    trainable = [p for module in (policy, value) for p in module.parameters() if p.requires_grad]  # after sharding
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / args.updates))
-    wrapped_policy, wrapped_value = policy, value
-    if dist.world_size > 1:
-        wrapped_policy, wrapped_value = nn.parallel.DistributedDataParallel(policy), nn.parallel.DistributedDataParallel(value)
     return {"iteration": iteration, "reward_model": reward_model, "discriminator": discriminator, "dense": bool(dense),
             "policy": wrapped_policy, "value": wrapped_value, "modules": nn.ModuleDict({"policy": policy, "value": value}),
             "optimizer": optimizer, "scheduler": scheduler}
@@ -441,6 +453,13 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--reward-model {args.reward_model!r}: not a reward model saved by train_rm.py (no reward_model.json)")
     if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
         raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
+    common.check_scale_flags(args, dist)
+    sharded = common.is_sharded(args, dist)
+    if sharded and args.iterations:
+        raise SystemExit("--fsdp with --iterations (ML-IRL) is not supported: its reward learning runs train_rm.py "
+                         "inside each process; use DDP (drop --fsdp) or run train_rm.py and train_ppo.py in turn")
+    if args.bf16:
+        raise SystemExit("--bf16 is not wired into train_ppo.py's rollouts and updates yet: PPO trains in fp32")
     if args.rollout_batch % dist.world_size or args.minibatch % dist.world_size:
         raise SystemExit(f"--rollout-batch and --minibatch must divide by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
@@ -458,7 +477,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--prompts {args.prompts!r}: no prompts")
     reference = copy.deepcopy(lm).eval().requires_grad_(False)  # the initial policy, frozen
     common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    common.apply_lora(lm, args)  # --lora-r: adapters only; merged into the exported policy
     policy = common.Policy(lm, args.temperature).eval()  # dropout off, always
+    skeleton = None
+    if sharded:  # FSDP2: each decoder layer, then the policy as root; rollouts sample through it
+        skeleton = common.meta_skeleton(policy)
+        common.distribute(policy, args, dist)
 
     iterations = max(args.iterations, 1)
     total_updates = iterations * args.updates
@@ -466,17 +490,18 @@ def main(argv=None) -> dict:
     if args.resume:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         update = state["update"]
-        policy_weights = {k[len("policy."):]: v for k, v in state["model"].items() if k.startswith("policy.")}
-        policy.load_state_dict(policy_weights, strict=False)  # the rest of the state loads with its stage below
+        if not sharded:  # (sharded: one stage only, whose shards load with it below)
+            policy_weights = {k[len("policy."):]: v for k, v in state["model"].items() if k.startswith("policy.")}
+            policy.load_state_dict(policy_weights, strict=False)  # the rest of the state loads with its stage below
     metrics = common.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=update if args.resume else None)
     bar = tqdm(total=total_updates, initial=update, desc="PPO", disable=not dist.is_main)
-    started, stage = time.perf_counter(), None
+    started, stage, dumped = time.perf_counter(), None, []
     while update < total_updates:
         iteration = update // args.updates
         if stage is None or stage["iteration"] != iteration:  # a new reward (ML-IRL), value model and optimiser
             stage = build_stage(args, iteration, lm, policy, tokenizer, output_dir, dist)
             if state is not None and update % args.updates:  # resumed mid-stage: its value, optimiser and RNG too
-                common.load_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"])
+                common.resume_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"], sharded)
             state = None
         # the update's prompts: a seeded draw, so a resumed run sees what the uninterrupted one saw
         generator = torch.Generator().manual_seed(args.seed * 100_003 + update)
@@ -484,16 +509,19 @@ def main(argv=None) -> dict:
         stats = ppo_update(stage["policy"], stage["value"], reference, stage["reward_model"], stage["optimizer"],
                            stage["scheduler"], common.shard(chosen, dist), tokenizer, args,
                            seed=args.seed * 1_000_003 + update * 101 + dist.rank, dense=stage["dense"], dist=dist,
-                           discriminator=stage["discriminator"])
+                           discriminator=stage["discriminator"], dumped=dumped)
         update += 1
         bar.update(1)
         bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("proxy/score", "gold/score", "kl/sum") if k in stats})
         if update % args.log_every == 0:
             metrics.write({"step": update, "iteration": iteration, "lr": stage["scheduler"].get_last_lr()[0], **stats})
         if (args.save_every and update % args.save_every == 0) or update % args.updates == 0:
-            if dist.is_main:
-                common.save_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"],
-                                       {"update": update, "iteration": iteration})
+            saved = {"update": update, "iteration": iteration}
+            if sharded:
+                common.save_sharded_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"],
+                                               {"step": update, **saved}, dist)
+            elif dist.is_main:
+                common.save_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"], saved)
             if dist.world_size > 1:
                 torch.distributed.barrier()
         if args.crash_at_step and update == args.crash_at_step:
@@ -505,7 +533,11 @@ def main(argv=None) -> dict:
 
     final = {"updates": update, "iterations": iterations, "train_seconds": time.perf_counter() - started,
              "reward_model": args.reward_model, "reward": args.reward, "pessimism": args.pessimism}
+    if sharded:  # the full weights, gathered on every rank: export and evaluation as in one process
+        stage = None
+        lm = common.gather_full_model(policy, skeleton, dist).lm
     if dist.is_main:
+        common.merge_lora(lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
         common.save_policy(output_dir / "policy", lm, tokenizer, {"args": dataclasses.asdict(args)})
         if eval_prompts:
             final["win_rate"] = common.judge_policy(

@@ -40,12 +40,8 @@ MATCHUPS = [("PPO w/ AVA-p (dense)", "PPO w/ BT"), ("PPO w/ AVA-p (dense, pessim
 
 def reward_model_dir(row: str) -> Path:
     """The saved model of Table 1's built-in row (seed 0), trained now if it is missing."""
-    result = table1.run_row("builtin", row, 0)
-    arguments = table1.run_arguments("builtin", row, 0)
-    key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
-    path = table1.result_path("builtin", row, 0)
-    assert result["key"] == key
-    return common.cache_dir() / "bench-runs" / "table1" / "builtin" / f"{path.stem}-{key}" / "model"
+    table1.run_row("builtin", row, 0, need_model=True)
+    return table1.run_dir("builtin", row, 0) / "model"
 
 
 def run_row(row: str) -> dict:

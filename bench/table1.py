@@ -62,13 +62,22 @@ def result_path(task: str, row: str, seed: int) -> Path:
     return RESULTS / task / f"{runner.slug(row)}-seed{seed}.json"
 
 
-def run_row(task: str, row: str, seed: int) -> dict:
+def run_dir(task: str, row: str, seed: int) -> Path:
+    """Where the run's checkpoints and saved model live (outside the repository, under $AVA_CACHE)."""
+    key = hashlib.sha256(json.dumps(run_arguments(task, row, seed)).encode()).hexdigest()[:12]
+    return common.cache_dir() / "bench-runs" / "table1" / task / f"{result_path(task, row, seed).stem}-{key}"
+
+
+def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
+    """The row's result, run now if it is missing (or, with need_model, if its saved model is not on
+    this machine: results are committed, models are not, so a new machine trains it again)."""
     arguments = run_arguments(task, row, seed)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
     path = result_path(task, row, seed)
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+    output_dir = run_dir(task, row, seed)
+    have_model = (output_dir / "model" / "reward_model.json").is_file()
+    if path.is_file() and json.loads(path.read_text()).get("key") == key and (have_model or not need_model):
         return json.loads(path.read_text())
-    output_dir = common.cache_dir() / "bench-runs" / "table1" / task / f"{path.stem}-{key}"
     command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ava
-from conftest import VOCAB, random_batch, tiny_lm
+from conftest import VOCAB, random_batch, randomize_heads, tiny_lm
 
 
 def pairs(seed=0, vocab_size=VOCAB):
@@ -205,3 +205,53 @@ def test_all_activations_kept_for_backward_weigh_less_than_one_vocabulary_sized_
     # The check can fail: the naive way (full logits, then log-softmax) keeps B x T x V tensors.
     naive = saved_tensor_sizes(lambda: model.lm(chosen[0], attention_mask=chosen[1]).logits.log_softmax(-1).sum())
     assert max(naive) >= chosen[0].numel() * vocab
+
+
+def pair_batch(seed=0):
+    """Four rows, two prompts, each shared by a chosen and a rejected response of different lengths
+    (rows 0/2 and 1/3, as train_rm.py stacks pairs), right-padded."""
+    input_ids, attention_mask, response_mask = random_batch(4, 14, seed=seed, prompt_lengths=[5, 3, 5, 3],
+                                                            lengths=[14, 9, 11, 12])
+    input_ids[2, :5], input_ids[3, :3] = input_ids[0, :5], input_ids[1, :3]
+    return input_ids, attention_mask, response_mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_shared_prompt_runs_once_and_changes_neither_values_nor_gradients(kind, monkeypatch):
+    """ava.hidden_states runs a prompt shared by several rows once, reusing its keys and values: the
+    hidden states on every valid position, the AVA-p loss and every gradient equal the plain batch's."""
+    input_ids, attention_mask, response_mask = pair_batch()
+    assert ava.prompt_groups(input_ids, response_mask) == [([0, 2], 5), ([1, 3], 3)]
+    results = {}
+    for share in (True, False):
+        monkeypatch.setattr(ava, "SHARE_PROMPTS", share)
+        lm = tiny_lm(kind)
+        model = randomize_heads(ava.TQR(lm, ava.AVAConfig()))
+        calls = []
+        hook = lm.base_model.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
+        hidden = ava.hidden_states(lm, input_ids, attention_mask, response_mask)
+        hook.remove()
+        out = model(input_ids, attention_mask, response_mask)
+        loss, _ = ava.ava_p_loss(ava.take_rows(out, [0, 1]), ava.take_rows(out, [2, 3]), ava.AVAConfig())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[share] = (hidden, loss, grads, len(calls))
+    (h1, l1, g1, calls1), (h0, l0, g0, calls0) = results[True], results[False]
+    assert (calls1, calls0) == (4, 1)  # two prompts + two response groups, against one padded batch
+    valid = attention_mask.bool()
+    torch.testing.assert_close(h1[valid], h0[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g0.keys() and len(g1) > 5
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_prompts_are_shared_only_when_their_tokens_are_identical():
+    input_ids, attention_mask, response_mask = pair_batch()
+    input_ids[2, 4] = (input_ids[0, 4] + 1) % VOCAB  # row 2's prompt now differs in its last token
+    assert ava.prompt_groups(input_ids, response_mask) == [([0], 5), ([1, 3], 3), ([2], 5)]
+    lm = tiny_lm("llama")
+    shared = ava.hidden_states(lm, input_ids, attention_mask, response_mask)
+    plain = ava.hidden_states(lm, input_ids, attention_mask)
+    valid = attention_mask.bool()
+    torch.testing.assert_close(shared[valid], plain[valid], atol=1e-5, rtol=1e-5)

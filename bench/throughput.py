@@ -1,0 +1,343 @@
+"""Training throughput side by side with the peer users would pick: TRL's RewardTrainer and DPOTrainer.
+
+    python bench/throughput.py                 # measure (about 25 minutes idle), then write the report
+    python bench/throughput.py --report        # rebuild bench/results/throughput.md from throughput.json
+
+One process, one configuration for everyone: SmolLM2-135M-Instruct, top 4 layers trainable (the rest
+frozen), max length 512, 8 pairs a step, AdamW at lr 1e-4 (Table 1's main configuration), fp32 on
+--threads CPU threads. The data: the first --pairs pairs of hh-rlhf-harmless/train that fit in 512
+tokens (so nobody cuts or drops any), the same pairs for every system. Each system batches them its
+own way: TRL in its sampler's order, padded; ours in length-grouped batches (train_loop's).
+
+Systems:
+  TRL RewardTrainer      Bradley-Terry, AutoModelForSequenceClassification (trl, benchmark-only dependency)
+  ours BT                train_rm.py's step: ScalarRewardModel + ava.bradley_terry_loss
+  ours AVA-p             train_rm.py's step: TQR + ava.ava_p_loss (train_direct.py's AVA-p step is the same computation)
+  TRL DPOTrainer         DPO with its reference model, log-probs recomputed every step (its default)
+  ours DPO               train_direct.py's step, plus its one reference pass over the data (counted in its time)
+Where ours does less work: a chosen and a rejected response share their prompt, which runs once
+(ava.hidden_states); batches are length-grouped and the prompt is never padded; the full-vocabulary
+terms touch response tokens only; DPO's reference log-probs are computed once, not every step.
+`ours ... (no prompt sharing)` rows switch the first of these off (ava.SHARE_PROMPTS = False).
+
+Measured: every system runs --rounds epochs over the pairs, the systems interleaved round by round
+(so machine load hits all alike); the first step of each round is a warm-up and not timed. A step is
+forward, backward and the optimiser step (TRL: from its on_step_begin to on_step_end callback).
+Tokens/s counts real tokens (no padding) of chosen and rejected sequences, prompt included for each,
+which is how TRL counts them too. FLOPs: torch's FlopCounterMode over one untimed step per system,
+per real token, times tokens/s; MFU divides by this machine's fp32 matmul peak measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.runner import busy_cpu_seconds, update_readme  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "train.jsonl.gz"
+CONFIG = {"trainable-layers": 4, "max-length": 512, "batch-size": 8, "lr": 1e-4}
+TARGETS = [  # (system, baseline, at least this ratio of tokens/s), from issue 7
+    ("ours BT", "TRL RewardTrainer", 1.2),
+    ("ours AVA-p", "TRL RewardTrainer", 1.0),
+    ("ours DPO", "TRL DPOTrainer", 1.2),
+    ("ours AVA-p", "ours DPO", 1 / 1.05),
+]
+
+
+def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 GFLOP/s of a (size x size) @ (size x size) matmul on `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def load_pairs(n: int, tokenizer, max_length: int) -> list[dict]:
+    """The first n harmless pairs whose chosen and rejected both fit in max_length tokens, uncut."""
+    import common
+
+    rows, _ = common.load_rows(str(DATA), "pairs", skip_bad=True)
+    kept = []
+    for row in rows:
+        chosen, rejected, cut = common.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], 10**6)
+        if max(len(chosen["input_ids"]), len(rejected["input_ids"])) <= max_length:
+            kept.append(row)
+        if len(kept) == n:
+            return kept
+    raise SystemExit(f"{DATA}: only {len(kept)} pairs fit in {max_length} tokens, {n} asked for")
+
+
+class Ours:
+    """One of our training steps (train_rm.py's or train_direct.py's compute_loss), AdamW, our batches."""
+
+    def __init__(self, name: str, kind: str, pairs: list[dict], tokenizer, share_prompts: bool = True):
+        import torch
+
+        import ava
+        import common
+        import train_direct
+        import train_rm
+
+        self.name, self.kind, self.share = name, kind, share_prompts
+        self.pad = tokenizer.pad_token_id
+        lm, _ = common.load_model(None, tokenizer=tokenizer)
+        self.items = [common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])[:2]
+                      for p in pairs]
+        self.lengths = [len(a["input_ids"]) + len(b["input_ids"]) for a, b in self.items]
+        self.config = ava.AVAConfig()
+        self.references = None
+        if kind == "dpo":  # the frozen initial policy, as train_direct.py's reference
+            self.reference_lm = copy.deepcopy(lm).eval().requires_grad_(False)
+        common.freeze_layers(lm, CONFIG["trainable-layers"])
+        if kind == "dpo":
+            self.model = common.Policy(lm)
+            self.args = train_direct.Args(objective="dpo")
+            self.loss = lambda items, idx: train_direct.compute_loss(self.model, items, self.references[idx], self.args,
+                                                                     self.config, self.pad)
+        else:
+            self.model = common.build_reward_model(lm, kind, self.config)
+            self.loss = lambda items, idx: train_rm.compute_loss(self.model, items, kind, self.config, self.pad)
+        self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=CONFIG["lr"])
+
+    def _reference_pass(self, count_flops: bool) -> tuple[float, float]:
+        """DPO's reference log-probs, once per run over the data (train_direct.py does it before
+        training): (seconds, FLOPs if counted)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        import train_direct
+
+        counter = FlopCounterMode(display=False) if count_flops else None
+        started = time.perf_counter()
+        with counter if counter is not None else _nothing():
+            self.references = train_direct.reference_logprobs(self.reference_lm, self.items, self.pad, CONFIG["batch-size"])
+        return time.perf_counter() - started, counter.get_total_flops() if counter is not None else 0.0
+
+    def epoch(self, seed: int, count_flops: bool = False) -> list[dict]:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        import ava
+        import common
+
+        ava.SHARE_PROMPTS = self.share
+        steps = []
+        if self.kind == "dpo":  # its once-per-run cost, added to the run's timed steps below
+            reference_seconds, reference_flops = self._reference_pass(count_flops)
+        for i, batch in enumerate(common.length_grouped_batches(self.lengths, CONFIG["batch-size"], seed, 0)):
+            items = [self.items[j] for j in batch]
+            counter = FlopCounterMode(display=False) if count_flops and i == 0 else None
+            started = time.perf_counter()
+            with counter if counter is not None else _nothing():
+                loss, _ = self.loss(items, torch.tensor(batch))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            steps.append({"seconds": time.perf_counter() - started, "tokens": sum(self.lengths[j] for j in batch),
+                          **({"flops": counter.get_total_flops()} if counter is not None else {})})
+        if self.kind == "dpo":  # all of it on the last step (the first is a warm-up, untimed)
+            steps[-1]["seconds"] += reference_seconds
+            if count_flops:  # the first step's share of the reference pass, by its tokens
+                steps[0]["flops"] += reference_flops * steps[0]["tokens"] / sum(self.lengths)
+        ava.SHARE_PROMPTS = True
+        return steps
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class TRL:
+    """TRL's RewardTrainer or DPOTrainer on the same pairs; steps timed by a callback."""
+
+    def __init__(self, name: str, kind: str, pairs: list[dict], tokenizer, workdir: Path):
+        import datasets
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+        import common
+
+        self.name, self.kind, self.tokenizer, self.workdir = name, kind, tokenizer, workdir
+        self.dataset = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+        path = common.resolve_model_path(None)
+        if kind == "bt":
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        common.freeze_layers(self.model, CONFIG["trainable-layers"])
+        if kind == "bt":
+            self.model.score.requires_grad_(True)
+        self.steps: list[dict] = []
+        outer = self
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                outer._started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer.steps[-1]["seconds"] = time.perf_counter() - outer._started
+
+        self.callback = Timer()
+
+    def epoch(self, seed: int, count_flops: bool = False) -> list[dict]:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+        common_args = dict(output_dir=str(self.workdir / self.kind), max_length=CONFIG["max-length"],
+                           per_device_train_batch_size=CONFIG["batch-size"], learning_rate=CONFIG["lr"], num_train_epochs=1,
+                           seed=seed, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                           disable_tqdm=True, dataloader_num_workers=0)
+        if self.kind == "bt":
+            trainer = RewardTrainer(model=self.model, args=RewardConfig(**common_args), train_dataset=self.dataset,
+                                    processing_class=self.tokenizer, callbacks=[self.callback])
+        else:
+            trainer = DPOTrainer(model=self.model, args=DPOConfig(**common_args, beta=0.1), train_dataset=self.dataset,
+                                 processing_class=self.tokenizer, callbacks=[self.callback])
+        if len(trainer.train_dataset) != len(self.dataset):
+            raise SystemExit(f"{self.name} dropped {len(self.dataset) - len(trainer.train_dataset)} pairs: not the same data")
+        self.steps = []
+        inner_step = trainer.training_step
+
+        def training_step(model, inputs, *args, **kwargs):
+            tokens = sum(int(v.sum()) for k, v in inputs.items() if k.endswith("attention_mask"))
+            self.steps.append({"tokens": tokens})
+            if count_flops and len(self.steps) == 1:
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    out = inner_step(model, inputs, *args, **kwargs)
+                self.steps[-1]["flops_forward_backward"] = counter.get_total_flops()
+                return out
+            return inner_step(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+        torch.manual_seed(seed)
+        trainer.train()
+        for step in self.steps:  # the optimiser step is outside training_step; its FLOPs are negligible
+            if "flops_forward_backward" in step:
+                step["flops"] = step.pop("flops_forward_backward")
+        return self.steps
+
+
+def measure(args) -> dict:
+    import tempfile
+
+    import torch
+
+    import common
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak(args.threads)
+    tokenizer = common.load_tokenizer(None)
+    pairs = load_pairs(args.pairs, tokenizer, CONFIG["max-length"])
+    workdir = Path(tempfile.mkdtemp(prefix="ava-throughput-"))
+    systems = [TRL("TRL RewardTrainer", "bt", pairs, tokenizer, workdir),
+               Ours("ours BT", "bt", pairs, tokenizer),
+               Ours("ours AVA-p", "ava-p", pairs, tokenizer),
+               TRL("TRL DPOTrainer", "dpo", pairs, tokenizer, workdir),
+               Ours("ours DPO", "dpo", pairs, tokenizer)]
+    if args.ablation:
+        systems += [Ours("ours BT (no prompt sharing)", "bt", pairs, tokenizer, share_prompts=False),
+                    Ours("ours AVA-p (no prompt sharing)", "ava-p", pairs, tokenizer, share_prompts=False)]
+    runs = {s.name: [] for s in systems}
+    flops = {}
+    busy, wall = busy_cpu_seconds(), time.perf_counter()
+    own = time.process_time()
+    for round_ in range(args.rounds + 1):  # round 0: FLOP counting (untimed)
+        for system in systems:
+            steps = system.epoch(seed=round_, count_flops=round_ == 0)
+            if round_ == 0:
+                first = steps[0]
+                flops[system.name] = first["flops"] / first["tokens"]
+                continue
+            timed = steps[1:]  # the first step of each round warms up
+            runs[system.name].append({"seconds": sum(s["seconds"] for s in timed), "tokens": sum(s["tokens"] for s in timed),
+                                      "steps": len(timed)})
+            print(f"round {round_} {system.name}: {runs[system.name][-1]['tokens'] / runs[system.name][-1]['seconds']:.0f} "
+                  "tokens/s", flush=True)
+    wall = time.perf_counter() - wall
+    other = max(0.0, busy_cpu_seconds() - busy - (time.process_time() - own)) / (wall * os.cpu_count())
+    results = []
+    for name, rounds in runs.items():
+        per_round = [r["tokens"] / r["seconds"] for r in rounds]
+        tokens_per_second = sum(r["tokens"] for r in rounds) / sum(r["seconds"] for r in rounds)
+        results.append({"system": name, "tokens_per_second": tokens_per_second, "per_round": per_round,
+                        "flops_per_token": flops[name], "gflops_per_second": flops[name] * tokens_per_second / 1e9,
+                        "mfu": flops[name] * tokens_per_second / 1e9 / peak,
+                        "tokens_per_round": rounds[0]["tokens"], "timed_steps_per_round": rounds[0]["steps"]})
+    import trl
+
+    return {"config": {**CONFIG, "pairs": len(pairs), "rounds": args.rounds, "threads": args.threads,
+                       "torch": torch.__version__, "trl": trl.__version__, "cpus": os.cpu_count()},
+            "matmul_peak_gflops": peak, "other_processes_cpu_share": other, "wall_seconds": wall, "results": results}
+
+
+def report(data: dict) -> str:
+    by = {r["system"]: r for r in data["results"]}
+    c = data["config"]
+    lines = ["# Training throughput: ours vs TRL, side by side in one process", "",
+             f"Regenerate: `python bench/throughput.py` (TRL {c['trl']}, a benchmark-only dependency: "
+             "`pip install trl==1.16.0`). SmolLM2-135M-Instruct, top "
+             f"{c['trainable-layers']} layers trainable, max length {c['max-length']}, {c['batch-size']} pairs a step, "
+             f"AdamW lr {c['lr']}, fp32, {c['threads']} threads, torch {c['torch']}; the first {c['pairs']} "
+             f"hh-rlhf-harmless train pairs that fit uncut; {c['rounds']} interleaved epochs per system, warm-up step "
+             f"excluded. fp32 matmul peak measured here: {data['matmul_peak_gflops']:.0f} GFLOP/s. Other processes took "
+             f"{100 * data['other_processes_cpu_share']:.0f}% of the machine's CPU during the run ({data['wall_seconds'] / 60:.0f} min).",
+             "", "| system | real tokens/s | per epoch | GFLOP per 1k tokens | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['system']} | {r['tokens_per_second']:.0f} | {' / '.join(f'{x:.0f}' for x in r['per_round'])} | "
+                     f"{r['flops_per_token'] * 1e3 / 1e9:.0f} | {r['gflops_per_second']:.0f} | {100 * r['mfu']:.0f}% |")
+    lines += ["", "| target (issue 7) | ratio of tokens/s | met |", "|---|---|---|"]
+    for system, baseline, at_least in TARGETS:
+        if system in by and baseline in by:
+            ratio = by[system]["tokens_per_second"] / by[baseline]["tokens_per_second"]
+            lines.append(f"| {system} >= {at_least:.2f} x {baseline} | {ratio:.2f} | {'yes' if ratio >= at_least else 'no'} |")
+    lines += ["", "GFLOP per 1k tokens: the matmul and attention FLOPs torch's FlopCounterMode counts in one step "
+              "(forward and backward) per real token, so less work per token shows there; MFU = GFLOP/s / the matmul peak."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=56, help="pairs per epoch (7 steps of 8)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed epochs per system, interleaved")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the no-prompt-sharing rows")
+    parser.add_argument("--report", action="store_true", help="only rebuild the Markdown from throughput.json")
+    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    args = parser.parse_args()
+    path = Path(args.out)
+    data = json.loads(path.read_text()) if args.report else measure(args)
+    if not args.report:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    text = report(data)
+    if path == RESULTS / "throughput.json":
+        (RESULTS / "throughput.md").write_text(text)
+        update_readme("\n".join(text.splitlines()[2:]), "throughput")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
