@@ -44,6 +44,7 @@ from bench.runner import busy_cpu_seconds, update_readme  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "train.jsonl.gz"
+MODEL = None  # the embedded SmolLM2-135M-Instruct; --model (a local directory) for a smoke run
 CONFIG = {"trainable-layers": 4, "max-length": 512, "batch-size": 8, "lr": 1e-4}
 TARGETS = [  # (system, baseline, at least this ratio of tokens/s), from issue 7
     ("ours BT", "TRL RewardTrainer", 1.2),
@@ -95,7 +96,7 @@ class Ours:
 
         self.name, self.kind, self.share = name, kind, share_prompts
         self.pad = tokenizer.pad_token_id
-        lm, _ = common.load_model(None, tokenizer=tokenizer)
+        lm, _ = common.load_model(MODEL, tokenizer=tokenizer)
         self.items = [common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])[:2]
                       for p in pairs]
         self.lengths = [len(a["input_ids"]) + len(b["input_ids"]) for a, b in self.items]
@@ -179,7 +180,7 @@ class TRL:
 
         self.name, self.kind, self.tokenizer, self.workdir = name, kind, tokenizer, workdir
         self.dataset = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-        path = common.resolve_model_path(None)
+        path = common.resolve_model_path(MODEL)
         if kind == "bt":
             self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
             self.model.config.pad_token_id = tokenizer.pad_token_id
@@ -250,7 +251,7 @@ def measure(args) -> dict:
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak(args.threads)
-    tokenizer = common.load_tokenizer(None)
+    tokenizer = common.load_tokenizer(MODEL)
     pairs = load_pairs(args.pairs, tokenizer, CONFIG["max-length"])
     workdir = Path(tempfile.mkdtemp(prefix="ava-throughput-"))
     systems = [TRL("TRL RewardTrainer", "bt", pairs, tokenizer, workdir),
@@ -305,16 +306,16 @@ def report(data: dict) -> str:
              f"hh-rlhf-harmless train pairs that fit uncut; {c['rounds']} interleaved epochs per system, warm-up step "
              f"excluded. fp32 matmul peak measured here: {data['matmul_peak_gflops']:.0f} GFLOP/s. Other processes took "
              f"{100 * data['other_processes_cpu_share']:.0f}% of the machine's CPU during the run ({data['wall_seconds'] / 60:.0f} min).",
-             "", "| system | real tokens/s | per epoch | GFLOP per 1k tokens | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+             "", "| system | real tokens/s | per epoch | MFLOP per token | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
         lines.append(f"| {r['system']} | {r['tokens_per_second']:.0f} | {' / '.join(f'{x:.0f}' for x in r['per_round'])} | "
-                     f"{r['flops_per_token'] * 1e3 / 1e9:.0f} | {r['gflops_per_second']:.0f} | {100 * r['mfu']:.0f}% |")
+                     f"{r["flops_per_token"] / 1e6:.0f} | {r['gflops_per_second']:.0f} | {100 * r['mfu']:.0f}% |")
     lines += ["", "| target (issue 7) | ratio of tokens/s | met |", "|---|---|---|"]
     for system, baseline, at_least in TARGETS:
         if system in by and baseline in by:
             ratio = by[system]["tokens_per_second"] / by[baseline]["tokens_per_second"]
             lines.append(f"| {system} >= {at_least:.2f} x {baseline} | {ratio:.2f} | {'yes' if ratio >= at_least else 'no'} |")
-    lines += ["", "GFLOP per 1k tokens: the matmul and attention FLOPs torch's FlopCounterMode counts in one step "
+    lines += ["", "MFLOP per token: the matmul and attention FLOPs torch's FlopCounterMode counts in one step "
               "(forward and backward) per real token, so less work per token shows there; MFU = GFLOP/s / the matmul peak."]
     return "\n".join(lines) + "\n"
 
@@ -327,7 +328,10 @@ def main() -> None:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the no-prompt-sharing rows")
     parser.add_argument("--report", action="store_true", help="only rebuild the Markdown from throughput.json")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    parser.add_argument("--model", default=None, help="a local model directory instead of SmolLM2 (smoke runs)")
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     path = Path(args.out)
     data = json.loads(path.read_text()) if args.report else measure(args)
     if not args.report:
