@@ -890,6 +890,11 @@ def autocast_context(args, dist: Distributed):
     return contextlib.nullcontext()
 
 
+def unwrap(model):
+    """The module inside a DDP wrapper, or the module itself (FSDP2 shards in place: nothing to unwrap)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def language_model(model):
     """The Hugging Face causal LM inside a TQR / reward model / policy wrapper (its `.lm`), or the model."""
     return getattr(model, "lm", model)

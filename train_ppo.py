@@ -198,17 +198,13 @@ def rollout_examples(generations: list, eos_id: int) -> list[dict]:
 
 # ---- one PPO update ----
 
-def unwrap(module):
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
 def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, prompts: list[str], tokenizer,
                args: Args, seed: int, dense: bool, dist: common.Distributed, discriminator: str = "",
                dumped: list | None = None) -> dict:
     """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates. Returns stats.
     --dump-grads: every minibatch's reduced gradients are appended to `dumped` and written out."""
     eos_id = tokenizer.eos_token_id
-    generations = common.generate_ids(unwrap(policy), tokenizer, prompts,
+    generations = common.generate_ids(common.unwrap(policy), tokenizer, prompts,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                       seed=seed, chat_template=False, progress=False, synced=common.is_sharded(args, dist))
     batch = common.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id)
@@ -256,7 +252,7 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.dump_grads:
-                common.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": unwrap(policy), "value": unwrap(value)}),
+                common.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": common.unwrap(policy), "value": common.unwrap(value)}),
                                       dumped, dist)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)

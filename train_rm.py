@@ -84,10 +84,6 @@ def load_eval_items(args: Args, tokenizer):
 
 # ---- one step, one evaluation ----
 
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def compute_loss(model, items: list[tuple], kind: str, config: ava.AVAConfig, pad_id: int):
     """Chosen and rejected go through the model as one batch, then are taken apart."""
     if kind == "ava-d":
@@ -97,13 +93,13 @@ def compute_loss(model, items: list[tuple], kind: str, config: ava.AVAConfig, pa
     chosen, rejected = ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n))
     if kind == "ava-p":
         return ava.ava_p_loss(chosen, rejected, config)
-    return unwrap(model).loss(chosen, rejected)
+    return common.unwrap(model).loss(chosen, rejected)
 
 
 @torch.no_grad()
 def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: common.Distributed) -> dict:
     """Pairwise accuracy on preference pairs: wins / pairs, with exact ties reported apart."""
-    model = unwrap(model)
+    model = common.unwrap(model)
     was_training = model.training
     model.eval()
     wins = ties = margin = 0.0
@@ -192,12 +188,12 @@ def main(argv=None) -> dict:
     if dist.is_main:
         meta = {"kind": kind, "ava_config": dataclasses.asdict(config) if kind in ("ava-p", "ava-d") else None,
                 "args": dataclasses.asdict(args)}
-        common.save_reward_model(output_dir / "model", unwrap(model), tokenizer, meta)
+        common.save_reward_model(output_dir / "model", common.unwrap(model), tokenizer, meta)
         common.write_final(final, output_dir, metrics, step)
         if args.visualize:  # where the reward is earned (common.py, visualisation); the builtin task adds its gold
             source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
             shown = common.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
-            common.write_token_reward_views(unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
+            common.write_token_reward_views(common.unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
     common.end_distributed(dist)
     return final
 
