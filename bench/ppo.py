@@ -25,7 +25,7 @@ import common  # noqa: E402
 from bench import direct, runner, table1  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ppo"
-CONFIG = {"trainable-layers": 4, "updates": 30, "rollout-batch": 16, "minibatch": 8, "ppo-epochs": 1, "lr": 1e-5,
+CONFIG = {"trainable-layers": 4, "updates": 20, "rollout-batch": 16, "minibatch": 8, "ppo-epochs": 1, "lr": 1e-5,
           "kl-coef": 0.05, "max-new-tokens": 48, "eval-prompts": "builtin", "eval-split": "test", "samples-per-prompt": 8,
           "judge": "gold"}
 ROWS = {  # name: (reward model row of Table 1 (builtin), extra train_ppo.py flags)
@@ -140,11 +140,11 @@ def report() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--rows", default=";".join(ROWS), help="row names separated by ';' (they contain commas)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from cached runs")
     args = parser.parse_args()
     if not args.report:
-        for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        for row in [r.strip() for r in args.rows.split(";") if r.strip()]:
             if row not in ROWS:
                 raise SystemExit(f"unknown row {row!r}: choose from {list(ROWS)}")
             run_row(row)

@@ -1,6 +1,6 @@
 """Training throughput side by side with the peer users would pick: TRL's RewardTrainer and DPOTrainer.
 
-    python bench/throughput.py                 # measure (about 25 minutes idle), then write the report
+    python bench/throughput.py                 # measure (about 15 minutes idle), then write the report
     python bench/throughput.py --report        # rebuild bench/results/throughput.md from throughput.json
 
 One process, one configuration for everyone: SmolLM2-135M-Instruct, top 4 layers trainable (the rest
@@ -21,11 +21,12 @@ terms touch response tokens only; DPO's reference log-probs are computed once, n
 `ours ... (no prompt sharing)` rows switch the first of these off (ava.SHARE_PROMPTS = False).
 
 Measured: every system runs --rounds epochs over the pairs, the systems interleaved round by round
-(so machine load hits all alike); the first step of each round is a warm-up and not timed. A step is
+(so machine load hits all alike); the first step of each round is a warm-up and not timed (in the
+first round it is the step whose FLOPs are counted). A step is
 forward, backward and the optimiser step (TRL: from its on_step_begin to on_step_end callback).
 Tokens/s counts real tokens (no padding) of chosen and rejected sequences, prompt included for each,
 which is how TRL counts them too. FLOPs: torch's FlopCounterMode over one untimed step per system,
-per real token, times tokens/s; MFU divides by this machine's fp32 matmul peak measured here.
+per real token, times tokens/s (the DPO row adds its reference pass's share); MFU divides by this machine's fp32 matmul peak measured here.
 """
 from __future__ import annotations
 
@@ -266,17 +267,15 @@ def measure(args) -> dict:
     flops = {}
     busy, wall = busy_cpu_seconds(), time.perf_counter()
     own = time.process_time()
-    for round_ in range(args.rounds + 1):  # round 0: FLOP counting (untimed)
+    for round_ in range(args.rounds):
         for system in systems:
-            steps = system.epoch(seed=round_, count_flops=round_ == 0)
+            steps = system.epoch(seed=round_, count_flops=round_ == 0)  # FLOPs counted in the first, untimed step
             if round_ == 0:
-                first = steps[0]
-                flops[system.name] = first["flops"] / first["tokens"]
-                continue
+                flops[system.name] = steps[0]["flops"] / steps[0]["tokens"]
             timed = steps[1:]  # the first step of each round warms up
             runs[system.name].append({"seconds": sum(s["seconds"] for s in timed), "tokens": sum(s["tokens"] for s in timed),
                                       "steps": len(timed)})
-            print(f"round {round_} {system.name}: {runs[system.name][-1]['tokens'] / runs[system.name][-1]['seconds']:.0f} "
+            print(f"round {round_ + 1} {system.name}: {runs[system.name][-1]['tokens'] / runs[system.name][-1]['seconds']:.0f} "
                   "tokens/s", flush=True)
     wall = time.perf_counter() - wall
     other = max(0.0, busy_cpu_seconds() - busy - (time.process_time() - own)) / (wall * os.cpu_count())
@@ -322,7 +321,7 @@ def report(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=56, help="pairs per epoch (7 steps of 8)")
+    parser.add_argument("--pairs", type=int, default=48, help="pairs per epoch (6 steps of 8, the first untimed)")
     parser.add_argument("--rounds", type=int, default=2, help="timed epochs per system, interleaved")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the no-prompt-sharing rows")
