@@ -308,7 +308,7 @@ def report(data: dict) -> str:
              "", "| system | real tokens/s | per epoch | MFLOP per token | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
         lines.append(f"| {r['system']} | {r['tokens_per_second']:.0f} | {' / '.join(f'{x:.0f}' for x in r['per_round'])} | "
-                     f"{r["flops_per_token"] / 1e6:.0f} | {r['gflops_per_second']:.0f} | {100 * r['mfu']:.0f}% |")
+                     f"{r['flops_per_token'] / 1e6:.0f} | {r['gflops_per_second']:.0f} | {100 * r['mfu']:.0f}% |")
     lines += ["", "| target (issue 7) | ratio of tokens/s | met |", "|---|---|---|"]
     for system, baseline, at_least in TARGETS:
         if system in by and baseline in by:
