@@ -31,10 +31,10 @@ per real token, times tokens/s (the DPO row adds its reference pass's share); MF
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -127,7 +127,7 @@ class Ours:
 
         counter = FlopCounterMode(display=False) if count_flops else None
         started = time.perf_counter()
-        with counter if counter is not None else _nothing():
+        with counter if counter is not None else contextlib.nullcontext():
             self.references = train_direct.reference_logprobs(self.reference_lm, self.items, self.pad, CONFIG["batch-size"])
         return time.perf_counter() - started, counter.get_total_flops() if counter is not None else 0.0
 
@@ -146,7 +146,7 @@ class Ours:
             items = [self.items[j] for j in batch]
             counter = FlopCounterMode(display=False) if count_flops and i == 0 else None
             started = time.perf_counter()
-            with counter if counter is not None else _nothing():
+            with counter if counter is not None else contextlib.nullcontext():
                 loss, _ = self.loss(items, torch.tensor(batch))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -159,14 +159,6 @@ class Ours:
                 steps[0]["flops"] += reference_flops * steps[0]["tokens"] / sum(self.lengths)
         ava.SHARE_PROMPTS = True
         return steps
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class TRL:
