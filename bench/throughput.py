@@ -5,7 +5,8 @@
 
 One process, one configuration for everyone: SmolLM2-135M-Instruct, top 4 layers trainable (the rest
 frozen), max length 512, 8 pairs a step, AdamW at lr 1e-4 (Table 1's main configuration), fp32 on
---threads CPU threads. The data: the first --pairs pairs of hh-rlhf-harmless/train that fit in 512
+--threads CPU threads, no activation checkpointing (TRL's configs default to it; it is switched off
+here so that TRL does not recompute activations ours keeps). The data: the first --pairs pairs of hh-rlhf-harmless/train that fit in 512
 tokens (so nobody cuts or drops any), the same pairs for every system. Each system batches them its
 own way: TRL in its sampler's order, padded; ours in length-grouped batches (train_loop's).
 
@@ -14,6 +15,7 @@ Systems:
   ours BT                train_rm.py's step: ScalarRewardModel + ava.bradley_terry_loss
   ours AVA-p             train_rm.py's step: TQR + ava.ava_p_loss (train_direct.py's AVA-p step is the same computation)
   TRL DPOTrainer         DPO with its reference model, log-probs recomputed every step (its default)
+  TRL DPOTrainer (precomputed reference)   precompute_ref_log_probs=True: one reference pass first, as ours
   ours DPO               train_direct.py's step, plus its one reference pass over the data (counted in its time)
 Where ours does less work: a chosen and a rejected response share their prompt, which runs once
 (ava.hidden_states); batches are length-grouped and the prompt is never padded; the full-vocabulary
@@ -51,6 +53,7 @@ TARGETS = [  # (system, baseline, at least this ratio of tokens/s), from issue 7
     ("ours BT", "TRL RewardTrainer", 1.2),
     ("ours AVA-p", "TRL RewardTrainer", 1.0),
     ("ours DPO", "TRL DPOTrainer", 1.2),
+    ("ours DPO", "TRL DPOTrainer (precomputed reference)", 1.2),
     ("ours AVA-p", "ours DPO", 1 / 1.05),
 ]
 
@@ -155,6 +158,7 @@ class Ours:
                           **({"flops": counter.get_total_flops()} if counter is not None else {})})
         if self.kind == "dpo":  # all of it on the last step (the first is a warm-up, untimed)
             steps[-1]["seconds"] += reference_seconds
+            steps[-1]["reference_seconds"] = reference_seconds
             if count_flops:  # the first step's share of the reference pass, by its tokens
                 steps[0]["flops"] += reference_flops * steps[0]["tokens"] / sum(self.lengths)
         ava.SHARE_PROMPTS = True
@@ -162,7 +166,9 @@ class Ours:
 
 
 class TRL:
-    """TRL's RewardTrainer or DPOTrainer on the same pairs; steps timed by a callback."""
+    """TRL's RewardTrainer or DPOTrainer on the same pairs; steps timed by a callback. kind "dpo-pre" is
+    DPOTrainer with precompute_ref_log_probs=True: one reference pass before training, as ours does,
+    timed (and FLOP-counted) and charged to the run like ours."""
 
     def __init__(self, name: str, kind: str, pairs: list[dict], tokenizer, workdir: Path):
         import datasets
@@ -203,21 +209,35 @@ class TRL:
         common_args = dict(output_dir=str(self.workdir / self.kind), max_length=CONFIG["max-length"],
                            per_device_train_batch_size=CONFIG["batch-size"], learning_rate=CONFIG["lr"], num_train_epochs=1,
                            seed=seed, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-                           disable_tqdm=True, dataloader_num_workers=0)
+                           disable_tqdm=True, dataloader_num_workers=0,
+                           gradient_checkpointing=False)  # TRL defaults to True; ours does not recompute, so neither does TRL
+        reference = {"seconds": 0.0, "flops": 0.0}
+
+        class TimedDPOTrainer(DPOTrainer):  # times the one reference pass precompute_ref_log_probs makes
+            def _precompute_ref_logps(self, *args, **kwargs):
+                counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+                started = time.perf_counter()
+                with counter:
+                    out = super()._precompute_ref_logps(*args, **kwargs)
+                reference["seconds"] += time.perf_counter() - started
+                reference["flops"] += counter.get_total_flops() if count_flops else 0.0
+                return out
+
         if self.kind == "bt":
             trainer = RewardTrainer(model=self.model, args=RewardConfig(**common_args), train_dataset=self.dataset,
                                     processing_class=self.tokenizer, callbacks=[self.callback])
         else:
-            trainer = DPOTrainer(model=self.model, args=DPOConfig(**common_args, beta=0.1), train_dataset=self.dataset,
-                                 processing_class=self.tokenizer, callbacks=[self.callback])
+            trainer = TimedDPOTrainer(model=self.model, train_dataset=self.dataset, processing_class=self.tokenizer,
+                                      args=DPOConfig(**common_args, beta=0.1, precompute_ref_log_probs=self.kind == "dpo-pre"),
+                                      callbacks=[self.callback])
         if len(trainer.train_dataset) != len(self.dataset):
             raise SystemExit(f"{self.name} dropped {len(self.dataset) - len(trainer.train_dataset)} pairs: not the same data")
         self.steps = []
         inner_step = trainer.training_step
 
         def training_step(model, inputs, *args, **kwargs):
-            tokens = sum(int(v.sum()) for k, v in inputs.items() if k.endswith("attention_mask"))
-            self.steps.append({"tokens": tokens})
+            masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
+            self.steps.append({"tokens": sum(int(m.sum()) for m in masks), "positions": sum(m.numel() for m in masks)})
             if count_flops and len(self.steps) == 1:
                 counter = FlopCounterMode(display=False)
                 with counter:
@@ -232,6 +252,11 @@ class TRL:
         for step in self.steps:  # the optimiser step is outside training_step; its FLOPs are negligible
             if "flops_forward_backward" in step:
                 step["flops"] = step.pop("flops_forward_backward")
+        if self.kind == "dpo-pre":  # like ours DPO: the reference pass on the last step, its FLOPs shared by tokens
+            self.steps[-1]["seconds"] += reference["seconds"]
+            self.steps[-1]["reference_seconds"] = reference["seconds"]
+            if count_flops:
+                self.steps[0]["flops"] += reference["flops"] * self.steps[0]["tokens"] / sum(s["tokens"] for s in self.steps)
         return self.steps
 
 
@@ -251,6 +276,7 @@ def measure(args) -> dict:
                Ours("ours BT", "bt", pairs, tokenizer),
                Ours("ours AVA-p", "ava-p", pairs, tokenizer),
                TRL("TRL DPOTrainer", "dpo", pairs, tokenizer, workdir),
+               TRL("TRL DPOTrainer (precomputed reference)", "dpo-pre", pairs, tokenizer, workdir),
                Ours("ours DPO", "dpo", pairs, tokenizer)]
     if args.ablation:
         systems += [Ours("ours BT (no prompt sharing)", "bt", pairs, tokenizer, share_prompts=False),
@@ -266,7 +292,8 @@ def measure(args) -> dict:
                 flops[system.name] = steps[0]["flops"] / steps[0]["tokens"]
             timed = steps[1:]  # the first step of each round warms up
             runs[system.name].append({"seconds": sum(s["seconds"] for s in timed), "tokens": sum(s["tokens"] for s in timed),
-                                      "steps": len(timed)})
+                                      "steps": len(timed), "reference_seconds": sum(s.get("reference_seconds", 0.0) for s in timed),
+                                      "positions": sum(s.get("positions", 0) for s in timed)})
             print(f"round {round_ + 1} {system.name}: {runs[system.name][-1]['tokens'] / runs[system.name][-1]['seconds']:.0f} "
                   "tokens/s", flush=True)
     wall = time.perf_counter() - wall
@@ -275,7 +302,11 @@ def measure(args) -> dict:
     for name, rounds in runs.items():
         per_round = [r["tokens"] / r["seconds"] for r in rounds]
         tokens_per_second = sum(r["tokens"] for r in rounds) / sum(r["seconds"] for r in rounds)
+        steps_only = sum(r["tokens"] for r in rounds) / sum(r["seconds"] - r["reference_seconds"] for r in rounds)
         results.append({"system": name, "tokens_per_second": tokens_per_second, "per_round": per_round,
+                        "tokens_per_second_steps_only": steps_only,
+                        "padding": 1 - sum(r["tokens"] for r in rounds) / sum(r["positions"] for r in rounds)
+                        if rounds[0]["positions"] else None,
                         "flops_per_token": flops[name], "gflops_per_second": flops[name] * tokens_per_second / 1e9,
                         "mfu": flops[name] * tokens_per_second / 1e9 / peak,
                         "tokens_per_round": rounds[0]["tokens"], "timed_steps_per_round": rounds[0]["steps"]})
@@ -293,21 +324,31 @@ def report(data: dict) -> str:
              f"Regenerate: `python bench/throughput.py` (TRL {c['trl']}, a benchmark-only dependency: "
              "`pip install trl==1.16.0`). SmolLM2-135M-Instruct, top "
              f"{c['trainable-layers']} layers trainable, max length {c['max-length']}, {c['batch-size']} pairs a step, "
-             f"AdamW lr {c['lr']}, fp32, {c['threads']} threads, torch {c['torch']}; the first {c['pairs']} "
+             f"AdamW lr {c['lr']}, fp32, no activation checkpointing (TRL's default of it switched off), {c['threads']} threads, torch {c['torch']}; the first {c['pairs']} "
              f"hh-rlhf-harmless train pairs that fit uncut; {c['rounds']} interleaved epochs per system, warm-up step "
              f"excluded. fp32 matmul peak measured here: {data['matmul_peak_gflops']:.0f} GFLOP/s. Other processes took "
              f"{100 * data['other_processes_cpu_share']:.0f}% of the machine's CPU during the run ({data['wall_seconds'] / 60:.0f} min).",
-             "", "| system | real tokens/s | per epoch | MFLOP per token | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+             "", "| system | real tokens/s | per epoch | steps only | padding | MFLOP per token | GFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
-        lines.append(f"| {r['system']} | {r['tokens_per_second']:.0f} | {' / '.join(f'{x:.0f}' for x in r['per_round'])} | "
+        only = r.get("tokens_per_second_steps_only", r["tokens_per_second"])
+        only = f"{only:.0f}" if abs(only - r["tokens_per_second"]) > 0.5 else "="
+        padding = "-" if r.get("padding") is None else f"{100 * r['padding']:.0f}%"
+        lines.append(f"| {r['system']} | {r['tokens_per_second']:.0f} | {' / '.join(f'{x:.0f}' for x in r['per_round'])} | {only} | "
+                     f"{padding} | "
                      f"{r['flops_per_token'] / 1e6:.0f} | {r['gflops_per_second']:.0f} | {100 * r['mfu']:.0f}% |")
     lines += ["", "| target (issue 7) | ratio of tokens/s | met |", "|---|---|---|"]
     for system, baseline, at_least in TARGETS:
         if system in by and baseline in by:
             ratio = by[system]["tokens_per_second"] / by[baseline]["tokens_per_second"]
             lines.append(f"| {system} >= {at_least:.2f} x {baseline} | {ratio:.2f} | {'yes' if ratio >= at_least else 'no'} |")
-    lines += ["", "MFLOP per token: the matmul and attention FLOPs torch's FlopCounterMode counts in one step "
-              "(forward and backward) per real token, so less work per token shows there; MFU = GFLOP/s / the matmul peak."]
+    lines += ["", "Steps only: the DPO rows without their one reference pass (the other rows have none: '='). "
+              "Padding: the share of the positions in TRL's batches that are padding (ours groups by length and "
+              "never pads a prompt; '-')."]
+    lines += ["", "MFLOP per token: the FLOPs torch's FlopCounterMode counts in one step "
+              "(forward and backward) per real token, so less work per token shows there; MFU = GFLOP/s / the matmul peak. "
+              "Only matmuls are counted: torch's CPU attention kernel has no FLOP formula, for any system, so MFU is a "
+              "slight underestimate for all."]
     return "\n".join(lines) + "\n"
 
 
