@@ -6,8 +6,9 @@
 One process, one configuration for everyone: SmolLM2-135M-Instruct, top 4 layers trainable (the rest
 frozen), max length 512, 8 pairs a step, AdamW at lr 1e-4 (Table 1's main configuration), fp32 on
 --threads CPU threads, no activation checkpointing (TRL's configs default to it; it is switched off
-here so that TRL does not recompute activations ours keeps). The data: the first --pairs pairs of hh-rlhf-harmless/train that fit in 512
-tokens (so nobody cuts or drops any), the same pairs for every system. Each system batches them its
+here so that TRL does not recompute activations ours keeps). The data: the first --pairs pairs of
+hh-rlhf-harmless/train that fit in 512 tokens (so nobody cuts or drops any), the same pairs for
+every system. Each system batches them its
 own way: TRL in its sampler's order, padded; ours in length-grouped batches (train_loop's).
 
 Systems:
@@ -88,6 +89,15 @@ def load_pairs(n: int, tokenizer, max_length: int) -> list[dict]:
     raise SystemExit(f"{DATA}: only {len(kept)} pairs fit in {max_length} tokens, {n} asked for")
 
 
+def charge_reference_pass(steps: list[dict], seconds: float, flops: float, total_tokens: int, counted: bool) -> None:
+    """A DPO run's one reference pass, charged to its steps: all its time on the last step (the first
+    is a warm-up, untimed), and the FLOP-counted first step's share of its FLOPs, by tokens."""
+    steps[-1]["seconds"] += seconds
+    steps[-1]["reference_seconds"] = seconds
+    if counted:
+        steps[0]["flops"] += flops * steps[0]["tokens"] / total_tokens
+
+
 class Ours:
     """One of our training steps (train_rm.py's or train_direct.py's compute_loss), AdamW, our batches."""
 
@@ -157,11 +167,8 @@ class Ours:
                 self.optimizer.step()
             steps.append({"seconds": time.perf_counter() - started, "tokens": sum(self.lengths[j] for j in batch),
                           **({"flops": counter.get_total_flops()} if counter is not None else {})})
-        if self.kind == "dpo":  # all of it on the last step (the first is a warm-up, untimed)
-            steps[-1]["seconds"] += reference_seconds
-            steps[-1]["reference_seconds"] = reference_seconds
-            if count_flops:  # the first step's share of the reference pass, by its tokens
-                steps[0]["flops"] += reference_flops * steps[0]["tokens"] / sum(self.lengths)
+        if self.kind == "dpo":
+            charge_reference_pass(steps, reference_seconds, reference_flops, sum(self.lengths), count_flops)
         ava.SHARE_PROMPTS = True
         return steps
 
@@ -253,11 +260,9 @@ class TRL:
         for step in self.steps:  # the optimiser step is outside training_step; its FLOPs are negligible
             if "flops_forward_backward" in step:
                 step["flops"] = step.pop("flops_forward_backward")
-        if self.kind == "dpo-pre":  # like ours DPO: the reference pass on the last step, its FLOPs shared by tokens
-            self.steps[-1]["seconds"] += reference["seconds"]
-            self.steps[-1]["reference_seconds"] = reference["seconds"]
-            if count_flops:
-                self.steps[0]["flops"] += reference["flops"] * self.steps[0]["tokens"] / sum(s["tokens"] for s in self.steps)
+        if self.kind == "dpo-pre":  # charged like ours DPO's
+            charge_reference_pass(self.steps, reference["seconds"], reference["flops"],
+                                  sum(s["tokens"] for s in self.steps), count_flops)
         return self.steps
 
 
