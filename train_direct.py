@@ -121,12 +121,17 @@ def sequence_logprobs(model, items: list[tuple], pad_id: int) -> torch.Tensor:
 @torch.no_grad()
 def reference_logprobs(lm, items: list[tuple], pad_id: int, batch_size: int) -> torch.Tensor:
     """DPO's frozen reference: the initial policy's sequence log-probs, (items, 2), computed once before
-    training (the reference never changes, so it need not stay in memory as a second model)."""
-    policy, values = common.Policy(lm).eval(), []
-    for start in range(0, len(items), batch_size):
-        part = items[start:start + batch_size]
-        values.append(sequence_logprobs(policy, part, pad_id).view(2, len(part)).T)
-    return torch.cat(values) if values else torch.zeros(0, 2)
+    training (the reference never changes, so it need not stay in memory as a second model).
+    Items are batched longest first, so each batch pads little; the rows come back in `items` order."""
+    if not items:
+        return torch.zeros(0, 2)
+    policy, columns = common.Policy(lm).eval(), len(items[0])
+    order = sorted(range(len(items)), key=lambda i: -max(len(example["input_ids"]) for example in items[i]))
+    values = []
+    for start in range(0, len(order), batch_size):
+        part = [items[i] for i in order[start:start + batch_size]]
+        values.append(sequence_logprobs(policy, part, pad_id).view(columns, len(part)).T)
+    return torch.cat(values)[torch.tensor(order).argsort()]
 
 
 def compute_loss(model, items, references, args: Args, config: ava.AVAConfig, pad_id: int):

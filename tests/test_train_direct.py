@@ -86,6 +86,18 @@ def test_dpo_starts_at_log_2_because_its_reference_is_the_initial_policy(tiny_mo
     assert references[0, 0].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
+def test_reference_batches_by_length_but_returns_rows_in_data_order(tiny_model_dir):
+    lm, tokenizer = common.load_model(tiny_model_dir)
+    rows = [{"prompt": "Human: " + "hi " * (1 + 7 * (i % 3)) + "\n\nAssistant:", "chosen": " yes" * (1 + i), "rejected": " no"}
+            for i in range(5)]
+    items = train_direct.encode_rows(rows, tokenizer, 64, common.LoadReport("test"))
+    assert len({max(len(e["input_ids"]) for e in item) for item in items}) == 5  # so sorting reorders them
+    one_by_one = torch.cat([train_direct.reference_logprobs(lm, [item], tokenizer.pad_token_id, batch_size=1) for item in items])
+    batched = train_direct.reference_logprobs(lm, items, tokenizer.pad_token_id, batch_size=2)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
+    assert (batched[:, 0] != batched[:, 1]).all() and len(set(batched[:, 0].tolist())) == 5
+
+
 @pytest.mark.parametrize("objective", ["dpo", "ava-p"])
 def test_implicit_reward_learns_a_separable_toy_set(tmp_path, tiny_model_dir, files, objective):
     final, out = run(tmp_path, tiny_model_dir, "--objective", objective, "--data", files["pairs"], "--eval-data", files["pairs"],
