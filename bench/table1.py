@@ -31,7 +31,8 @@ DATA = Path("..") / "shared" / "data"  # relative to the repository (runs use cw
 RESULTS = ROOT / "bench" / "results" / "table1"
 MAIN = {"trainable-layers": 4, "max-length": 512, "batch-size": 8, "lr": 1e-4, "epochs": 1}
 ABLATION = {"trainable-layers": 2, "max-length": 256, "batch-size": 8, "lr": 1e-4, "epochs": 1}
-ROWS = {  # name: (train_rm.py arguments, configuration, seeds)
+ROWS = {  # name: (train_rm.py arguments, configuration, seeds); None: bench/trl_reward.py, not train_rm.py
+    "TRL RewardTrainer": (None, MAIN, 1),
     "BT": ({"objective": "bt"}, MAIN, 3),
     "BT-var": ({"objective": "bt-var"}, MAIN, 1),
     "Pref-Trans": ({"objective": "pref-trans"}, MAIN, 3),
@@ -43,12 +44,21 @@ ROWS = {  # name: (train_rm.py arguments, configuration, seeds)
     "AVA-p w/o irl": ({"objective": "ava-p", "ablate": "w/o irl"}, ABLATION, 1),
     "AVA-p w/o cer": ({"objective": "ava-p", "ablate": "w/o cer"}, ABLATION, 1),
     "AVA-p w/o ptq": ({"objective": "ava-p", "ablate": "w/o ptq"}, ABLATION, 1),
+    "BT (ablation config)": ({"objective": "bt"}, ABLATION, 1),  # what the ablations are read against
 }
+TUNING = {  # AVA-p's hyper-parameters and SPEC.md's flagged variants, chosen on dev (never on test); cheap config
+    "AVA-p alpha=10": ({"objective": "ava-p", "alpha": 10}, ABLATION, 1),
+    "AVA-p alpha=100": ({"objective": "ava-p", "alpha": 100}, ABLATION, 1),
+    "AVA-p cer=logsigmoid": ({"objective": "ava-p", "cer": "logsigmoid"}, ABLATION, 1),
+    "AVA-p negative=unlikelihood": ({"objective": "ava-p", "negative": "unlikelihood"}, ABLATION, 1),
+    "AVA-p kl-td-on=chosen": ({"objective": "ava-p", "kl-td-on": "chosen"}, ABLATION, 1),
+}
+ALL = {**ROWS, **TUNING}
 TASKS = ("harmless", "helpful", "builtin")
 
 
 def run_arguments(task: str, row: str, seed: int) -> list[str]:
-    extra, config, _ = ROWS[row]
+    extra, config, _ = ALL[row]
     if task == "builtin":
         data = ["--data", "builtin", "--eval-data", "builtin:gold"]  # accuracy against the gold labels
     else:
@@ -71,9 +81,15 @@ def run_dir(task: str, row: str, seed: int) -> Path:
 def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
     """The row's result, run now if it is missing (or, with need_model, if its saved model is not on
     this machine: results are committed, models are not, so a new machine trains it again)."""
+    path = result_path(task, row, seed)
+    if ALL[row][0] is None:  # TRL's row: its own script writes the result; the machine's load is added here
+        if not path.is_file():
+            measured = runner.run_measured([sys.executable, str(ROOT / "bench" / "trl_reward.py"), "--task", task,
+                                            "--seed", str(seed)])
+            path.write_text(json.dumps({**json.loads(path.read_text()), **measured}, indent=2))
+        return json.loads(path.read_text())
     arguments = run_arguments(task, row, seed)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
-    path = result_path(task, row, seed)
     output_dir = run_dir(task, row, seed)
     have_model = (output_dir / "model" / "reward_model.json").is_file()
     if path.is_file() and json.loads(path.read_text()).get("key") == key and (have_model or not need_model):
@@ -90,32 +106,30 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
     return result
 
 
-def report() -> None:
-    """Rebuild bench/results/table1.{json,md} from whatever runs are cached."""
-    table = []
-    for task in TASKS:
-        for row, (_, config, seeds) in ROWS.items():
-            runs = [json.loads(p.read_text()) for seed in range(seeds) if (p := result_path(task, row, seed)).is_file()]
-            if not runs:
-                continue
-            accuracies = [r["eval/accuracy"] for r in runs]
-            n = runs[0]["eval/pairs"]
-            mean = sum(accuracies) / len(accuracies)
-            low, high = common.wilson(mean * n, n)
-            spread = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else None
-            table.append({"task": task, "row": row, "config": "main" if config is MAIN else "ablation",
-                          "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
-                          "wilson95": [low, high], "eval_pairs": n, "ties": sum(r["eval/ties"] for r in runs) / len(runs),
-                          "tokens_per_second": sum(r["train_tokens_per_second"] for r in runs) / len(runs),
-                          "other_cpu_share": max((r.get("other_processes_cpu_share") for r in runs), default=None,
-                                                 key=lambda v: -1 if v is None else v),
-                          "peak_rss_gb": max(r["peak_rss_gb_rank0"] for r in runs),
-                          "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "command": runs[0]["command"]})
-    (ROOT / "bench" / "results" / "table1.json").write_text(json.dumps(table, indent=2))
-    lines = ["# Table 1 at CPU scale: reward accuracy on dev", "",
-             "Regenerate: `python bench/table1.py --task harmless` (runs what is missing; `--report` only rebuilds).",
-             f"Main configuration: {MAIN}. Ablation configuration: {ABLATION}.", "",
-             "| task | row | config | seeds | dev accuracy | 95% interval | ties | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
+def summarise(task: str, row: str) -> dict | None:
+    """A row's seeds pooled: mean accuracy (± sample std over seeds), Wilson 95% interval, speed, memory, time."""
+    _, config, seeds = ALL[row]
+    runs = [json.loads(p.read_text()) for seed in range(seeds) if (p := result_path(task, row, seed)).is_file()]
+    if not runs:
+        return None
+    accuracies = [r["eval/accuracy"] for r in runs]
+    n = runs[0]["eval/pairs"]
+    mean = sum(accuracies) / len(accuracies)
+    low, high = common.wilson(mean * n, n)
+    spread = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else None
+    return {"task": task, "row": row, "config": "main" if config is MAIN else "ablation",
+            "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
+            "wilson95": [low, high], "eval_pairs": n, "ties": sum(r["eval/ties"] for r in runs) / len(runs),
+            "tokens_per_second": sum(r["train_tokens_per_second"] for r in runs) / len(runs),
+            "other_cpu_share": max((r.get("other_processes_cpu_share") for r in runs), default=None,
+                                   key=lambda v: -1 if v is None else v),
+            "peak_rss_gb": max(r["peak_rss_gb_rank0"] for r in runs),
+            "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "run_minutes": [r["wall_seconds"] / 60 for r in runs],
+            "command": runs[0]["command"]}
+
+
+def markdown_rows(table: list[dict]) -> list[str]:
+    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | ties | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%"
@@ -124,12 +138,62 @@ def report() -> None:
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {100 * r['ties']:.1f} | "
                      f"{r['tokens_per_second']:.0f} | {other} | "
                      f"{r['peak_rss_gb']:.2f} | {r['wall_minutes']:.1f} |")
-    missing = [f"{t}/{row}" for t in TASKS[:2] for row in ROWS if not result_path(t, row, 0).is_file()]
-    lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.",
+    return lines
+
+
+def time_estimate(table: list[dict]) -> str:
+    """How long the whole table (both HH tasks, every row and seed) takes: the runs made, plus the
+    missing ones at the mean minutes of the measured runs of their configuration (harmless-measured)."""
+    measured = {"main": [], "ablation": []}
+    for r in table:
+        if r["task"] in TASKS[:2]:
+            measured[r["config"]] += r["run_minutes"]
+    missing = {"main": 0, "ablation": 0}
+    for task in TASKS[:2]:
+        for row, (_, config, seeds) in ROWS.items():
+            missing["main" if config is MAIN else "ablation"] += sum(not result_path(task, row, k).is_file() for k in range(seeds))
+    done = sum(map(sum, measured.values())) / 60
+    parts, total, untimed = [], done, False
+    for config in ("main", "ablation"):
+        if not missing[config]:
+            continue
+        if measured[config]:
+            mean = sum(measured[config]) / len(measured[config])
+            total += missing[config] * mean / 60
+            parts.append(f"{missing[config]} {config}-config runs at {mean:.0f} min each (the mean of "
+                         f"{len(measured[config])} measured)")
+        else:
+            untimed = True
+            parts.append(f"{missing[config]} {config}-config runs, none timed yet")
+    runs = sum(map(len, measured.values()))
+    text = f"Whole table (both tasks, every row and seed, Table 1 rows only): {runs} runs made took {done:.1f} h"
+    if not parts:
+        return text + "."
+    estimate = f"; estimated total {total:.0f} h" if not untimed else "; no total until every configuration has a timed run"
+    return text + "; still to run: " + ", ".join(parts) + estimate + " (on 2 idle cores)."
+
+
+def report() -> None:
+    """Rebuild bench/results/table1.{json,md} from whatever runs are cached."""
+    table = [r for task in TASKS for row in ROWS if (r := summarise(task, row))]
+    tuning = [r for task in TASKS for row in TUNING if (r := summarise(task, row))]
+    (ROOT / "bench" / "results" / "table1.json").write_text(json.dumps({"table1": table, "tuning": tuning}, indent=2))
+    lines = ["# Table 1 at CPU scale: reward accuracy on dev", "",
+             "Regenerate: `python bench/table1.py --task harmless` (runs what is missing; `--report` only rebuilds).",
+             f"Main configuration: {MAIN}. Ablation configuration: {ABLATION}.", "", *markdown_rows(table)]
+    missing = [f"{t}/{row}" + (f" (seeds {', '.join(map(str, todo))})" if ROWS[row][2] > 1 else "")
+               for t in TASKS[:2] for row in ROWS
+               if (todo := [k for k in range(ROWS[row][2]) if not result_path(t, row, k).is_file()])]
+    lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
               "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
               "is comparable only near 0% (rows marked 'not recorded' ran before this was measured and shared",
-              "the machine with other jobs)."]
+              "the machine with other jobs). TRL's row comes from `python bench/trl_reward.py` (TRL drops the pairs",
+              "longer than max length that ours cuts; its tokens/s counts the pairs it kept)."]
+    lines += ["", "**AVA-p on dev: hyper-parameters and SPEC.md's flagged variants** (ablation configuration; "
+              "chosen on dev only; read each row against `AVA-p (ablation config)` and `BT (ablation config)` above). "
+              f"Regenerate: `python bench/table1.py --task harmless --rows \"{','.join(TUNING)}\"`.", ""]
+    lines += markdown_rows(tuning) if tuning else ["Not yet run."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")
     runner.update_readme("\n".join(lines[2:]), "table1")
     print("\n".join(lines))
@@ -138,15 +202,20 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, default="harmless")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--rows", default="", help="comma-separated row names (default: every Table 1 row; "
+                        f"the dev-tuning rows are {', '.join(TUNING)})")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: each row's own count)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from cached runs")
     args = parser.parse_args()
     if not args.report:
-        for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
-            if row not in ROWS:
-                raise SystemExit(f"unknown row {row!r}: choose from {list(ROWS)}")
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else range(ROWS[row][2])
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()] or [
+            row for row, (extra, _, _) in ROWS.items() if extra is not None or args.task != "builtin"]
+        for row in rows:
+            if row not in ALL:
+                raise SystemExit(f"unknown row {row!r}: choose from {list(ALL)}")
+            if ALL[row][0] is None and args.task == "builtin":
+                raise SystemExit(f"{row!r} runs on the HH tasks only (bench/trl_reward.py)")
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else range(ALL[row][2])
             for seed in seeds:
                 run_row(args.task, row, seed)
     report()

@@ -8,7 +8,9 @@ Writes bench/results/table1/<task>/TRL-RewardTrainer-seed<k>.json in table1.py's
 `python bench/table1.py --report` puts it in the table. Data: the pairs our loader yields (the same
 prompt split and the same skipped empty responses), given to TRL in its prompt/chosen/rejected
 format. TRL drops pairs longer than max_length where we cut them; the count is recorded.
-Accuracy is TRL's own `eval_accuracy` on the dev pairs.
+Accuracy is TRL's own `eval_accuracy` on the dev pairs. TRL's default activation checkpointing is
+switched off, as in bench/throughput.py, so its speed is comparable with ours. `python bench/table1.py
+--rows "TRL RewardTrainer"` runs this script and adds the machine's load during it to the result.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ def main() -> None:
                           max_length=MAIN["max-length"], per_device_train_batch_size=MAIN["batch-size"],
                           per_device_eval_batch_size=16, learning_rate=MAIN["lr"], num_train_epochs=MAIN["epochs"],
                           max_steps=args.max_steps, seed=args.seed, logging_steps=10, save_strategy="no",
-                          report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False)
+                          report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+                          gradient_checkpointing=False)  # TRL defaults to True; ours does not recompute activations
     trainer = RewardTrainer(model=model, args=config, train_dataset=splits["train"], eval_dataset=splits["dev"],
                             processing_class=tokenizer)
     kept = len(trainer.train_dataset)
