@@ -50,6 +50,7 @@ TUNING = {  # AVA-p's hyper-parameters and SPEC.md's flagged variants, chosen on
     "AVA-p alpha=10": ({"objective": "ava-p", "alpha": 10}, ABLATION, 1),
     "AVA-p alpha=100": ({"objective": "ava-p", "alpha": 100}, ABLATION, 1),
     "AVA-p cer=logsigmoid": ({"objective": "ava-p", "cer": "logsigmoid"}, ABLATION, 1),
+    "AVA-p cer-weight=10": ({"objective": "ava-p", "cer-weight": 10}, ABLATION, 1),
     "AVA-p negative=unlikelihood": ({"objective": "ava-p", "negative": "unlikelihood"}, ABLATION, 1),
     "AVA-p kl-td-on=chosen": ({"objective": "ava-p", "kl-td-on": "chosen"}, ABLATION, 1),
 }
@@ -78,6 +79,19 @@ def run_dir(task: str, row: str, seed: int) -> Path:
     return common.cache_dir() / "bench-runs" / "table1" / task / f"{result_path(task, row, seed).stem}-{key}"
 
 
+def training_terms(metrics: Path) -> dict:
+    """Each logged training term (loss, the AVA terms, margin, sigma, ...) averaged over the first and
+    the last tenth of the run's steps: how the objective's parts moved, kept with the result."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    tenth = max(1, len(rows) // 10)
+
+    def mean(part: list[dict]) -> dict:
+        names = sorted({k for r in part for k, v in r.items() if isinstance(v, float) and k != "lr"})
+        return {k: sum(r[k] for r in part if k in r) / sum(k in r for r in part) for k in names}
+    return {"steps_per_tenth": tenth, "first_tenth": mean(rows[:tenth]), "last_tenth": mean(rows[-tenth:])}
+
+
 def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
     """The row's result, run now if it is missing (or, with need_model, if its saved model is not on
     this machine: results are committed, models are not, so a new machine trains it again)."""
@@ -93,14 +107,18 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
     output_dir = run_dir(task, row, seed)
     have_model = (output_dir / "model" / "reward_model.json").is_file()
     if path.is_file() and json.loads(path.read_text()).get("key") == key and (have_model or not need_model):
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if "training_terms" not in result and (output_dir / "metrics.jsonl").is_file():  # runs made before it was kept
+            result["training_terms"] = training_terms(output_dir / "metrics.jsonl")
+            path.write_text(json.dumps(result, indent=2))
+        return result
     command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")
     measured = runner.run_measured(command)
     final = json.loads((output_dir / "final.json").read_text())
     result = {"task": task, "row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
-              **measured, **final}
+              **measured, **final, "training_terms": training_terms(output_dir / "metrics.jsonl")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -121,21 +139,31 @@ def summarise(task: str, row: str) -> dict | None:
             "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
             "wilson95": [low, high], "eval_pairs": n, "ties": sum(r["eval/ties"] for r in runs) / len(runs),
             "tokens_per_second": sum(r["train_tokens_per_second"] for r in runs) / len(runs),
-            "other_cpu_share": max((r.get("other_processes_cpu_share") for r in runs), default=None,
-                                   key=lambda v: -1 if v is None else v),
+            "other_cpu_share": None if all(r.get("other_processes_cpu_share") is None for r in runs)
+            else max(r["other_processes_cpu_share"] for r in runs if r.get("other_processes_cpu_share") is not None),
+            "other_cpu_unrecorded": sum(r.get("other_processes_cpu_share") is None for r in runs),
             "peak_rss_gb": max(r["peak_rss_gb_rank0"] for r in runs),
             "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "run_minutes": [r["wall_seconds"] / 60 for r in runs],
+            "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
+                                                for r in runs if "training_terms" in r]),
             "command": runs[0]["command"]}
 
 
+def mean_of(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def markdown_rows(table: list[dict]) -> list[str]:
-    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | ties | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | ties | train margin | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%"
+        other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%" + (
+            f" ({r['other_cpu_unrecorded']} of {len(r['seeds'])} seeds not recorded)" if r["other_cpu_unrecorded"] else "")
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "")
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {100 * r['ties']:.1f} | "
+                     f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
                      f"{r['tokens_per_second']:.0f} | {other} | "
                      f"{r['peak_rss_gb']:.2f} | {r['wall_minutes']:.1f} |")
     return lines
@@ -186,12 +214,16 @@ def report() -> None:
                if (todo := [k for k in range(ROWS[row][2]) if not result_path(t, row, k).is_file()])]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
+              "Train margin: the mean reward margin (chosen - rejected score) over the last tenth of training steps,",
+              "from the runs' metrics.jsonl, averaged over the seeds whose metrics were kept ('-': none were).",
               "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
               "is comparable only near 0% (rows marked 'not recorded' ran before this was measured and shared",
               "the machine with other jobs). TRL's row comes from `python bench/trl_reward.py` (TRL drops the pairs",
               "longer than max length that ours cuts; its tokens/s counts the pairs it kept)."]
     lines += ["", "**AVA-p on dev: hyper-parameters and SPEC.md's flagged variants** (ablation configuration; "
-              "chosen on dev only; read each row against `AVA-p (ablation config)` and `BT (ablation config)` above). "
+              "chosen on dev only, so a setting picked here and then scored on the same dev pairs is optimistically "
+              "biased: the held-out test split is not available here; read each row against `AVA-p (ablation config)` "
+              "and `BT (ablation config)` above). "
               f"Regenerate: `python bench/table1.py --task harmless --rows \"{','.join(TUNING)}\"`.", ""]
     lines += markdown_rows(tuning) if tuning else ["Not yet run."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")

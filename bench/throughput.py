@@ -39,6 +39,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def load_pairs(n: int, tokenizer, max_length: int) -> list[dict]:
-    """The first n harmless pairs whose chosen and rejected both fit in max_length tokens, uncut."""
+def load_pairs(n: int | None, tokenizer, max_length: int) -> list[dict]:
+    """The first n (None: all) harmless pairs whose chosen and rejected both fit in max_length tokens, uncut."""
     import common
 
     rows, _ = common.load_rows(str(DATA), "pairs", skip_bad=True)
@@ -86,6 +87,8 @@ def load_pairs(n: int, tokenizer, max_length: int) -> list[dict]:
             kept.append(row)
         if len(kept) == n:
             return kept
+    if n is None:
+        return kept
     raise SystemExit(f"{DATA}: only {len(kept)} pairs fit in {max_length} tokens, {n} asked for")
 
 
@@ -267,8 +270,6 @@ class TRL:
 
 
 def measure(args) -> dict:
-    import tempfile
-
     import torch
 
     import common
@@ -323,6 +324,50 @@ def measure(args) -> dict:
             "matmul_peak_gflops": peak, "other_processes_cpu_share": other, "wall_seconds": wall, "results": results}
 
 
+def epoch_layout(seed: int = 0) -> dict:
+    """Positions the transformer body runs per real token over one whole epoch of harmless train (the
+    pairs that fit in max length uncut, which is what TRL keeps), no training: TRL's from its own
+    RewardTrainer dataloader (chosen and rejected padded together to the batch's longest), ours from
+    train_loop's length-grouped batches with prompt sharing (per pair: the prompt once, then both
+    responses padded to the longer; see ava.hidden_states). Real tokens count the prompt once per
+    sequence, as tokens/s does, so a shared prompt can take ours below 1."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    import common
+
+    tokenizer = common.load_tokenizer(MODEL)
+    pairs = load_pairs(None, tokenizer, CONFIG["max-length"])
+    model = AutoModelForSequenceClassification.from_pretrained(common.resolve_model_path(MODEL), num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = RewardTrainer(model=model, processing_class=tokenizer,
+                                train_dataset=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
+                                                                          for p in pairs]),
+                                args=RewardConfig(output_dir=workdir, max_length=CONFIG["max-length"], seed=seed,
+                                                  per_device_train_batch_size=CONFIG["batch-size"], report_to=[],
+                                                  use_cpu=True, bf16=False))
+        if len(trainer.train_dataset) != len(pairs):
+            raise SystemExit(f"TRL dropped {len(pairs) - len(trainer.train_dataset)} of pairs that fit: not the same data")
+        trl_tokens = trl_positions = 0
+        for batch in trainer.get_train_dataloader():
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+            trl_tokens += sum(int(m.sum()) for m in masks)
+            trl_positions += sum(m.numel() for m in masks)
+    ours_tokens = ours_positions = 0
+    for p in pairs:
+        chosen, rejected, _ = common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])
+        prompt = chosen["prompt_length"]  # the same for rejected: one shared, identically cut prompt
+        ours_tokens += len(chosen["input_ids"]) + len(rejected["input_ids"])
+        ours_positions += prompt + 2 * (max(len(chosen["input_ids"]), len(rejected["input_ids"])) - prompt)
+    return {"pairs": len(pairs), "seed": seed,
+            "trl": {"tokens": trl_tokens, "positions": trl_positions, "padding": 1 - trl_tokens / trl_positions},
+            "ours": {"tokens": ours_tokens, "positions": ours_positions}}
+
+
 def report(data: dict) -> str:
     by = {r["system"]: r for r in data["results"]}
     for r in data["results"]:
@@ -354,6 +399,13 @@ def report(data: dict) -> str:
     lines += ["", "Steps only: the DPO rows without their one reference pass (the other rows have none: '='). "
               "Padding: the share of the positions in TRL's batches that are padding (ours groups by length and "
               "never pads a prompt; '-')."]
+    if "epoch_layout" in data:
+        e = data["epoch_layout"]
+        lines += ["", f"Over one whole epoch (the {e['pairs']} harmless train pairs that fit in {c['max-length']} tokens "
+                  "uncut; batches only, no training: `python bench/throughput.py --layout`), the transformer body runs "
+                  f"{e['trl']['positions'] / e['trl']['tokens']:.2f} positions per real token in TRL's batches "
+                  f"({100 * e['trl']['padding']:.0f}% of them padding) and {e['ours']['positions'] / e['ours']['tokens']:.2f} "
+                  "in ours (a shared prompt runs once, but counts once per sequence among the real tokens)."]
     lines += ["", "MFLOP per token: the FLOPs torch's FlopCounterMode counts in one step "
               "(forward and backward) per real token, so less work per token shows there; MFU = GFLOP/s / the matmul peak. "
               "Only matmuls are counted: torch's CPU attention kernel has no FLOP formula, for any system, so MFU is a "
@@ -368,13 +420,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the no-prompt-sharing rows")
     parser.add_argument("--report", action="store_true", help="only rebuild the Markdown from throughput.json")
+    parser.add_argument("--layout", action="store_true",
+                        help="only count one whole epoch's padding and positions (a minute), added to throughput.json")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--model", default=None, help="a local model directory instead of SmolLM2 (smoke runs)")
     args = parser.parse_args()
     global MODEL
     MODEL = args.model
     path = Path(args.out)
-    data = json.loads(path.read_text()) if args.report else measure(args)
+    data = json.loads(path.read_text()) if args.report or args.layout else measure(args)
+    if args.layout:
+        data["epoch_layout"] = epoch_layout()
     if not args.report:
         path.write_text(json.dumps(data, indent=2) + "\n")
     text = report(data)
