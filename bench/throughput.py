@@ -327,9 +327,9 @@ def measure(args) -> dict:
 def epoch_layout(seed: int = 0) -> dict:
     """Positions the transformer body runs per real token over one whole epoch of harmless train (the
     pairs that fit in max length uncut, which is what TRL keeps), no training: TRL's from its own
-    RewardTrainer dataloader (chosen and rejected padded together to the batch's longest), ours from
-    train_loop's length-grouped batches with prompt sharing (per pair: the prompt once, then both
-    responses padded to the longer; see ava.hidden_states). Real tokens count the prompt once per
+    RewardTrainer dataloader (chosen and rejected padded together to the batch's longest), ours as
+    prompt sharing runs each pair whatever batch it is in (the prompt once, then both responses
+    padded to the longer; see ava.hidden_states). Real tokens count the prompt once per
     sequence, as tokens/s does, so a shared prompt can take ours below 1."""
     import datasets
     import torch
@@ -351,7 +351,7 @@ def epoch_layout(seed: int = 0) -> dict:
                                                   per_device_train_batch_size=CONFIG["batch-size"], report_to=[],
                                                   use_cpu=True, bf16=False))
         if len(trainer.train_dataset) != len(pairs):
-            raise SystemExit(f"TRL dropped {len(pairs) - len(trainer.train_dataset)} of pairs that fit: not the same data")
+            raise SystemExit(f"TRL dropped {len(pairs) - len(trainer.train_dataset)} of the pairs that fit: not the same data")
         trl_tokens = trl_positions = 0
         for batch in trainer.get_train_dataloader():
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
