@@ -126,7 +126,7 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
 
 def summarise(task: str, row: str) -> dict | None:
     """A row's seeds pooled: mean accuracy (± sample std over seeds), Wilson 95% interval, speed, memory, time."""
-    _, config, seeds = ALL[row]
+    seeds = ALL[row][2]
     runs = [json.loads(p.read_text()) for seed in range(seeds) if (p := result_path(task, row, seed)).is_file()]
     if not runs:
         return None
@@ -135,7 +135,7 @@ def summarise(task: str, row: str) -> dict | None:
     mean = sum(accuracies) / len(accuracies)
     low, high = common.wilson(mean * n, n)
     spread = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else None
-    return {"task": task, "row": row, "config": "main" if config is MAIN else "ablation",
+    return {"task": task, "row": row, "config": config_name(row),
             "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
             "wilson95": [low, high], "eval_pairs": n, "ties": sum(r["eval/ties"] for r in runs) / len(runs),
             "tokens_per_second": sum(r["train_tokens_per_second"] for r in runs) / len(runs),
@@ -169,6 +169,16 @@ def markdown_rows(table: list[dict]) -> list[str]:
     return lines
 
 
+def config_name(row: str) -> str:
+    return "main" if ALL[row][1] is MAIN else "ablation"
+
+
+def missing_runs() -> list[tuple[str, str, int]]:
+    """(task, row, seed) of every Table 1 run on the two HH tasks whose result is not cached yet."""
+    return [(task, row, seed) for task in TASKS[:2] for row, (_, _, seeds) in ROWS.items()
+            for seed in range(seeds) if not result_path(task, row, seed).is_file()]
+
+
 def time_estimate(table: list[dict]) -> str:
     """How long the whole table (both HH tasks, every row and seed) takes: the runs made, plus the
     missing ones at the mean minutes of the measured runs of their configuration (harmless-measured)."""
@@ -177,9 +187,8 @@ def time_estimate(table: list[dict]) -> str:
         if r["task"] in TASKS[:2]:
             measured[r["config"]] += r["run_minutes"]
     missing = {"main": 0, "ablation": 0}
-    for task in TASKS[:2]:
-        for row, (_, config, seeds) in ROWS.items():
-            missing["main" if config is MAIN else "ablation"] += sum(not result_path(task, row, k).is_file() for k in range(seeds))
+    for _, row, _ in missing_runs():
+        missing[config_name(row)] += 1
     done = sum(map(sum, measured.values())) / 60
     parts, total, untimed = [], done, False
     for config in ("main", "ablation"):
@@ -209,9 +218,11 @@ def report() -> None:
     lines = ["# Table 1 at CPU scale: reward accuracy on dev", "",
              "Regenerate: `python bench/table1.py --task harmless` (runs what is missing; `--report` only rebuilds).",
              f"Main configuration: {MAIN}. Ablation configuration: {ABLATION}.", "", *markdown_rows(table)]
-    missing = [f"{t}/{row}" + (f" (seeds {', '.join(map(str, todo))})" if ROWS[row][2] > 1 else "")
-               for t in TASKS[:2] for row in ROWS
-               if (todo := [k for k in range(ROWS[row][2]) if not result_path(t, row, k).is_file()])]
+    todo: dict[tuple[str, str], list[int]] = {}
+    for task, row, seed in missing_runs():
+        todo.setdefault((task, row), []).append(seed)
+    missing = [f"{t}/{row}" + (f" (seeds {', '.join(map(str, seeds))})" if ROWS[row][2] > 1 else "")
+               for (t, row), seeds in todo.items()]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
               "Train margin: the mean reward margin (chosen - rejected score) over the last tenth of training steps,",
