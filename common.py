@@ -768,7 +768,8 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
     activation_checkpointing, dump_grads; see `distribute`). `lengths[i]` is item i's token count (batching and
     tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP- or FSDP-wrapped) model
     and this rank's item indices; `evaluate(model) -> dict` runs every `args.eval_every` steps.
-    Returns (unwrapped model, {"steps", "tokens", "seconds"}), tokens summed over ranks."""
+    Returns (unwrapped model, {"steps", "first_step", "tokens", "seconds"}): tokens summed over ranks;
+    tokens and seconds cover this process's steps, from `first_step` (0, or the resumed checkpoint's step)."""
     import dataclasses
     import signal
     import time
@@ -791,6 +792,7 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
     if args.resume:
         saved = resume_checkpoint(checkpoint_path, inner, optimizer, scheduler, sharded)
         step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch"]
+    first_step = step
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None)
     dumped = []  # --dump-grads
 
@@ -847,7 +849,8 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: Distributed, outp
     if sharded:  # the full weights, gathered into a plain model on every rank: evaluation and export as usual
         del model, optimizer, scheduler, trainable  # AdamW's shards go before the full weights come
         inner = gather_full_model(inner, skeleton, dist)
-    return inner, {"steps": step, "tokens": all_reduce_sum([tokens], dist)[0], "seconds": seconds, "metrics": metrics}
+    return inner, {"steps": step, "first_step": first_step, "tokens": all_reduce_sum([tokens], dist)[0], "seconds": seconds,
+                   "metrics": metrics}
 
 
 # ---- scale: DDP / FSDP2, activation checkpointing, LoRA, the 7B plan ----

@@ -181,6 +181,7 @@ def main(argv=None) -> dict:
     step, elapsed, total_tokens, metrics = run["steps"], run["seconds"], run["tokens"], run["metrics"]
 
     final = {"objective": kind, "ablate": args.ablate, "afd": args.afd, "steps": step,
+             "resumed_from_step": run["first_step"],  # tokens/s and peak RSS are this process's, from that step on
              "train_pairs": len(items), "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
              "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None}
     if eval_items:

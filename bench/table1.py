@@ -51,6 +51,7 @@ TUNING = {  # AVA-p's hyper-parameters and SPEC.md's flagged variants, chosen on
     "AVA-p alpha=100": ({"objective": "ava-p", "alpha": 100}, ABLATION, 1),
     "AVA-p cer=logsigmoid": ({"objective": "ava-p", "cer": "logsigmoid"}, ABLATION, 1),
     "AVA-p cer-weight=10": ({"objective": "ava-p", "cer-weight": 10}, ABLATION, 1),
+    "AVA-p lam=0.1": ({"objective": "ava-p", "lam": 0.1}, ABLATION, 1),  # the TD density takes most of the objective
     "AVA-p negative=unlikelihood": ({"objective": "ava-p", "negative": "unlikelihood"}, ABLATION, 1),
     "AVA-p kl-td-on=chosen": ({"objective": "ava-p", "kl-td-on": "chosen"}, ABLATION, 1),
 }
@@ -143,7 +144,9 @@ def summarise(task: str, row: str) -> dict | None:
             else max(r["other_processes_cpu_share"] for r in runs if r.get("other_processes_cpu_share") is not None),
             "other_cpu_unrecorded": sum(r.get("other_processes_cpu_share") is None for r in runs),
             "peak_rss_gb": max(r["peak_rss_gb_rank0"] for r in runs),
-            "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60, "run_minutes": [r["wall_seconds"] / 60 for r in runs],
+            "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60,
+            "resumed_seeds": sum(r.get("resumed_from_step", 0) > 0 for r in runs),  # timed from their resume only
+            "run_minutes": [r["wall_seconds"] / 60 for r in runs if not r.get("resumed_from_step", 0)],  # whole runs
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
             "command": runs[0]["command"]}
@@ -160,12 +163,14 @@ def markdown_rows(table: list[dict]) -> list[str]:
     for r in table:
         other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%" + (
             f" ({r['other_cpu_unrecorded']} of {len(r['seeds'])} seeds not recorded)" if r["other_cpu_unrecorded"] else "")
+        minutes = f"{r['wall_minutes']:.1f}" + (
+            f" ({r['resumed_seeds']} of {len(r['seeds'])} resumed: timed from the resume on)" if r["resumed_seeds"] else "")
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "")
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {100 * r['ties']:.1f} | "
                      f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
                      f"{r['tokens_per_second']:.0f} | {other} | "
-                     f"{r['peak_rss_gb']:.2f} | {r['wall_minutes']:.1f} |")
+                     f"{r['peak_rss_gb']:.2f} | {minutes} |")
     return lines
 
 
@@ -181,15 +186,17 @@ def missing_runs() -> list[tuple[str, str, int]]:
 
 def time_estimate(table: list[dict]) -> str:
     """How long the whole table (both HH tasks, every row and seed) takes: the runs made, plus the
-    missing ones at the mean minutes of the measured runs of their configuration (harmless-measured)."""
-    measured = {"main": [], "ablation": []}
+    missing ones at the mean minutes of the measured runs of their configuration (harmless-measured).
+    A resumed run's minutes count in "made" but not in the mean: they cover only its steps after the resume."""
+    measured, made, resumed = {"main": [], "ablation": []}, 0.0, 0
     for r in table:
         if r["task"] in TASKS[:2]:
             measured[r["config"]] += r["run_minutes"]
+            made, resumed = made + r["wall_minutes"], resumed + r["resumed_seeds"]
     missing = {"main": 0, "ablation": 0}
     for _, row, _ in missing_runs():
         missing[config_name(row)] += 1
-    done = sum(map(sum, measured.values())) / 60
+    done = made / 60
     parts, total, untimed = [], done, False
     for config in ("main", "ablation"):
         if not missing[config]:
@@ -202,8 +209,9 @@ def time_estimate(table: list[dict]) -> str:
         else:
             untimed = True
             parts.append(f"{missing[config]} {config}-config runs, none timed yet")
-    runs = sum(map(len, measured.values()))
-    text = f"Whole table (both tasks, every row and seed, Table 1 rows only): {runs} runs made took {done:.1f} h"
+    runs = sum(map(len, measured.values())) + resumed
+    text = (f"Whole table (both tasks, every row and seed, Table 1 rows only): {runs} runs made took {done:.1f} h"
+            + (f" ({resumed} resumed, timed from the resume on)" if resumed else ""))
     if not parts:
         return text + "."
     estimate = f"; estimated total {total:.0f} h" if not untimed else "; no total until every configuration has a timed run"

@@ -183,6 +183,7 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(tmp_path, tiny_model_dir
     final = json.loads((killed / "final.json").read_text())
     for key in ("steps", "eval/accuracy", "eval/margin", "eval/ties"):
         assert final[key] == pytest.approx(straight[key], abs=1e-6), key
+    assert (straight["resumed_from_step"], final["resumed_from_step"]) == (0, 4)  # a resumed run says so
     straight_lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     resumed_lines = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in resumed_lines] == [l["step"] for l in straight_lines]  # step 5 not logged twice
