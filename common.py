@@ -531,6 +531,18 @@ def all_reduce_sum(values: list[float], dist: Distributed) -> list[float]:
     return tensor.tolist()
 
 
+def gather_strided(values: list, dist: Distributed) -> list:
+    """Undo `items[rank::world_size]`: every rank's values, back in the items' order, on every rank."""
+    if dist.world_size == 1:
+        return list(values)
+    parts: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, list(values))
+    ordered: list = [None] * sum(len(part) for part in parts)
+    for rank, part in enumerate(parts):
+        ordered[rank::dist.world_size] = part
+    return ordered
+
+
 # ---- batches: grouped by length, deterministic in (seed, epoch), sharded across ranks ----
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -42,6 +42,9 @@ class Args(common.AVAFlags, common.TrainFlags):
     output_dir: str = arg("runs/rm", "where the model, metrics and checkpoints go")
     eval_only: bool = arg(False, "only evaluate --load on --eval-data and print accuracy")
     load: str = arg("", "a saved reward model directory (for --eval-only)")
+    eval_margins: str = arg("", "also write each eval pair's margin (chosen - rejected score, in the order of the pairs "
+                                "kept) to this JSON file, for paired comparisons; a training run writes "
+                                "OUTPUT_DIR/eval_margins.json anyway")
     visualize: bool = arg(False, "at the end, draw the per-token rewards of the first 3 eval pairs (training rows if none): "
                                  "OUTPUT_DIR/token_rewards.png and .html")
     afd_max_new_tokens: int = arg(128, "AfD: length cap of the initial policy's samples")
@@ -97,13 +100,15 @@ def compute_loss(model, items: list[tuple], kind: str, config: ava.AVAConfig, pa
 
 
 @torch.no_grad()
-def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: common.Distributed) -> dict:
-    """Pairwise accuracy on preference pairs: wins / pairs, with exact ties reported apart."""
+def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: common.Distributed,
+             margins: list | None = None) -> dict:
+    """Pairwise accuracy on preference pairs: wins / pairs, with exact ties reported apart. Given a list
+    `margins`, it is filled with each pair's margin (chosen - rejected score), in the order of `items`."""
     model = common.unwrap(model)
     was_training = model.training
     model.eval()
     wins = ties = margin = 0.0
-    mine = items[dist.rank::dist.world_size]
+    mine, my_margins = items[dist.rank::dist.world_size], []
     for start in range(0, len(mine), batch_size):
         part = mine[start:start + batch_size]
         n = len(part)
@@ -112,7 +117,10 @@ def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: comm
         wins += float((difference > 0).sum())
         ties += float((difference == 0).sum())
         margin += float(difference.sum())
+        my_margins += difference.tolist()
     model.train(was_training)
+    if margins is not None:
+        margins.extend(common.gather_strided(my_margins, dist))
     wins, ties, margin, total = common.all_reduce_sum([wins, ties, margin, len(mine)], dist)
     return {"eval/accuracy": wins / max(total, 1), "eval/ties": ties / max(total, 1),
             "eval/margin": margin / max(total, 1), "eval/pairs": int(total)}
@@ -127,11 +135,20 @@ def eval_only(args: Args, dist: common.Distributed) -> dict:
     items, report = load_eval_items(args, tokenizer)
     if not items:
         raise SystemExit("--eval-only needs --eval-data (a preference file or dataset)")
-    result = evaluate(model, items, args.eval_batch_size, tokenizer.pad_token_id, dist)
+    margins: list[float] = []
+    result = evaluate(model, items, args.eval_batch_size, tokenizer.pad_token_id, dist, margins)
     if dist.is_main:
         print(report)
         print(json.dumps(result))
+        if args.eval_margins:
+            write_margins(Path(args.eval_margins), args.eval_data, margins)
     return result
+
+
+def write_margins(path: Path, eval_data: str, margins: list[float]) -> None:
+    """Each eval pair's margin, so that two models scored on the same pairs can be compared pair by pair."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"eval_data": eval_data, "pairs": len(margins), "margins": margins}))
 
 
 # ---- the run ----
@@ -184,13 +201,17 @@ def main(argv=None) -> dict:
              "resumed_from_step": run["first_step"],  # tokens/s and peak RSS are this process's, from that step on
              "train_pairs": len(items), "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
              "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None}
+    margins: list[float] = []
     if eval_items:
-        final.update(evaluate(model, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist))
+        final.update(evaluate(model, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist, margins))
     if dist.is_main:
         meta = {"kind": kind, "ava_config": dataclasses.asdict(config) if kind in ("ava-p", "ava-d") else None,
                 "args": dataclasses.asdict(args)}
         common.save_reward_model(output_dir / "model", common.unwrap(model), tokenizer, meta)
         common.write_final(final, output_dir, metrics, step)
+        if eval_items:
+            write_margins(Path(args.eval_margins) if args.eval_margins else output_dir / "eval_margins.json",
+                          args.eval_data or args.data, margins)
         if args.visualize:  # where the reward is earned (common.py, visualisation); the builtin task adds its gold
             source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
             shown = common.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]

@@ -22,8 +22,9 @@ def busy_cpu_seconds() -> float:
 
 
 def run_measured(command: list[str]) -> dict:
-    """Run `command` in the repository (check=True); returns its wall seconds and the share of the
-    machine's CPU time that *other* processes took meanwhile (timings are comparable only near 0)."""
+    """Run `command` in the repository (check=True); returns when it started (UTC), its wall seconds and the
+    share of the machine's CPU time that *other* processes took meanwhile (timings are comparable only near 0;
+    runs started in different sessions may have had different machines of the same kind)."""
     print("running:", " ".join(command[1:]), flush=True)
     started, busy_before = time.time(), busy_cpu_seconds()
     own_before = os.times().children_user + os.times().children_system
@@ -31,7 +32,7 @@ def run_measured(command: list[str]) -> dict:
     wall = time.time() - started
     own = os.times().children_user + os.times().children_system - own_before
     other = max(0.0, busy_cpu_seconds() - busy_before - own) / (wall * os.cpu_count())
-    return {"wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other}
+    return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other}
 
 
 def update_readme(block: str, name: str) -> None:

@@ -10,6 +10,10 @@ table can be filled in parts across sessions:
 
     python bench/table1.py --task harmless --rows BT,AVA-p --seeds 0     # run what is missing
     python bench/table1.py --report                                       # rebuild the table only
+    python bench/table1.py --paired --rows "BT (ablation config),AVA-p alpha=10"  # give results their dev margins
+
+Each result keeps its model's margin on every dev pair (`dev_margins`), so that a row can be compared
+with BT pair by pair (exact McNemar test), which is far less noisy than two accuracies on 200 pairs.
 
 Throughput (tokens/s) is measured inside each run; the share of CPU time other processes took
 during the run is recorded next to it, since a busy machine makes it incomparable.
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,9 +99,10 @@ def training_terms(metrics: Path) -> dict:
     return {"steps_per_tenth": tenth, "first_tenth": mean(rows[:tenth]), "last_tenth": mean(rows[-tenth:])}
 
 
-def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
+def run_row(task: str, row: str, seed: int, need_model: bool = False, paired: bool = False) -> dict:
     """The row's result, run now if it is missing (or, with need_model, if its saved model is not on
-    this machine: results are committed, models are not, so a new machine trains it again)."""
+    this machine: results are committed, models are not, so a new machine trains it again). With
+    paired, a result without dev margins gets them: from its saved model, trained again if not here."""
     path = result_path(task, row, seed)
     if ALL[row][0] is None:  # TRL's row: its own script writes the result; the machine's load is added here
         if not path.is_file():
@@ -107,11 +114,18 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
     output_dir = run_dir(task, row, seed)
     have_model = (output_dir / "model" / "reward_model.json").is_file()
-    if path.is_file() and json.loads(path.read_text()).get("key") == key and (have_model or not need_model):
-        result = json.loads(path.read_text())
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    need_model = need_model or (paired and "dev_margins" not in cached)
+    if cached.get("key") == key and (have_model or not need_model):
+        result = cached
         if "training_terms" not in result and (output_dir / "metrics.jsonl").is_file():  # runs made before it was kept
             result["training_terms"] = training_terms(output_dir / "metrics.jsonl")
-            path.write_text(json.dumps(result, indent=2))
+        if paired and "dev_margins" not in result:  # runs made before margins were kept: score the saved model again
+            subprocess.run([sys.executable, str(ROOT / "train_rm.py"), *arguments, "--eval-only", "--load",
+                            str(output_dir / "model"), "--eval-margins", str(output_dir / "eval_margins.json")],
+                           check=True, cwd=ROOT)
+            result["dev_margins"] = read_margins(output_dir, path, result["eval/accuracy"])
+        path.write_text(json.dumps(result, indent=2))
         return result
     command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
     if (output_dir / "checkpoint.pt").is_file():
@@ -119,10 +133,51 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False) -> dict:
     measured = runner.run_measured(command)
     final = json.loads((output_dir / "final.json").read_text())
     result = {"task": task, "row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
-              **measured, **final, "training_terms": training_terms(output_dir / "metrics.jsonl")}
+              **measured, **final, "training_terms": training_terms(output_dir / "metrics.jsonl"),
+              "dev_margins": read_margins(output_dir, path, final["eval/accuracy"])}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def read_margins(output_dir: Path, path: Path, accuracy: float) -> list[float]:
+    """The run's margin on each dev pair (6 significant digits: the sign, which decides accuracy, is kept),
+    checked against the accuracy the run recorded."""
+    margins = [float(f"{m:.6g}") for m in json.loads((output_dir / "eval_margins.json").read_text())["margins"]]
+    if abs(sum(m > 0 for m in margins) / len(margins) - accuracy) > 1e-9:
+        raise SystemExit(f"{path}: the saved model's dev margins give accuracy {sum(m > 0 for m in margins) / len(margins)}"
+                         f", the run recorded {accuracy}")
+    return margins
+
+
+def baseline(row: str) -> str:
+    """The BT row a row is compared with pair by pair: the one trained in the same configuration."""
+    return "BT" if config_name(row) == "main" else "BT (ablation config)"
+
+
+def mcnemar(ours: list[float], theirs: list[float]) -> dict:
+    """Paired comparison on the same pairs: wins = right here and wrong there (a tie counts as wrong, as in
+    accuracy), losses = the reverse; p = the exact two-sided McNemar (binomial) test."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} margins against {len(theirs)}: not the same dev pairs")
+    wins = sum(a > 0 >= b for a, b in zip(ours, theirs))
+    losses = sum(b > 0 >= a for a, b in zip(ours, theirs))
+    n, k = wins + losses, min(wins, losses)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"wins": wins, "losses": losses, "p": p}
+
+
+def paired_with_bt(task: str, row: str) -> dict | None:
+    """This row against its configuration's BT on seed 0 (both runs' dev margins needed), or None."""
+    if ALL[row][0] is None or row == baseline(row):
+        return None
+    ours, theirs = result_path(task, row, 0), result_path(task, baseline(row), 0)
+    if not (ours.is_file() and theirs.is_file()):
+        return None
+    ours, theirs = json.loads(ours.read_text()), json.loads(theirs.read_text())
+    if "dev_margins" not in ours or "dev_margins" not in theirs:
+        return None
+    return {"baseline": baseline(row), **mcnemar(ours["dev_margins"], theirs["dev_margins"])}
 
 
 def summarise(task: str, row: str) -> dict | None:
@@ -149,6 +204,7 @@ def summarise(task: str, row: str) -> dict | None:
             "run_minutes": [r["wall_seconds"] / 60 for r in runs if not r.get("resumed_from_step", 0)],  # whole runs
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
+            "paired_with_bt_seed0": paired_with_bt(task, row),
             "command": runs[0]["command"]}
 
 
@@ -158,16 +214,18 @@ def mean_of(values: list) -> float | None:
 
 
 def markdown_rows(table: list[dict]) -> list[str]:
-    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | ties | train margin | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | vs BT, paired | ties | train margin | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%" + (
             f" ({r['other_cpu_unrecorded']} of {len(r['seeds'])} seeds not recorded)" if r["other_cpu_unrecorded"] else "")
         minutes = f"{r['wall_minutes']:.1f}" + (
             f" ({r['resumed_seeds']} of {len(r['seeds'])} resumed: timed from the resume on)" if r["resumed_seeds"] else "")
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "")
+        paired = r["paired_with_bt_seed0"]
+        paired = "-" if paired is None else f"+{paired['wins']} / -{paired['losses']}, p = {paired['p']:.2f}"
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
-                     f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {100 * r['ties']:.1f} | "
+                     f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {paired} | {100 * r['ties']:.1f} | "
                      f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
                      f"{r['tokens_per_second']:.0f} | {other} | "
                      f"{r['peak_rss_gb']:.2f} | {minutes} |")
@@ -233,6 +291,9 @@ def report() -> None:
                for (t, row), seeds in todo.items()]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
+              "vs BT, paired: the row's seed 0 against BT's seed 0 in the same configuration, on the same dev pairs:",
+              "+ the pairs only this row ranks right, - the pairs only BT ranks right, p the exact McNemar test",
+              "('-': a run's dev margins were not kept; `--paired` adds them).",
               "Train margin: the mean reward margin (chosen - rejected score) over the last tenth of training steps,",
               "from the runs' metrics.jsonl, averaged over the seeds whose metrics were kept ('-': none were).",
               "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
@@ -257,6 +318,8 @@ def main() -> None:
                         f"the dev-tuning rows are {', '.join(TUNING)})")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: each row's own count)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from cached runs")
+    parser.add_argument("--paired", action="store_true", help="give the rows' results their dev margins (for the "
+                        "paired comparison with BT): score the saved model, training the row again if it is not here")
     args = parser.parse_args()
     if not args.report:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()] or [
@@ -268,7 +331,7 @@ def main() -> None:
                 raise SystemExit(f"{row!r} runs on the HH tasks only (bench/trl_reward.py)")
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else range(ALL[row][2])
             for seed in seeds:
-                run_row(args.task, row, seed)
+                run_row(args.task, row, seed, paired=args.paired)
     report()
 
 

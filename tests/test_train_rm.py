@@ -64,8 +64,14 @@ def test_every_objective_trains_evaluates_and_saves(tmp_path, tiny_model_dir, pa
     assert len(scored[0]["tokens"]) == len(scored[0]["rewards"]) > 0
     assert ("sigmas" in scored[0]) == objective.startswith("ava")
     # ...and eval-only on the saved model reproduces the run's final accuracy.
-    again = train_rm.main(["--eval-only", "--load", str(out / "model"), "--eval-data", pairs_file, "--max-length", "64"])
+    again = train_rm.main(["--eval-only", "--load", str(out / "model"), "--eval-data", pairs_file, "--max-length", "64",
+                           "--eval-margins", str(tmp_path / "again.json")])
     assert again["eval/accuracy"] == final["eval/accuracy"]
+    # Each pair's margin is kept (for paired comparisons between models) and agrees with the accuracy.
+    margins = json.loads((out / "eval_margins.json").read_text())
+    assert margins["pairs"] == len(margins["margins"]) == 12 and margins["eval_data"] == pairs_file
+    assert sum(m > 0 for m in margins["margins"]) / 12 == final["eval/accuracy"]
+    assert json.loads((tmp_path / "again.json").read_text())["margins"] == pytest.approx(margins["margins"], abs=1e-5)
 
 
 def test_training_learns_on_a_separable_toy_set(tmp_path, tiny_model_dir, pairs_file):
@@ -208,6 +214,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, pair
     for a, b in zip(lines["one"][:-1], lines["two"][:-1]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["rewards/accuracies"] == b["rewards/accuracies"]
     assert lines["one"][-1]["eval/accuracy"] == lines["two"][-1]["eval/accuracy"]
+    # Each rank scored every other pair; the margins come back in the file's order.
+    margins = {n: json.loads((tmp_path / n / "eval_margins.json").read_text())["margins"] for n in ("one", "two")}
+    assert len(margins["two"]) == 12 and margins["two"] == pytest.approx(margins["one"], abs=1e-5)
+    assert len(set(round(m, 4) for m in margins["one"])) > 1  # distinct margins, so the order is really checked
 
 
 @pytest.mark.integration
