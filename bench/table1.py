@@ -144,9 +144,9 @@ def read_margins(output_dir: Path, path: Path, accuracy: float) -> list[float]:
     """The run's margin on each dev pair (6 significant digits: the sign, which decides accuracy, is kept),
     checked against the accuracy the run recorded."""
     margins = [float(f"{m:.6g}") for m in json.loads((output_dir / "eval_margins.json").read_text())["margins"]]
-    if abs(sum(m > 0 for m in margins) / len(margins) - accuracy) > 1e-9:
-        raise SystemExit(f"{path}: the saved model's dev margins give accuracy {sum(m > 0 for m in margins) / len(margins)}"
-                         f", the run recorded {accuracy}")
+    scored = sum(m > 0 for m in margins) / len(margins)
+    if abs(scored - accuracy) > 1e-9:
+        raise SystemExit(f"{path}: the saved model's dev margins give accuracy {scored}, the run recorded {accuracy}")
     return margins
 
 
