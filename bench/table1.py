@@ -167,14 +167,15 @@ def mcnemar(ours: list[float], theirs: list[float]) -> dict:
     return {"wins": wins, "losses": losses, "p": p}
 
 
-def paired_with_bt(task: str, row: str) -> dict | None:
-    """This row against its configuration's BT on seed 0 (both runs' dev margins needed), or None."""
-    if ALL[row][0] is None or row == baseline(row):
+def paired_with_bt(task: str, row: str, ours: dict | None) -> dict | None:
+    """This row's seed-0 result (ours, already loaded) against its configuration's BT on seed 0 (both runs'
+    dev margins needed), or None."""
+    if ours is None or ALL[row][0] is None or row == baseline(row):
         return None
-    ours, theirs = result_path(task, row, 0), result_path(task, baseline(row), 0)
-    if not (ours.is_file() and theirs.is_file()):
+    theirs = result_path(task, baseline(row), 0)
+    if not theirs.is_file():
         return None
-    ours, theirs = json.loads(ours.read_text()), json.loads(theirs.read_text())
+    theirs = json.loads(theirs.read_text())
     if "dev_margins" not in ours or "dev_margins" not in theirs:
         return None
     return {"baseline": baseline(row), **mcnemar(ours["dev_margins"], theirs["dev_margins"])}
@@ -204,7 +205,7 @@ def summarise(task: str, row: str) -> dict | None:
             "run_minutes": [r["wall_seconds"] / 60 for r in runs if not r.get("resumed_from_step", 0)],  # whole runs
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
-            "paired_with_bt_seed0": paired_with_bt(task, row),
+            "paired_with_bt_seed0": paired_with_bt(task, row, next((r for r in runs if r["seed"] == 0), None)),
             "command": runs[0]["command"]}
 
 
