@@ -167,18 +167,19 @@ def mcnemar(ours: list[float], theirs: list[float]) -> dict:
     return {"wins": wins, "losses": losses, "p": p}
 
 
-def paired_with_bt(task: str, row: str, ours: dict | None) -> dict | None:
-    """This row's seed-0 result (ours, already loaded) against its configuration's BT on seed 0 (both runs'
-    dev margins needed), or None."""
-    if ours is None or ALL[row][0] is None or row == baseline(row):
+def paired_with_bt(task: str, row: str, runs: list[dict]) -> dict | None:
+    """This row against its configuration's BT on the same dev pairs: the row's lowest seed whose dev margins
+    were kept (from runs, its results already loaded) against BT's lowest such seed, or None. Any two runs
+    pair validly, since McNemar compares two classifiers on the same items; the seeds used are recorded."""
+    if ALL[row][0] is None or row == baseline(row):
         return None
-    theirs = result_path(task, baseline(row), 0)
-    if not theirs.is_file():
+    ours = next((r for r in sorted(runs, key=lambda r: r["seed"]) if "dev_margins" in r), None)
+    theirs = next((r for seed in range(ALL[baseline(row)][2]) if (p := result_path(task, baseline(row), seed)).is_file()
+                   and "dev_margins" in (r := json.loads(p.read_text()))), None)
+    if ours is None or theirs is None:
         return None
-    theirs = json.loads(theirs.read_text())
-    if "dev_margins" not in ours or "dev_margins" not in theirs:
-        return None
-    return {"baseline": baseline(row), **mcnemar(ours["dev_margins"], theirs["dev_margins"])}
+    return {"baseline": baseline(row), "seed": ours["seed"], "baseline_seed": theirs["seed"],
+            **mcnemar(ours["dev_margins"], theirs["dev_margins"])}
 
 
 def summarise(task: str, row: str) -> dict | None:
@@ -205,7 +206,7 @@ def summarise(task: str, row: str) -> dict | None:
             "run_minutes": [r["wall_seconds"] / 60 for r in runs if not r.get("resumed_from_step", 0)],  # whole runs
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
-            "paired_with_bt_seed0": paired_with_bt(task, row, next((r for r in runs if r["seed"] == 0), None)),
+            "paired_with_bt": paired_with_bt(task, row, runs),
             "command": runs[0]["command"]}
 
 
@@ -223,8 +224,9 @@ def markdown_rows(table: list[dict]) -> list[str]:
         minutes = f"{r['wall_minutes']:.1f}" + (
             f" ({r['resumed_seeds']} of {len(r['seeds'])} resumed: timed from the resume on)" if r["resumed_seeds"] else "")
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "")
-        paired = r["paired_with_bt_seed0"]
-        paired = "-" if paired is None else f"+{paired['wins']} / -{paired['losses']}, p = {paired['p']:.2f}"
+        paired = r["paired_with_bt"]
+        paired = "-" if paired is None else f"+{paired['wins']} / -{paired['losses']}, p = {paired['p']:.2f}" + (
+            f" (seed {paired['seed']} v {paired['baseline_seed']})" if paired["seed"] != paired["baseline_seed"] else "")
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {paired} | {100 * r['ties']:.1f} | "
                      f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
@@ -292,7 +294,8 @@ def report() -> None:
                for (t, row), seeds in todo.items()]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
-              "vs BT, paired: the row's seed 0 against BT's seed 0 in the same configuration, on the same dev pairs:",
+              "vs BT, paired: a run of the row against a run of BT in the same configuration, on the same dev pairs",
+              "(each row's lowest seed whose dev margins were kept; the seeds are shown when they differ):",
               "+ the pairs only this row ranks right, - the pairs only BT ranks right, p the exact McNemar test",
               "('-': a run's dev margins were not kept; `--paired` adds them).",
               "Train margin: the mean reward margin (chosen - rejected score) over the last tenth of training steps,",
