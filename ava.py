@@ -145,13 +145,29 @@ def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     serve every response of the group (`_shared_prompt_hidden_states`). A causal decoder's states up
     to the end of the prompt do not depend on what follows, so this is the same function, computed
     with less work and without padding the prompts; tests/test_tqr.py checks values and gradients
-    against the plain batch. Not used under activation checkpointing, which drops the KV cache."""
+    against the plain batch. Not used under activation checkpointing, which drops the KV cache.
+
+    A speed-up outside the algorithm: an LM may carry `frozen_trunk` (common.FrozenTrunk, train_rm.py
+    --frozen-trunk-cache), the outputs of its frozen bottom layers for known sequences. When every row
+    is known, only the trainable top layers run, from those outputs: the same function again
+    (tests/test_frozen_trunk.py), minus the frozen layers' work."""
+    trunk = getattr(lm, "frozen_trunk", None)
+    bottom = trunk.lookup(input_ids, attention_mask) if trunk is not None else None  # (B, T, d) or None
+    if bottom is not None:
+        with trunk.top_layers_only():
+            return _hidden_states(lm, input_ids, attention_mask, response_mask, bottom)
+    return _hidden_states(lm, input_ids, attention_mask, response_mask)
+
+
+def _hidden_states(lm, input_ids, attention_mask, response_mask, embeds=None) -> torch.Tensor:
+    """hidden_states from token ids, or from `embeds` (B, T, d) fed to the decoder stack in their place."""
     if (response_mask is not None and SHARE_PROMPTS and _right_padded(attention_mask)
             and not (lm.training and getattr(lm, "is_activation_checkpointing", False))):
         groups = prompt_groups(input_ids, response_mask)
         if any(len(rows) > 1 for rows, _ in groups):
-            return _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups)
-    return lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups, embeds)
+    inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+    return lm.base_model(**inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:
@@ -171,27 +187,28 @@ def prompt_groups(input_ids: torch.Tensor, response_mask: torch.Tensor) -> list[
     return [(rows, key[0] if key[0] != "alone" else 0) for key, rows in groups.items()]
 
 
-def _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups) -> torch.Tensor:
+def _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups, embeds=None) -> torch.Tensor:
     """hidden_states with one pass per distinct prompt: prompt (1, P) with a KV cache, then the group's
     k responses (k, R) attending to the cache repeated k times. Rows are right-padded as given;
-    positions past a row's length hold zeros (the plain batch holds states of padding there)."""
+    positions past a row's length hold zeros (the plain batch holds states of padding there).
+    With `embeds`, slices of them enter the decoder stack instead of the token ids."""
     base = lm.base_model
+    source, name = (input_ids, "input_ids") if embeds is None else (embeds, "inputs_embeds")
     lengths = attention_mask.sum(dim=1).tolist()
     batch, width = input_ids.shape
     pieces: list[torch.Tensor | None] = [None] * batch
     for rows, prompt_length in groups:
         if prompt_length == 0:  # no prompt to share: the row on its own, unpadded
             row = rows[0]
-            pieces[row] = base(input_ids=input_ids[row:row + 1, :lengths[row]], use_cache=False).last_hidden_state[0]
+            pieces[row] = base(**{name: source[row:row + 1, :lengths[row]]}, use_cache=False).last_hidden_state[0]
             continue
-        prompt = base(input_ids=input_ids[rows[0]:rows[0] + 1, :prompt_length], use_cache=True)
+        prompt = base(**{name: source[rows[0]:rows[0] + 1, :prompt_length]}, use_cache=True)
         cache = prompt.past_key_values
         cache.batch_repeat_interleave(len(rows))  # (1, heads, P, d_h) -> (k, heads, P, d_h)
         end = max(lengths[r] for r in rows)
-        response_ids = input_ids[rows, prompt_length:end]  # (k, R)
         mask = attention_mask[rows, :end]  # (k, P + R): the prompt, then each response's own length
         positions = torch.arange(prompt_length, end, device=input_ids.device).expand(len(rows), -1)
-        responses = base(input_ids=response_ids, attention_mask=mask, position_ids=positions,
+        responses = base(**{name: source[rows, prompt_length:end]}, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True).last_hidden_state  # (k, R, d)
         for i, row in enumerate(rows):
             pieces[row] = torch.cat([prompt.last_hidden_state[0], responses[i, :lengths[row] - prompt_length]])

@@ -45,6 +45,10 @@ class Args(common.AVAFlags, common.TrainFlags):
     eval_margins: str = arg("", "also write each eval pair's margin (chosen - rejected score, in the order of the pairs "
                                 "kept) to this JSON file, for paired comparisons; a training run writes "
                                 "OUTPUT_DIR/eval_margins.json anyway")
+    frozen_trunk_cache: bool = arg(False, "compute the frozen bottom layers' outputs once per sequence, keep them on disk "
+                                          "($AVA_CACHE/frozen-trunk, reused by every later run on the same model, "
+                                          "--trainable-layers and sequences) and train the top layers from them: the same "
+                                          "model, without the frozen layers' forward pass at every step (Llama-family; not with --fsdp)")
     visualize: bool = arg(False, "at the end, draw the per-token rewards of the first 3 eval pairs (training rows if none): "
                                  "OUTPUT_DIR/token_rewards.png and .html")
     afd_max_new_tokens: int = arg(128, "AfD: length cap of the initial policy's samples")
@@ -182,6 +186,9 @@ def main(argv=None) -> dict:
     items = encode_items(rows, kind, tokenizer, args.max_length, report)
     common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     model = common.build_reward_model(lm, kind, config).to(dist.device)
+    trunk = None
+    if args.frozen_trunk_cache:  # pairs in order, so that a pair's prompt is computed once (eval pairs too: cheap)
+        trunk = common.attach_frozen_trunk(lm, args, [e for item in items + eval_items for e in item], dist)
     if dist.is_main:
         print(report)
         if eval_report:
@@ -200,7 +207,8 @@ def main(argv=None) -> dict:
     final = {"objective": kind, "ablate": args.ablate, "afd": args.afd, "steps": step,
              "resumed_from_step": run["first_step"],  # tokens/s and peak RSS are this process's, from that step on
              "train_pairs": len(items), "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
-             "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None}
+             "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None,
+             "frozen_trunk": trunk}  # tokens/s count training steps only; the trunk's build time is in here
     margins: list[float] = []
     if eval_items:
         final.update(evaluate(model, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist, margins))

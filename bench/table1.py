@@ -17,6 +17,15 @@ with BT pair by pair (exact McNemar test), which is far less noisy than two accu
 
 Throughput (tokens/s) is measured inside each run; the share of CPU time other processes took
 during the run is recorded next to it, since a busy machine makes it incomparable.
+
+Runs made since the frozen-trunk cache exists use it (train_rm.py --frozen-trunk-cache: the frozen
+bottom layers' outputs are computed once per task and configuration, on this machine, and every row
+and seed trains its top layers from them). It is the same model, so results made with and without it
+share a row; `--cache-check` measures that claim on real data (a committed run trained again with the
+cache, compared pair by pair), and the table marks the tokens/s of cached runs, which count the
+training steps only.
+
+    python bench/table1.py --task harmless --cache-check BT --seeds 2
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import argparse
 import hashlib
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -127,17 +137,58 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False, paired: bo
             result["dev_margins"] = read_margins(output_dir, path, result["eval/accuracy"])
         path.write_text(json.dumps(result, indent=2))
         return result
-    command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
-    if (output_dir / "checkpoint.pt").is_file():
-        command.append("--resume")
-    measured = runner.run_measured(command)
-    final = json.loads((output_dir / "final.json").read_text())
-    result = {"task": task, "row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
+    measured, final = train(arguments, output_dir)
+    result = {"task": task, "row": row, "seed": seed, "key": key,
+              "command": "python train_rm.py " + " ".join(arguments + TRUNK),
               **measured, **final, "training_terms": training_terms(output_dir / "metrics.jsonl"),
               "dev_margins": read_margins(output_dir, path, final["eval/accuracy"])}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
+
+
+TRUNK = ["--frozen-trunk-cache"]  # not part of a run's key: the same model, trained with less work
+
+
+def train(arguments: list[str], output_dir: Path) -> tuple[dict, dict]:
+    """Run train_rm.py (resuming its checkpoint if a session was cut) -> (machine measurements, final.json)."""
+    command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, *TRUNK, "--output-dir", str(output_dir),
+               "--save-every", "20"]
+    if (output_dir / "checkpoint.pt").is_file():
+        command.append("--resume")
+    measured = runner.run_measured(command)
+    return measured, json.loads((output_dir / "final.json").read_text())
+
+
+def cache_check(task: str, row: str, seed: int) -> dict:
+    """A committed run made without the frozen-trunk cache, trained again with it (same arguments and
+    seed): if the cache is the same model, the two differ by float rounding only. Compares accuracy and
+    each dev pair's margin; written to bench/results/table1/<task>/cache-check-<row>-seed<k>.json."""
+    before = json.loads(result_path(task, row, seed).read_text())
+    if before.get("frozen_trunk") or "dev_margins" not in before:
+        raise SystemExit(f"{result_path(task, row, seed)}: the check needs a run made without the cache, with dev margins")
+    arguments = run_arguments(task, row, seed)
+    output_dir = run_dir(task, row, seed).with_name(run_dir(task, row, seed).name + "-cache-check")
+    path = RESULTS / task / f"cache-check-{result_path(task, row, seed).name}"
+    if not path.is_file():
+        measured, final = train(arguments, output_dir)
+        after = {**measured, **final, "dev_margins": read_margins(output_dir, path, final["eval/accuracy"])}
+        difference = [abs(a - b) for a, b in zip(after["dev_margins"], before["dev_margins"])]
+        spread = statistics.pstdev(before["dev_margins"])
+        path.write_text(json.dumps({
+            "task": task, "row": row, "seed": seed, "command": "python train_rm.py " + " ".join(arguments + TRUNK),
+            "accuracy": {"without": before["eval/accuracy"], "with": after["eval/accuracy"]},
+            "ranked_differently": mcnemar(after["dev_margins"], before["dev_margins"]),
+            "margin_correlation": statistics.correlation(after["dev_margins"], before["dev_margins"]),
+            "largest_margin_difference": max(difference), "mean_margin_difference": sum(difference) / len(difference),
+            "margin_spread": spread,
+            "minutes": {"without": before["wall_seconds"] / 60, "with": after["wall_seconds"] / 60,
+                        "with_building_the_cache": after["frozen_trunk"]["built_seconds"] / 60},
+            "train_tokens_per_second": {"without": before["train_tokens_per_second"], "with": after["train_tokens_per_second"]},
+            "other_cpu_share": {"without": before.get("other_processes_cpu_share"), "with": after["other_processes_cpu_share"]},
+            "started_at": {"without": before.get("started_at"), "with": after["started_at"]},
+            "frozen_trunk": after["frozen_trunk"]}, indent=2))
+    return json.loads(path.read_text())
 
 
 def read_margins(output_dir: Path, path: Path, accuracy: float) -> list[float]:
@@ -196,7 +247,9 @@ def summarise(task: str, row: str) -> dict | None:
     return {"task": task, "row": row, "config": config_name(row),
             "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,
             "wilson95": [low, high], "eval_pairs": n, "ties": sum(r["eval/ties"] for r in runs) / len(runs),
-            "tokens_per_second": sum(r["train_tokens_per_second"] for r in runs) / len(runs),
+            "tokens_per_second": mean_of([r["train_tokens_per_second"] for r in runs if not r.get("frozen_trunk")]),
+            "tokens_per_second_cached": mean_of([r["train_tokens_per_second"] for r in runs if r.get("frozen_trunk")]),
+            "cached_seeds": sum(bool(r.get("frozen_trunk")) for r in runs),
             "other_cpu_share": None if all(r.get("other_processes_cpu_share") is None for r in runs)
             else max(r["other_processes_cpu_share"] for r in runs if r.get("other_processes_cpu_share") is not None),
             "other_cpu_unrecorded": sum(r.get("other_processes_cpu_share") is None for r in runs),
@@ -204,6 +257,7 @@ def summarise(task: str, row: str) -> dict | None:
             "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60,
             "resumed_seeds": sum(r.get("resumed_from_step", 0) > 0 for r in runs),  # timed from their resume only
             "run_minutes": [r["wall_seconds"] / 60 for r in runs if not r.get("resumed_from_step", 0)],  # whole runs
+            "run_minutes_cached": [r["wall_seconds"] / 60 for r in runs if not r.get("resumed_from_step", 0) and r.get("frozen_trunk")],
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
             "paired_with_bt": paired_with_bt(task, row, runs),
@@ -230,9 +284,18 @@ def markdown_rows(table: list[dict]) -> list[str]:
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {paired} | {100 * r['ties']:.1f} | "
                      f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
-                     f"{r['tokens_per_second']:.0f} | {other} | "
+                     f"{speed(r)} | {other} | "
                      f"{r['peak_rss_gb']:.2f} | {minutes} |")
     return lines
+
+
+def speed(r: dict) -> str:
+    """Train tokens/s; runs with the frozen-trunk cache apart (their steps skip the frozen layers)."""
+    parts = [] if r["tokens_per_second"] is None else [f"{r['tokens_per_second']:.0f}"]
+    if r["cached_seeds"]:
+        parts.append(f"{r['tokens_per_second_cached']:.0f} cached"
+                     + (f" ({r['cached_seeds']} of {len(r['seeds'])} seeds)" if len(r["seeds"]) > 1 else ""))
+    return "; ".join(parts)
 
 
 def config_name(row: str) -> str:
@@ -247,12 +310,14 @@ def missing_runs() -> list[tuple[str, str, int]]:
 
 def time_estimate(table: list[dict]) -> str:
     """How long the whole table (both HH tasks, every row and seed) takes: the runs made, plus the
-    missing ones at the mean minutes of the measured runs of their configuration (harmless-measured).
+    missing ones at the mean minutes of the measured runs of their configuration (harmless-measured;
+    those made with the frozen-trunk cache, where there are any, since the missing runs will use it).
     A resumed run's minutes count in "made" but not in the mean: they cover only its steps after the resume."""
-    measured, made, resumed = {"main": [], "ablation": []}, 0.0, 0
+    measured, cached, made, resumed = {"main": [], "ablation": []}, {"main": [], "ablation": []}, 0.0, 0
     for r in table:
         if r["task"] in TASKS[:2]:
             measured[r["config"]] += r["run_minutes"]
+            cached[r["config"]] += r["run_minutes_cached"]
             made, resumed = made + r["wall_minutes"], resumed + r["resumed_seeds"]
     missing = {"main": 0, "ablation": 0}
     for _, row, _ in missing_runs():
@@ -262,11 +327,12 @@ def time_estimate(table: list[dict]) -> str:
     for config in ("main", "ablation"):
         if not missing[config]:
             continue
-        if measured[config]:
-            mean = sum(measured[config]) / len(measured[config])
+        timed = cached[config] or measured[config]  # the missing runs will use the cache
+        if timed:
+            mean = sum(timed) / len(timed)
             total += missing[config] * mean / 60
             parts.append(f"{missing[config]} {config}-config runs at {mean:.0f} min each (the mean of "
-                         f"{len(measured[config])} measured)")
+                         f"{len(timed)} measured{' with the frozen-trunk cache, each building it or not' if cached[config] else ''})")
         else:
             untimed = True
             parts.append(f"{missing[config]} {config}-config runs, none timed yet")
@@ -277,6 +343,27 @@ def time_estimate(table: list[dict]) -> str:
         return text + "."
     estimate = f"; estimated total {total:.0f} h" if not untimed else "; no total until every configuration has a timed run"
     return text + "; still to run: " + ", ".join(parts) + estimate + " (on 2 idle cores)."
+
+
+def cache_check_lines() -> list[str]:
+    checks = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*/cache-check-*.json"))]
+    if not checks:
+        return ["Frozen-trunk check: not run yet (`python bench/table1.py --cache-check BT --seeds 2`)."]
+    lines = ["**Frozen-trunk check** (a committed run trained again with the cache, same arguments and seed; "
+             "`python bench/table1.py --task TASK --cache-check ROW --seeds K`):", ""]
+    for c in checks:
+        flips = c["ranked_differently"]
+        lines.append(
+            f"- {c['task']} {c['row']} seed {c['seed']}: dev accuracy {100 * c['accuracy']['without']:.1f}% without, "
+            f"{100 * c['accuracy']['with']:.1f}% with; dev pairs ranked right by one run only: {flips['wins']} with, "
+            f"{flips['losses']} without; margins correlate {c['margin_correlation']:.4f}, largest difference "
+            f"{c['largest_margin_difference']:.3g} (their spread {c['margin_spread']:.3g}); "
+            f"train tokens/s {c['train_tokens_per_second']['without']:.0f} without, {c['train_tokens_per_second']['with']:.0f} "
+            f"with; minutes {c['minutes']['without']:.1f} without, {c['minutes']['with']:.1f} with "
+            f"(of which {c['minutes']['with_building_the_cache']:.1f} building the cache; other CPU use "
+            f"{100 * (c['other_cpu_share']['with'] or 0):.0f}%; the run without it was made in another session, "
+            f"started {c['started_at']['without'] or 'before this was recorded'}).")
+    return lines
 
 
 def report() -> None:
@@ -303,7 +390,11 @@ def report() -> None:
               "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
               "is comparable only near 0% (rows marked 'not recorded' ran before this was measured and shared",
               "the machine with other jobs). TRL's row comes from `python bench/trl_reward.py` (TRL drops the pairs",
-              "longer than max length that ours cuts; its tokens/s counts the pairs it kept)."]
+              "longer than max length that ours cuts; its tokens/s counts the pairs it kept).",
+              "Cached: runs made with the frozen-trunk cache (train_rm.py --frozen-trunk-cache), the same model trained",
+              "with less work; their tokens/s count the training steps only (the top layers, from the cached outputs",
+              "of the frozen ones), their minutes include building the cache when the run built it, and their peak",
+              "RSS includes holding it.", "", *cache_check_lines()]
     lines += ["", "**AVA-p on dev: hyper-parameters and SPEC.md's flagged variants** (ablation configuration; "
               "chosen on dev only, so a setting picked here and then scored on the same dev pairs is optimistically "
               "biased: the held-out test split is not available here; read each row against `AVA-p (ablation config)` "
@@ -324,8 +415,13 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rebuild the table from cached runs")
     parser.add_argument("--paired", action="store_true", help="give the rows' results their dev margins (for the "
                         "paired comparison with BT): score the saved model, training the row again if it is not here")
+    parser.add_argument("--cache-check", metavar="ROW", default="", help="train a committed run of ROW (made without "
+                        "the frozen-trunk cache; --seeds picks it) again with the cache and compare the two pair by pair")
     args = parser.parse_args()
-    if not args.report:
+    if args.cache_check:
+        for seed in [int(s) for s in args.seeds.split(",")] if args.seeds else [0]:
+            print(json.dumps(cache_check(args.task, args.cache_check, seed), indent=2))
+    elif not args.report:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()] or [
             row for row, (extra, _, _) in ROWS.items() if extra is not None or args.task != "builtin"]
         for row in rows:

@@ -40,3 +40,43 @@ def test_paired_comparison_uses_each_rows_lowest_seed_with_margins(tmp_path, mon
     assert table1.paired_with_bt("harmless", "AVA-p", [{"seed": 0}]) is None  # no margins of ours kept
     assert table1.paired_with_bt("harmless", "BT", bt) is None  # BT against itself
     assert table1.paired_with_bt("harmless", "AVA-p (ablation config)", ours) is None  # its BT has no results here
+
+
+def test_cache_check_compares_a_run_with_its_cached_rerun_pair_by_pair(tmp_path, monkeypatch):
+    monkeypatch.setattr(table1, "RESULTS", tmp_path)
+    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "harmless").mkdir()
+    before = {"seed": 2, "eval/accuracy": 0.5, "dev_margins": [1.0, -1.0, 2.0, -2.0], "wall_seconds": 600.0,
+              "train_tokens_per_second": 300.0, "started_at": "2026-11-30T00:00:00Z"}
+    table1.result_path("harmless", "BT", 2).write_text(json.dumps(before))
+    calls = []
+
+    def train(arguments, output_dir):  # the rerun: one pair flips, the others move a little
+        calls.append(arguments)
+        output_dir.mkdir(parents=True)
+        (output_dir / "eval_margins.json").write_text(json.dumps({"margins": [1.1, 0.5, 1.9, -2.0]}))
+        return ({"wall_seconds": 300.0, "other_processes_cpu_share": 0.01, "started_at": "2026-12-02T00:00:00Z"},
+                {"eval/accuracy": 0.75, "train_tokens_per_second": 900.0,
+                 "frozen_trunk": {"built_seconds": 120.0, "sequences": 8}})
+
+    monkeypatch.setattr(table1, "train", train)
+    check = table1.cache_check("harmless", "BT", 2)
+    assert calls == [table1.run_arguments("harmless", "BT", 2)]
+    assert check["accuracy"] == {"without": 0.5, "with": 0.75}
+    assert (check["ranked_differently"]["wins"], check["ranked_differently"]["losses"]) == (1, 0)
+    assert check["largest_margin_difference"] == pytest.approx(1.5)
+    assert check["minutes"] == {"without": 10.0, "with": 5.0, "with_building_the_cache": 2.0}
+    assert 0.5 < check["margin_correlation"] < 1
+    assert table1.cache_check("harmless", "BT", 2) == check and len(calls) == 1  # cached: not trained again
+    assert "harmless BT seed 2: dev accuracy 50.0% without, 75.0% with" in "\n".join(table1.cache_check_lines())
+    # A run made with the cache cannot be the reference.
+    table1.result_path("harmless", "BT", 1).write_text(json.dumps({**before, "seed": 1, "frozen_trunk": {"sequences": 8}}))
+    with pytest.raises(SystemExit, match="made without the cache"):
+        table1.cache_check("harmless", "BT", 1)
+
+
+def test_tokens_per_second_of_cached_runs_are_shown_apart():
+    row = {"tokens_per_second": 300.0, "tokens_per_second_cached": 900.0, "cached_seeds": 2, "seeds": [0, 1, 2]}
+    assert table1.speed(row) == "300; 900 cached (2 of 3 seeds)"
+    assert table1.speed({**row, "cached_seeds": 0, "tokens_per_second_cached": None}) == "300"
+    assert table1.speed({**row, "tokens_per_second": None, "cached_seeds": 1, "seeds": [0]}) == "900 cached"
