@@ -145,3 +145,36 @@ def test_train_rm_with_the_cache_ends_where_it_ends_without(tmp_path, tiny_model
     assert again["frozen_trunk"]["chunks_built_here"] == 0 and again["eval/margin"] == pytest.approx(cached["eval/margin"], abs=1e-4)
     with pytest.raises(SystemExit, match="--fsdp"):
         train_rm.main([*common_flags, "--frozen-trunk-cache", "--fsdp", "--output-dir", str(tmp_path / "fsdp")])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_build_it_together_and_match_one_process_without(tmp_path, tiny_model_dir):
+    """Each rank builds every other chunk (600 pairs + 12 eval pairs: 5 chunks of 256 sequences), then both
+    load all of them; the 2-process cached run reproduces the 1-process run without the cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    rows = hh_rows(600)
+    data, dev = write_jsonl(tmp_path / "pairs.jsonl", rows), write_jsonl(tmp_path / "dev.jsonl", rows[:12])
+    base = ["train_rm.py", "--model", tiny_model_dir, "--objective", "ava-p", "--data", data, "--eval-data", dev,
+            "--max-length", "64", "--batch-size", "4", "--lr", "1e-3", "--trainable-layers", "1", "--threads", "1",
+            "--max-steps", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", AVA_CACHE=str(tmp_path / "cache"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+                          *base, "--frozen-trunk-cache", "--output-dir", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *base, "--output-dir", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    final = json.loads((tmp_path / "two" / "final.json").read_text())
+    assert final["frozen_trunk"]["sequences"] == 1200 and final["frozen_trunk"]["chunks_built_here"] == 3  # rank 0: 0, 2, 4
+    assert len(list((tmp_path / "cache" / "frozen-trunk").glob("*/chunk-*.safetensors"))) == 5
+    lines = {n: [json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    for a, b in zip(lines["one"][:-1], lines["two"][:-1]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    assert lines["one"][-1]["eval/margin"] == pytest.approx(lines["two"][-1]["eval/margin"], abs=1e-4)
