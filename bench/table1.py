@@ -30,6 +30,7 @@ training steps only.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -225,18 +226,26 @@ def paired_with_bt(task: str, row: str, runs: list[dict]) -> dict | None:
     if ALL[row][0] is None or row == baseline(row):
         return None
     ours = next((r for r in sorted(runs, key=lambda r: r["seed"]) if "dev_margins" in r), None)
-    theirs = next((r for seed in range(ALL[baseline(row)][2]) if (p := result_path(task, baseline(row), seed)).is_file()
-                   and "dev_margins" in (r := json.loads(p.read_text()))), None)
+    theirs = next((r for r in results(task, baseline(row)) if "dev_margins" in r), None)
     if ours is None or theirs is None:
         return None
     return {"baseline": baseline(row), "seed": ours["seed"], "baseline_seed": theirs["seed"],
             **mcnemar(ours["dev_margins"], theirs["dev_margins"])}
 
 
+def results(task: str, row: str) -> list[dict]:
+    """A row's committed results, by seed (each file read once per version, however many rows pair with it)."""
+    return [_read_result(p, p.stat().st_mtime_ns) for seed in range(ALL[row][2]) if (p := result_path(task, row, seed)).is_file()]
+
+
+@functools.cache
+def _read_result(path: Path, version: int) -> dict:
+    return json.loads(path.read_text())
+
+
 def summarise(task: str, row: str) -> dict | None:
     """A row's seeds pooled: mean accuracy (± sample std over seeds), Wilson 95% interval, speed, memory, time."""
-    seeds = ALL[row][2]
-    runs = [json.loads(p.read_text()) for seed in range(seeds) if (p := result_path(task, row, seed)).is_file()]
+    runs = results(task, row)
     if not runs:
         return None
     accuracies = [r["eval/accuracy"] for r in runs]
