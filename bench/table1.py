@@ -428,6 +428,8 @@ def main() -> None:
                         "the frozen-trunk cache; --seeds picks it) again with the cache and compare the two pair by pair")
     args = parser.parse_args()
     if args.cache_check:
+        if args.cache_check not in ALL or ALL[args.cache_check][0] is None:
+            raise SystemExit(f"--cache-check: {args.cache_check!r} is not one of our rows: choose from {list(ALL)[1:]}")
         for seed in [int(s) for s in args.seeds.split(",")] if args.seeds else [0]:
             print(json.dumps(cache_check(args.task, args.cache_check, seed), indent=2))
     elif not args.report:
