@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--task", choices=("harmless", "helpful"), default="harmless")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: one full epoch (the benchmark)")
+    parser.add_argument("--eval-limit", type=int, default=0, help="smoke test: only the first N dev pairs (0: all; "
+                        "a result is written only for a full run)")
     args = parser.parse_args()
 
     import datasets
@@ -48,6 +50,7 @@ def main() -> None:
     for split in ("train", "dev"):
         rows, report = common.load_rows(str(folder / f"{split}.jsonl.gz"), "pairs", skip_bad=True)
         print(report)
+        rows = rows[:args.eval_limit] if split == "dev" and args.eval_limit else rows
         splits[split] = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
     torch.manual_seed(args.seed)
@@ -64,11 +67,16 @@ def main() -> None:
     trainer = RewardTrainer(model=model, args=config, train_dataset=splits["train"], eval_dataset=splits["dev"],
                             processing_class=tokenizer)
     kept = len(trainer.train_dataset)
+    # Counted before training, so that a renamed column fails now and not after an hour. TRL 1.x names the
+    # tokenised columns chosen_ids / rejected_ids (older releases: chosen_input_ids / rejected_input_ids).
+    columns = trainer.train_dataset.column_names
+    chosen, rejected = ("chosen_ids", "rejected_ids") if "chosen_ids" in columns else ("chosen_input_ids", "rejected_input_ids")
+    tokens = sum(len(r[chosen]) + len(r[rejected]) for r in trainer.train_dataset)
     started = time.time()
     trainer.train()
     elapsed = time.time() - started
     metrics = trainer.evaluate()
-    tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in trainer.train_dataset)
+    print(json.dumps(metrics))  # before anything else can fail
     steps = trainer.state.global_step
     result = {"task": args.task, "row": "TRL RewardTrainer", "seed": args.seed, "key": "trl",
               "command": f"python bench/trl_reward.py --task {args.task} --seed {args.seed}",
