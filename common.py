@@ -746,10 +746,15 @@ def freeze_layers(lm, trainable_layers: int | None) -> None:
     top = list(layers)[len(layers) - trainable_layers:] if trainable_layers > 0 else []
     for module in top:
         module.requires_grad_(True)
-    for name, module in lm.base_model.named_children():  # the final norm (Llama `norm`, GPT-2 `ln_f`)
-        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Embedding)) and any(True for _ in module.parameters()):
-            if "norm" in name or name.startswith("ln"):
-                module.requires_grad_(True)
+    for name in final_norms(lm):
+        getattr(lm.base_model, name).requires_grad_(True)
+
+
+def final_norms(lm) -> list[str]:
+    """Names of the final norm among lm.base_model's children (Llama `norm`, GPT-2 `ln_f`)."""
+    return [name for name, module in lm.base_model.named_children()
+            if not isinstance(module, (torch.nn.ModuleList, torch.nn.Embedding)) and any(True for _ in module.parameters())
+            and ("norm" in name or name.startswith("ln"))]
 
 
 # ---- frozen trunk: the frozen bottom layers' outputs, computed once per sequence and kept on disk ----
@@ -775,24 +780,22 @@ def only_layers(lm, part: slice, final_norm: bool = True):
     stack = next(name for name, module in base.named_children() if module is layers)
     kept = layers[part]
     renumbered = [(m, m.layer_idx) for layer in kept for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    norm = next((name for name, module in base.named_children()
-                 if not isinstance(module, (nn.ModuleList, nn.Embedding)) and ("norm" in name or name.startswith("ln"))), None)
-    norm_module = getattr(base, norm) if norm else None
+    norms = {} if final_norm else {name: getattr(base, name) for name in final_norms(lm)}
     setattr(base, stack, kept)
     for position, layer in enumerate(kept):
         for m in layer.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = position
-    if not final_norm and norm:
-        setattr(base, norm, nn.Identity())
+    for name in norms:
+        setattr(base, name, nn.Identity())
     try:
         yield
     finally:
         setattr(base, stack, layers)
         for m, index in renumbered:
             m.layer_idx = index
-        if norm:
-            setattr(base, norm, norm_module)
+        for name, module in norms.items():
+            setattr(base, name, module)
 
 
 class FrozenTrunk:
