@@ -80,3 +80,43 @@ def test_tokens_per_second_of_cached_runs_are_shown_apart():
     assert table1.speed(row) == "300; 900 cached (2 of 3 seeds)"
     assert table1.speed({**row, "cached_seeds": 0, "tokens_per_second_cached": None}) == "300"
     assert table1.speed({**row, "tokens_per_second": None, "cached_seeds": 1, "seeds": [0]}) == "900 cached"
+
+
+def test_spearman_ranks_ties_by_their_average():
+    from bench import readouts
+
+    assert readouts.ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
+    assert readouts.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert readouts.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert readouts.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
+    """The read-outs come from one forward pass: 'table score' is what train_rm.evaluate compares, the token
+    reward sum and mean are Eq. 19's mu_t over the response, and the LM terms are its log-likelihood."""
+    import torch
+
+    import ava
+    import common
+    import train_rm
+    from bench import readouts
+    from conftest import randomize_heads, tiny_lm
+
+    model = randomize_heads(ava.TQR(tiny_lm("llama"), ava.AVAConfig())).eval()
+    generator = torch.Generator().manual_seed(0)
+    def example(p, r):
+        return {"input_ids": torch.randint(3, 90, (p + r,), generator=generator).tolist(), "prompt_length": p}
+    items = [(example(3, 5), example(3, 7)), (example(4, 6), example(4, 2)), (example(2, 9), example(2, 4))]
+    columns = readouts.sequence_readouts(model, items, pad_id=2, batch_size=4)
+    found = readouts.margins(columns)
+    margins = []
+    train_rm.evaluate(model, items, 4, 2, common.Distributed(), margins)
+    assert found["table score"] == pytest.approx(margins, abs=1e-6)
+    assert found["response tokens"] == [5 - 7, 6 - 2, 9 - 4]  # one transition per response token
+    batch = common.collate([items[0][0]], 2)
+    with torch.no_grad():
+        out = model(**batch, with_logp=True)
+    assert columns["token reward sum"][0] == pytest.approx(float(out.mu.sum()), abs=1e-5)
+    assert columns["token reward mean"][0] == pytest.approx(float(out.mu.sum() / out.mask.sum()), abs=1e-5)
+    assert columns["LM logp sum"][0] == pytest.approx(float(ava.token_logprobs(model.lm, **batch).sum()), abs=1e-4)
+    assert len(set(found["token reward sum"])) == 3 and found["table score"] != found["token reward sum"]
