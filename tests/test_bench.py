@@ -115,8 +115,8 @@ def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
     assert found["response tokens"] == [5 - 7, 6 - 2, 9 - 4]  # one transition per response token
     batch = common.collate([items[0][0]], 2)
     with torch.no_grad():
-        out = model(**batch, with_logp=True)
+        out, logp = model(**batch, with_logp=True), ava.token_logprobs(model.lm, **batch)
     assert columns["token reward sum"][0] == pytest.approx(float(out.mu.sum()), abs=1e-5)
     assert columns["token reward mean"][0] == pytest.approx(float(out.mu.sum() / out.mask.sum()), abs=1e-5)
-    assert columns["LM logp sum"][0] == pytest.approx(float(ava.token_logprobs(model.lm, **batch).sum()), abs=1e-4)
+    assert columns["LM logp sum"][0] == pytest.approx(float(logp.sum()), abs=1e-4)
     assert len(set(found["token reward sum"])) == 3 and found["table score"] != found["token reward sum"]
