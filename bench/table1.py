@@ -317,34 +317,42 @@ def missing_runs() -> list[tuple[str, str, int]]:
             for seed in range(seeds) if not result_path(task, row, seed).is_file()]
 
 
+def price_kind(row: str) -> str:
+    """Which measured runs price a missing run of `row`: TRL's own, or those of its configuration."""
+    return "TRL" if ALL[row][0] is None else config_name(row)
+
+
 def time_estimate(table: list[dict]) -> str:
     """How long the whole table (both HH tasks, every row and seed) takes: the runs made, plus the
     missing ones at the mean minutes of the measured runs of their configuration (harmless-measured;
     those made with the frozen-trunk cache, where there are any, since the missing runs will use it).
+    TRL's runs (bench/trl_reward.py, no frozen-trunk cache) are priced apart, at their own measured minutes.
     A resumed run's minutes count in "made" but not in the mean: they cover only its steps after the resume."""
-    measured, cached, made, resumed = {"main": [], "ablation": []}, {"main": [], "ablation": []}, 0.0, 0
+    kinds = ("main", "ablation", "TRL")
+    measured, cached, made, resumed = {k: [] for k in kinds}, {k: [] for k in kinds}, 0.0, 0
     for r in table:
         if r["task"] in TASKS[:2]:
-            measured[r["config"]] += r["run_minutes"]
-            cached[r["config"]] += r["run_minutes_cached"]
+            kind = price_kind(r["row"])
+            measured[kind] += r["run_minutes"]
+            cached[kind] += r["run_minutes_cached"]
             made, resumed = made + r["wall_minutes"], resumed + r["resumed_seeds"]
-    missing = {"main": 0, "ablation": 0}
+    missing = {k: 0 for k in kinds}
     for _, row, _ in missing_runs():
-        missing[config_name(row)] += 1
+        missing[price_kind(row)] += 1
     done = made / 60
     parts, total, untimed = [], done, False
-    for config in ("main", "ablation"):
+    for config in kinds:
         if not missing[config]:
             continue
         timed = cached[config] or measured[config]  # the missing runs will use the cache
         if timed:
             mean = sum(timed) / len(timed)
             total += missing[config] * mean / 60
-            parts.append(f"{missing[config]} {config}-config runs at {mean:.0f} min each (the mean of "
+            parts.append(f"{missing[config]} {config}{'' if config == 'TRL' else '-config'} runs at {mean:.0f} min each (the mean of "
                          f"{len(timed)} measured{' with the frozen-trunk cache, each building it or not' if cached[config] else ''})")
         else:
             untimed = True
-            parts.append(f"{missing[config]} {config}-config runs, none timed yet")
+            parts.append(f"{missing[config]} {config}{'' if config == 'TRL' else '-config'} runs, none timed yet")
     runs = sum(map(len, measured.values())) + resumed
     text = (f"Whole table (both tasks, every row and seed, Table 1 rows only): {runs} runs made took {done:.1f} h"
             + (f" ({resumed} resumed, timed from the resume on)" if resumed else ""))

@@ -120,3 +120,19 @@ def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
     assert columns["token reward mean"][0] == pytest.approx(float(out.mu.sum() / out.mask.sum()), abs=1e-5)
     assert columns["LM logp sum"][0] == pytest.approx(float(logp.sum()), abs=1e-4)
     assert len(set(found["token reward sum"])) == 3 and found["table score"] != found["token reward sum"]
+
+
+def test_missing_trl_runs_are_priced_at_trls_own_minutes(monkeypatch):
+    """TRL runs without the frozen-trunk cache: pricing them at our cached main-config minutes would hide most of
+    their time, so they get their own measured mean (and no total until one is timed)."""
+    def row(name, config, minutes, cached):
+        return {"task": "harmless", "row": name, "config": config, "wall_minutes": sum(minutes), "resumed_seeds": 0,
+                "run_minutes": minutes, "run_minutes_cached": minutes if cached else []}
+    table = [row("BT", "main", [18.0, 20.0], True), row("AVA-p (ablation config)", "ablation", [12.0], True)]
+    monkeypatch.setattr(table1, "missing_runs", lambda: [("helpful", "TRL RewardTrainer", 0), ("helpful", "BT", 0),
+                                                          ("helpful", "AVA-p w/o cer", 0)])
+    assert "1 TRL runs, none timed yet; no total" in table1.time_estimate(table)
+    text = table1.time_estimate(table + [row("TRL RewardTrainer", "main", [54.0], False)])
+    assert "1 TRL runs at 54 min each" in text and "1 main-config runs at 19 min each" in text
+    assert "1 ablation-config runs at 12 min each" in text
+    assert f"estimated total {round((38 + 12 + 54 + 54 + 19 + 12) / 60)} h" in text
