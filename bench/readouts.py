@@ -39,30 +39,6 @@ from bench import runner, table1  # noqa: E402
 OUT = ROOT / "bench" / "results" / "readouts"
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Ranks with ties averaged (for Spearman)."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    n = len(ra)
-    ma, mb = sum(ra) / n, sum(rb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else float("nan")
-
-
 def dev_items(task: str, max_length: int, limit: int | None = None):
     """The dev pairs exactly as train_rm.py evaluates them (same reader, same cutting)."""
     tokenizer = common.load_tokenizer()
@@ -104,7 +80,7 @@ def describe(name: str, m: list[float], reference: list[float] | None, length: l
     n = len(m)
     right = sum(x > 0 for x in m)
     row = {"readout": name, "accuracy": right / n, "ties": sum(x == 0 for x in m) / n, "wilson95": list(common.wilson(right, n)),
-           "spearman_with_length_difference": spearman(m, length)}
+           "spearman_with_length_difference": common.rank_correlation(m, length)}
     if reference is not None and m is not reference:
         row["vs_table_score"] = table1.mcnemar(m, reference)
     return row
@@ -140,7 +116,7 @@ def measure(task: str, rows: list[str], limit: int | None = None) -> dict:
                 raise SystemExit(f"{row}: 'table score' differs from the run's recorded dev margins by {worst}")
         result["models"].append({"row": row, "seed": run["seed"], "objective": run["objective"], "table_accuracy": run["eval/accuracy"],
                                  "readouts": [describe(k, v, found["table score"], length) for k, v in found.items()],
-                                 "margin_spearman_with_untrained_LM_logp_mean": spearman(found["table score"], base["untrained LM logp mean"])})
+                                 "margin_spearman_with_untrained_LM_logp_mean": common.rank_correlation(found["table score"], base["untrained LM logp mean"])})
         del model
     return result
 

@@ -82,15 +82,6 @@ def test_tokens_per_second_of_cached_runs_are_shown_apart():
     assert table1.speed({**row, "tokens_per_second": None, "cached_seeds": 1, "seeds": [0]}) == "900 cached"
 
 
-def test_spearman_ranks_ties_by_their_average():
-    from bench import readouts
-
-    assert readouts.ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
-    assert readouts.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
-    assert readouts.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert readouts.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
-
-
 def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
     """The read-outs come from one forward pass: 'table score' is what train_rm.evaluate compares, the token
     reward sum and mean are Eq. 19's mu_t over the response, and the LM terms are its log-likelihood."""
