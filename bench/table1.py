@@ -116,7 +116,7 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False, paired: bo
     paired, a result without dev margins gets them: from its saved model, trained again if not here."""
     path = result_path(task, row, seed)
     if ALL[row][0] is None:  # TRL's row: its own script writes the result; the machine's load is added here
-        if not path.is_file():
+        if not path.is_file() or "dev_margins" not in json.loads(path.read_text()):  # or counted TRL's way (see there)
             measured = runner.run_measured([sys.executable, str(ROOT / "bench" / "trl_reward.py"), "--task", task,
                                             "--seed", str(seed)])
             path.write_text(json.dumps({**json.loads(path.read_text()), **measured}, indent=2))
@@ -223,7 +223,7 @@ def paired_with_bt(task: str, row: str, runs: list[dict]) -> dict | None:
     """This row against its configuration's BT on the same dev pairs: the row's lowest seed whose dev margins
     were kept (from runs, its results already loaded) against BT's lowest such seed, or None. Any two runs
     pair validly, since McNemar compares two classifiers on the same items; the seeds used are recorded."""
-    if ALL[row][0] is None or row == baseline(row):
+    if row == baseline(row):
         return None
     ours = next((r for r in sorted(runs, key=lambda r: r["seed"]) if "dev_margins" in r), None)
     theirs = next((r for r in results(task, baseline(row)) if "dev_margins" in r), None)
@@ -408,7 +408,8 @@ def report() -> None:
               "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
               "is comparable only near 0% (rows marked 'not recorded' ran before this was measured and shared",
               "the machine with other jobs). TRL's row comes from `python bench/trl_reward.py` (TRL drops the pairs",
-              "longer than max length that ours cuts; its tokens/s counts the pairs it kept).",
+              "longer than max length that ours cuts; its tokens/s counts the pairs it kept; its accuracy is counted",
+              "pair by pair on every dev pair, the dropped ones cut as ours are, not TRL's mean of per-batch accuracies).",
               "Cached: runs made with the frozen-trunk cache (train_rm.py --frozen-trunk-cache), the same model trained",
               "with less work; their tokens/s count the training steps only (the top layers, from the cached outputs",
               "of the frozen ones), their minutes include building the cache when the run built it, and their peak",

@@ -127,3 +127,23 @@ def test_missing_trl_runs_are_priced_at_trls_own_minutes(monkeypatch):
     assert "1 TRL runs at 54 min each" in text and "1 main-config runs at 19 min each" in text
     assert "1 ablation-config runs at 12 min each" in text
     assert f"estimated total {round((38 + 12 + 54 + 54 + 19 + 12) / 60)} h" in text
+
+
+def test_trl_row_is_counted_pair_by_pair_on_every_dev_pair():
+    """TRL's eval_accuracy is a mean of per-batch accuracies over the pairs it kept: an uneven last batch
+    weighs its pairs more, and dropped pairs are not counted. The table counts every pair once."""
+    from bench import trl_reward
+
+    counted = trl_reward.count([1.0, -1.0, 0.0, 2.0], kept=[True, True, False, True], trl_batch=2)
+    assert counted["eval/accuracy"] == 0.5 and counted["eval/ties"] == 0.25 and counted["eval/pairs"] == 4
+    assert counted["eval/trl_kept_pairs"] == 3
+    assert counted["eval/trl_batch_mean_recomputed"] == (0.5 + 1.0) / 2  # [1, -1] then [2]: the lone pair weighs double
+
+    class Chars:  # a character-level tokenizer: one id per character
+        eos_token = "$"
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) for c in text]}
+    assert trl_reward.trl_ids(Chars(), "abc", "de", 10) == ([ord(c) for c in "abcde$"], False)  # as TRL: + EOS
+    assert trl_reward.trl_ids(Chars(), "abcdefgh", "xy", 5) == ([ord(c) for c in "ghxy$"], True)  # prompt cut left
+    assert trl_reward.trl_ids(Chars(), "ab", "wxyzuv", 4) == ([ord(c) for c in "wxyz"], True)  # then response right
