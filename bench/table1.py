@@ -270,6 +270,8 @@ def summarise(task: str, row: str) -> dict | None:
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
             "paired_with_bt": paired_with_bt(task, row, runs),
+            # TRL results made before bench/trl_reward.py counted pair by pair: TRL's mean of per-batch accuracies
+            "counted_trl_way": sum(ALL[row][0] is None and "dev_margins" not in r for r in runs),
             "command": runs[0]["command"]}
 
 
@@ -286,7 +288,8 @@ def markdown_rows(table: list[dict]) -> list[str]:
             f" ({r['other_cpu_unrecorded']} of {len(r['seeds'])} seeds not recorded)" if r["other_cpu_unrecorded"] else "")
         minutes = f"{r['wall_minutes']:.1f}" + (
             f" ({r['resumed_seeds']} of {len(r['seeds'])} resumed: timed from the resume on)" if r["resumed_seeds"] else "")
-        accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "")
+        accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "") + (
+            " (TRL's own count: a mean of per-batch accuracies over the pairs it kept; to be recounted)" if r.get("counted_trl_way") else "")
         paired = r["paired_with_bt"]
         paired = "-" if paired is None else f"+{paired['wins']} / -{paired['losses']}, p = {paired['p']:.2f}" + (
             f" (seed {paired['seed']} v {paired['baseline_seed']})" if paired["seed"] != paired["baseline_seed"] else "")
@@ -312,9 +315,12 @@ def config_name(row: str) -> str:
 
 
 def missing_runs() -> list[tuple[str, str, int]]:
-    """(task, row, seed) of every Table 1 run on the two HH tasks whose result is not cached yet."""
+    """(task, row, seed) of every Table 1 run on the two HH tasks whose result is not cached yet (or, for TRL's
+    row, was counted TRL's way: run_row runs it again)."""
+    def missing(path: Path, row: str) -> bool:
+        return not path.is_file() or (ALL[row][0] is None and "dev_margins" not in json.loads(path.read_text()))
     return [(task, row, seed) for task in TASKS[:2] for row, (_, _, seeds) in ROWS.items()
-            for seed in range(seeds) if not result_path(task, row, seed).is_file()]
+            for seed in range(seeds) if missing(result_path(task, row, seed), row)]
 
 
 def price_kind(row: str) -> str:
