@@ -116,7 +116,7 @@ def run_row(task: str, row: str, seed: int, need_model: bool = False, paired: bo
     paired, a result without dev margins gets them: from its saved model, trained again if not here."""
     path = result_path(task, row, seed)
     if ALL[row][0] is None:  # TRL's row: its own script writes the result; the machine's load is added here
-        if not path.is_file() or "dev_margins" not in json.loads(path.read_text()):  # or counted TRL's way (see there)
+        if not path.is_file() or counted_trl_way(row, json.loads(path.read_text())):
             measured = runner.run_measured([sys.executable, str(ROOT / "bench" / "trl_reward.py"), "--task", task,
                                             "--seed", str(seed)])
             path.write_text(json.dumps({**json.loads(path.read_text()), **measured}, indent=2))
@@ -202,6 +202,12 @@ def read_margins(output_dir: Path, path: Path, accuracy: float) -> list[float]:
     return margins
 
 
+def counted_trl_way(row: str, result: dict) -> bool:
+    """A TRL result made before bench/trl_reward.py counted pair by pair: its accuracy is TRL's own mean of
+    per-batch accuracies and it kept no dev margins. The table marks it and run_row runs it again."""
+    return ALL[row][0] is None and "dev_margins" not in result
+
+
 def baseline(row: str) -> str:
     """The BT row a row is compared with pair by pair: the one trained in the same configuration."""
     return "BT" if config_name(row) == "main" else "BT (ablation config)"
@@ -270,8 +276,7 @@ def summarise(task: str, row: str) -> dict | None:
             "train_margin_last_tenth": mean_of([r["training_terms"]["last_tenth"].get("rewards/margins")
                                                 for r in runs if "training_terms" in r]),
             "paired_with_bt": paired_with_bt(task, row, runs),
-            # TRL results made before bench/trl_reward.py counted pair by pair: TRL's mean of per-batch accuracies
-            "counted_trl_way": sum(ALL[row][0] is None and "dev_margins" not in r for r in runs),
+            "counted_trl_way": sum(counted_trl_way(row, r) for r in runs),
             "command": runs[0]["command"]}
 
 
@@ -318,7 +323,7 @@ def missing_runs() -> list[tuple[str, str, int]]:
     """(task, row, seed) of every Table 1 run on the two HH tasks whose result is not cached yet (or, for TRL's
     row, was counted TRL's way: run_row runs it again)."""
     def missing(path: Path, row: str) -> bool:
-        return not path.is_file() or (ALL[row][0] is None and "dev_margins" not in json.loads(path.read_text()))
+        return not path.is_file() or counted_trl_way(row, _read_result(path, path.stat().st_mtime_ns))
     return [(task, row, seed) for task in TASKS[:2] for row, (_, _, seeds) in ROWS.items()
             for seed in range(seeds) if missing(result_path(task, row, seed), row)]
 

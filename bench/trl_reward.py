@@ -14,7 +14,7 @@ model scores each pair's halves tokenised exactly as TRL tokenises them (checked
 dev set before training), and the pairs TRL would drop as too long are cut the way ours are (the
 prompt from the left, then the response from the right). TRL's own `eval_accuracy` is kept beside it
 but is not the row's figure: it is a mean of per-batch accuracies over the pairs it kept, so an
-uneven last batch weighs its pairs double (harmless: 193-200 pairs in 13 batches of 16). The dev
+uneven last batch weighs its pairs more, and the pairs it dropped are not counted. The dev
 margins are kept, so the row pairs with our BT pair by pair. The trained model is saved in the run
 directory; `--rescore` counts again from it without training.
 
@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from bench.table1 import DATA, MAIN, RESULTS  # noqa: E402
+
+EVAL_BATCH = 16  # TRL's per-device eval batch: its eval_accuracy averages the accuracies of batches this size
 
 
 def trl_ids(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], bool]:
@@ -119,7 +121,7 @@ def main() -> None:
         if not (run_dir / "model").is_dir() or not out.is_file():
             raise SystemExit(f"--rescore needs a finished run: {run_dir / 'model'} and {out}")
         model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
-        counted = count(score_pairs(model, tokenizer, dev_pairs), dev_kept, 16)
+        counted = count(score_pairs(model, tokenizer, dev_pairs), dev_kept, EVAL_BATCH)
         result = {**json.loads(out.read_text()), **counted}
         print(json.dumps({k: v for k, v in result.items() if k != "dev_margins"}))
         out.write_text(json.dumps(result, indent=2))
@@ -132,7 +134,7 @@ def main() -> None:
     model.score.requires_grad_(True)
     config = RewardConfig(output_dir=str(run_dir),
                           max_length=MAIN["max-length"], per_device_train_batch_size=MAIN["batch-size"],
-                          per_device_eval_batch_size=16, learning_rate=MAIN["lr"], num_train_epochs=MAIN["epochs"],
+                          per_device_eval_batch_size=EVAL_BATCH, learning_rate=MAIN["lr"], num_train_epochs=MAIN["epochs"],
                           max_steps=args.max_steps, seed=args.seed, logging_steps=10, save_strategy="no",
                           report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
                           gradient_checkpointing=False)  # TRL defaults to True; ours does not recompute activations
@@ -156,7 +158,7 @@ def main() -> None:
     full = args.max_steps < 0 and not args.eval_limit  # the benchmark run, not a smoke test
     if full:
         trainer.save_model(str(run_dir / "model"))  # for --rescore
-    counted = count(score_pairs(trainer.model, tokenizer, dev_pairs), dev_kept, config.per_device_eval_batch_size)
+    counted = count(score_pairs(trainer.model, tokenizer, dev_pairs), dev_kept, EVAL_BATCH)
     if abs(counted["eval/trl_batch_mean_recomputed"] - metrics["eval_accuracy"]) > 1e-6:
         print(f"warning: TRL's eval_accuracy {metrics['eval_accuracy']} and the same figure from our scoring "
               f"{counted['eval/trl_batch_mean_recomputed']} differ: the two score the model differently")
