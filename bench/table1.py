@@ -401,7 +401,8 @@ def report() -> None:
     tuning = [r for task in TASKS for row in TUNING if (r := summarise(task, row))]
     (ROOT / "bench" / "results" / "table1.json").write_text(json.dumps({"table1": table, "tuning": tuning}, indent=2))
     lines = ["# Table 1 at CPU scale: reward accuracy on dev", "",
-             "Regenerate: `python bench/table1.py --task harmless` (runs what is missing; `--report` only rebuilds).",
+             "Regenerate: `python bench/table1.py --task harmless`, then `--task helpful`, then "
+             "`--task builtin --rows BT,AVA-p --seeds 0` (each runs what is missing; `--report` only rebuilds).",
              f"Main configuration: {MAIN}. Ablation configuration: {ABLATION}.", "", *markdown_rows(table)]
     todo: dict[tuple[str, str], list[int]] = {}
     for task, row, seed in missing_runs():
