@@ -225,18 +225,22 @@ def mcnemar(ours: list[float], theirs: list[float]) -> dict:
     return {"wins": wins, "losses": losses, "p": p}
 
 
-def paired_with_bt(task: str, row: str, runs: list[dict]) -> dict | None:
-    """This row against its configuration's BT on the same dev pairs: the row's lowest seed whose dev margins
-    were kept (from runs, its results already loaded) against BT's lowest such seed, or None. Any two runs
-    pair validly, since McNemar compares two classifiers on the same items; the seeds used are recorded."""
+def paired_with_bt(task: str, row: str, runs: list[dict]) -> list[dict] | None:
+    """This row against its configuration's BT on the same dev pairs, one comparison per seed of the row whose
+    dev margins were kept (from runs, its results already loaded): against BT's run of the same seed, or, if
+    that kept no margins, BT's lowest seed that did. None if there is nothing to pair. Any two runs pair
+    validly, since McNemar compares two classifiers on the same items; the seeds used are recorded."""
     if row == baseline(row):
         return None
-    ours = next((r for r in sorted(runs, key=lambda r: r["seed"]) if "dev_margins" in r), None)
-    theirs = next((r for r in results(task, baseline(row)) if "dev_margins" in r), None)
-    if ours is None or theirs is None:
+    theirs = {r["seed"]: r for r in results(task, baseline(row)) if "dev_margins" in r}
+    if not theirs:
         return None
-    return {"baseline": baseline(row), "seed": ours["seed"], "baseline_seed": theirs["seed"],
-            **mcnemar(ours["dev_margins"], theirs["dev_margins"])}
+    pairs = []
+    for ours in sorted((r for r in runs if "dev_margins" in r), key=lambda r: r["seed"]):
+        bt = theirs.get(ours["seed"], theirs[min(theirs)])
+        pairs.append({"baseline": baseline(row), "seed": ours["seed"], "baseline_seed": bt["seed"],
+                      **mcnemar(ours["dev_margins"], bt["dev_margins"])})
+    return pairs or None
 
 
 def results(task: str, row: str) -> list[dict]:
@@ -295,15 +299,20 @@ def markdown_rows(table: list[dict]) -> list[str]:
             f" ({r['resumed_seeds']} of {len(r['seeds'])} resumed: timed from the resume on)" if r["resumed_seeds"] else "")
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "") + (
             " (TRL's own count: a mean of per-batch accuracies over the pairs it kept; to be recounted)" if r.get("counted_trl_way") else "")
-        paired = r["paired_with_bt"]
-        paired = "-" if paired is None else f"+{paired['wins']} / -{paired['losses']}, p = {paired['p']:.2f}" + (
-            f" (seed {paired['seed']} v {paired['baseline_seed']})" if paired["seed"] != paired["baseline_seed"] else "")
+        paired = paired_cell(r["paired_with_bt"])
         lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {paired} | {100 * r['ties']:.1f} | "
                      f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
                      f"{speed(r)} | {other} | "
                      f"{r['peak_rss_gb']:.2f} | {minutes} |")
     return lines
+
+
+def paired_cell(comparisons: list[dict] | None) -> str:
+    """The 'vs BT, paired' cell: one comparison per seed, the seeds shown where BT's differs."""
+    return "; ".join(f"+{c['wins']} / -{c['losses']}, p = {c['p']:.2f}" + (
+        f" (seed {c['seed']} v {c['baseline_seed']})" if c["seed"] != c["baseline_seed"] else "")
+        for c in comparisons or []) or "-"
 
 
 def speed(r: dict) -> str:
@@ -411,8 +420,9 @@ def report() -> None:
                for (t, row), seeds in todo.items()]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
-              "vs BT, paired: a run of the row against a run of BT in the same configuration, on the same dev pairs",
-              "(each row's lowest seed whose dev margins were kept; the seeds are shown when they differ):",
+              "vs BT, paired: each run of the row whose dev margins were kept against the BT run of the same seed",
+              "and configuration (or, if that kept none, BT's lowest seed that did; the seeds are shown when they",
+              "differ), on the same dev pairs, seed by seed:",
               "+ the pairs only this row ranks right, - the pairs only BT ranks right, p the exact McNemar test",
               "('-': a run's dev margins were not kept; `--paired` adds them).",
               "Train margin: the mean reward margin (chosen - rejected score) over the last tenth of training steps,",

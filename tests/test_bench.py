@@ -28,15 +28,20 @@ def test_margins_that_disagree_with_the_recorded_accuracy_are_refused(tmp_path):
         table1.read_margins(tmp_path, tmp_path / "r.json", 0.5)
 
 
-def test_paired_comparison_uses_each_rows_lowest_seed_with_margins(tmp_path, monkeypatch):
+def test_paired_comparison_pairs_each_seed_with_bts_same_seed_or_its_lowest_with_margins(tmp_path, monkeypatch):
     monkeypatch.setattr(table1, "RESULTS", tmp_path)
     (tmp_path / "harmless").mkdir()
-    bt = [{"seed": 0}, {"seed": 1, "dev_margins": [-1.0, 1.0, 1.0]}, {"seed": 2, "dev_margins": [1.0, 1.0, 1.0]}]
+    bt = [{"seed": 0}, {"seed": 1, "dev_margins": [-1.0, 1.0, 1.0]}, {"seed": 2, "dev_margins": [1.0, 1.0, -1.0]}]
     for run in bt:
         table1.result_path("harmless", "BT", run["seed"]).write_text(json.dumps(run))
-    ours = [{"seed": 1}, {"seed": 2, "dev_margins": [1.0, -1.0, 1.0]}, {"seed": 0}]
+    # Seed 2 meets BT's seed 2; seed 0 meets BT's lowest seed with margins (1), since BT's seed 0 kept none;
+    # seed 1 kept no margins of its own and is left out.
+    ours = [{"seed": 2, "dev_margins": [1.0, -1.0, 1.0]}, {"seed": 1}, {"seed": 0, "dev_margins": [1.0, 1.0, -1.0]}]
     paired = table1.paired_with_bt("harmless", "AVA-p", ours)
-    assert paired == {"baseline": "BT", "seed": 2, "baseline_seed": 1, "wins": 1, "losses": 1, "p": 1.0}
+    assert paired == [{"baseline": "BT", "seed": 0, "baseline_seed": 1, "wins": 1, "losses": 1, "p": 1.0},
+                      {"baseline": "BT", "seed": 2, "baseline_seed": 2, "wins": 1, "losses": 1, "p": 1.0}]
+    assert table1.paired_cell(paired) == "+1 / -1, p = 1.00 (seed 0 v 1); +1 / -1, p = 1.00"
+    assert table1.paired_cell(None) == "-"
     assert table1.paired_with_bt("harmless", "AVA-p", [{"seed": 0}]) is None  # no margins of ours kept
     assert table1.paired_with_bt("harmless", "BT", bt) is None  # BT against itself
     assert table1.paired_with_bt("harmless", "AVA-p (ablation config)", ours) is None  # its BT has no results here
