@@ -344,7 +344,7 @@ def price_kind(row: str) -> str:
 
 def time_estimate(table: list[dict]) -> str:
     """How long the whole table (both HH tasks, every row and seed) takes: the runs made, plus the
-    missing ones at the mean minutes of the measured runs of their configuration (harmless-measured;
+    missing ones at the mean minutes of the measured runs of their configuration (on either task;
     those made with the frozen-trunk cache, where there are any, since the missing runs will use it).
     TRL's runs (bench/trl_reward.py, no frozen-trunk cache) are priced apart, at their own measured minutes.
     A resumed run's minutes count in "made" but not in the mean: they cover only its steps after the resume."""
@@ -369,11 +369,11 @@ def time_estimate(table: list[dict]) -> str:
         if timed:
             mean = sum(timed) / len(timed)
             total += missing[config] * mean / 60
-            parts.append(f"{missing[config]} {label} runs at {mean:.0f} min each (the mean of "
+            parts.append(f"{missing[config]} {label} run{'s' * (missing[config] != 1)} at {mean:.0f} min each (the mean of "
                          f"{len(timed)} measured{' with the frozen-trunk cache, each building it or not' if cached[config] else ''})")
         else:
             untimed = True
-            parts.append(f"{missing[config]} {label} runs, none timed yet")
+            parts.append(f"{missing[config]} {label} run{'s' * (missing[config] != 1)}, none timed yet")
     runs = sum(map(len, measured.values())) + resumed
     text = (f"Whole table (both tasks, every row and seed, Table 1 rows only): {runs} runs made took {done:.1f} h"
             + (f" ({resumed} resumed, timed from the resume on)" if resumed else ""))

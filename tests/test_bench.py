@@ -127,10 +127,10 @@ def test_missing_trl_runs_are_priced_at_trls_own_minutes(monkeypatch):
     table = [row("BT", "main", [18.0, 20.0], True), row("AVA-p (ablation config)", "ablation", [12.0], True)]
     monkeypatch.setattr(table1, "missing_runs", lambda: [("helpful", "TRL RewardTrainer", 0), ("helpful", "BT", 0),
                                                           ("helpful", "AVA-p w/o cer", 0)])
-    assert "1 TRL runs, none timed yet; no total" in table1.time_estimate(table)
+    assert "1 TRL run, none timed yet; no total" in table1.time_estimate(table)
     text = table1.time_estimate(table + [row("TRL RewardTrainer", "main", [54.0], False)])
-    assert "1 TRL runs at 54 min each" in text and "1 main-config runs at 19 min each" in text
-    assert "1 ablation-config runs at 12 min each" in text
+    assert "1 TRL run at 54 min each" in text and "1 main-config run at 19 min each" in text
+    assert "1 ablation-config run at 12 min each" in text
     assert f"estimated total {round((38 + 12 + 54 + 54 + 19 + 12) / 60)} h" in text
 
 
