@@ -365,15 +365,16 @@ def time_estimate(table: list[dict]) -> str:
         if not missing[config]:
             continue
         label = config if config == "TRL" else f"{config}-config"
+        count = f"{missing[config]} {label} run" + "s" * (missing[config] != 1)
         timed = cached[config] or measured[config]  # the missing runs will use the cache
         if timed:
             mean = sum(timed) / len(timed)
             total += missing[config] * mean / 60
-            parts.append(f"{missing[config]} {label} run{'s' * (missing[config] != 1)} at {mean:.0f} min each (the mean of "
+            parts.append(f"{count} at {mean:.0f} min each (the mean of "
                          f"{len(timed)} measured{' with the frozen-trunk cache, each building it or not' if cached[config] else ''})")
         else:
             untimed = True
-            parts.append(f"{missing[config]} {label} run{'s' * (missing[config] != 1)}, none timed yet")
+            parts.append(f"{count}, none timed yet")
     runs = sum(map(len, measured.values())) + resumed
     text = (f"Whole table (both tasks, every row and seed, Table 1 rows only): {runs} runs made took {done:.1f} h"
             + (f" ({resumed} resumed, timed from the resume on)" if resumed else ""))
