@@ -1,4 +1,4 @@
-"""Why AVA-d ranks harmless dev pairs below chance: read-outs of saved Table 1 models, side by side.
+"""Read-outs of saved Table 1 models, side by side: why AVA-d (and AVA-p w/o cer) rank dev pairs near or below chance.
 
 Table 1 scores a sequence by `mu` at its last valid transition (SPEC.md, "Using the reward"). AVA-d
 never trains that position with a TD target (Eq. 14's delta_t needs a valid t+2), only with the KL
@@ -15,7 +15,8 @@ the dev pairs with several read-outs of one forward pass of a saved model, and w
 - `longer wins`: the response with more tokens wins.
 
 Each read-out gets dev accuracy (Wilson 95% interval), the exact McNemar test against `table score`, and
-the Spearman correlation of its margins with the response-length difference (in tokens).
+the Spearman correlation of its margins with the response-length difference (in tokens). The dev pairs
+are cut at the rows' configuration's max length, as their runs cut them, so rows of one run share a configuration.
 
     python bench/readouts.py --task harmless --rows AVA-d,Pref-Trans    # models must be in $AVA_CACHE/bench-runs
     python bench/readouts.py --report                                   # rebuild the Markdown only
@@ -87,7 +88,11 @@ def describe(name: str, m: list[float], reference: list[float] | None, length: l
 
 
 def measure(task: str, rows: list[str], limit: int | None = None) -> dict:
-    max_length = table1.MAIN["max-length"]
+    """The read-outs of `rows` (one configuration: the dev pairs are cut at its max length, as its runs cut them)."""
+    lengths = {table1.ALL[row][1]["max-length"] for row in rows}
+    if len(lengths) != 1:
+        raise SystemExit(f"rows {rows} were trained at different max lengths {sorted(lengths)}: read each configuration out in its own run")
+    max_length = lengths.pop()
     items, tokenizer = dev_items(task, max_length, limit)
     result = {"task": task, "pairs": len(items), "max_length": max_length, "models": []}
     lm, _ = common.load_model(tokenizer=tokenizer)

@@ -118,6 +118,15 @@ def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
     assert len(set(found["token reward sum"])) == 3 and found["table score"] != found["token reward sum"]
 
 
+def test_readouts_refuse_rows_cut_at_different_max_lengths():
+    """Read-outs cut the dev pairs as the rows' runs did; a main-configuration row (512 tokens) and an ablation
+    row (256) in one run could not both reproduce their recorded margins, so that is refused before any loading."""
+    from bench import readouts
+
+    with pytest.raises(SystemExit, match=r"different max lengths \[256, 512\]"):
+        readouts.measure("helpful", ["AVA-p", "AVA-p w/o cer"])
+
+
 def test_missing_trl_runs_are_priced_at_trls_own_minutes(monkeypatch):
     """TRL runs without the frozen-trunk cache: pricing them at our cached main-config minutes would hide most of
     their time, so they get their own measured mean (and no total until one is timed)."""
