@@ -171,7 +171,7 @@ def _hidden_states(lm, input_ids, attention_mask, response_mask, embeds=None) ->
 
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:
-    """Every row is its tokens, then padding (as common.collate builds batches)."""
+    """Every row is its tokens, then padding (as avalib.data.collate builds batches)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return bool((attention_mask.bool() == (positions < attention_mask.sum(dim=1, keepdim=True))).all())
 

@@ -12,14 +12,14 @@ import torch
 from tqdm import tqdm
 
 import ava
-import common
+from avalib import data, models, reward_models, sources
 
 DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "hh-rlhf-harmless"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=common.DEFAULT_MODEL, help="'smollm2' (embedded), a hub id or a local path")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="'smollm2' (embedded), a hub id or a local path")
     parser.add_argument("--data-dir", default=os.environ.get("AVA_HH_DIR", str(DATA)), help="folder with train/dev.jsonl.gz")
     parser.add_argument("--pairs", type=int, default=8, help="training pairs")
     parser.add_argument("--steps", type=int, default=25, help="full-batch AVA-p steps")
@@ -29,12 +29,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    lm, tokenizer = common.load_model(args.model)
-    common.freeze_layers(lm, args.trainable_layers)
+    lm, tokenizer = models.load_model(args.model)
+    models.freeze_layers(lm, args.trainable_layers)
     config = ava.AVAConfig()
     model = ava.TQR(lm, config)
-    train = common.load_hh_pairs(Path(args.data_dir) / "train.jsonl.gz", limit=args.pairs)
-    chosen, rejected, _ = common.pair_batches(tokenizer, train, args.max_length)
+    train = sources.load_hh_pairs(Path(args.data_dir) / "train.jsonl.gz", limit=args.pairs)
+    chosen, rejected, _ = data.pair_batches(tokenizer, train, args.max_length)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     for _ in (bar := tqdm(range(args.steps), desc="AVA-p")):
         loss, terms = ava.ava_p_loss(model(**chosen), model(**rejected), config)
@@ -44,15 +44,15 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{terms['accuracy'].item():.2f}", margin=f"{terms['margin'].item():.2f}")
 
     model.eval()
-    pair = common.load_hh_pairs(Path(args.data_dir) / "dev.jsonl.gz", limit=1)[0]
-    chosen, rejected, _ = common.pair_batches(tokenizer, [pair], args.max_length)
+    pair = sources.load_hh_pairs(Path(args.data_dir) / "dev.jsonl.gz", limit=1)[0]
+    chosen, rejected, _ = data.pair_batches(tokenizer, [pair], args.max_length)
     print(f"\nAn unseen pair ({pair['where']}). Prompt tail: {pair['prompt'][-160:]!r}")
     with torch.no_grad():
         for name, batch in (("chosen", chosen), ("rejected", rejected)):
             out = model(**batch)
             print(f"\n{name}: E[R|y] = {out.sequence_reward()[0]:+.3f} (sigma {out.sequence_sigma()[0]:.3f})")
             rewards, sigma = ava.dense_rewards(out)  # Eq. 19: the reward of every response token
-            for token, mu, s in common.token_reward_table(tokenizer, batch["input_ids"][0], rewards[0], sigma[0], out.mask[0]):
+            for token, mu, s in reward_models.token_reward_table(tokenizer, batch["input_ids"][0], rewards[0], sigma[0], out.mask[0]):
                 print(f"  {token!r:>18}  mu {mu:+.3f}  sigma {s:.3f}")
 
 

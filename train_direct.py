@@ -32,15 +32,15 @@ from pathlib import Path
 import torch
 
 import ava
-import common
-from common import arg
+from avalib import cli, data, distributed, evaluation, loop, lora, memory_plan, metrics, models, reward_models, script, sources
+from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "dpo", "sft")
 PAIRWISE = ("ava-p", "dpo")  # trained on preference pairs (or AfD pairs); the others on demonstrations
 
 
 @dataclass
-class Args(common.AVAFlags, common.LoRAFlags, common.TrainFlags):
+class Args(cli.AVAFlags, cli.LoRAFlags, cli.TrainFlags):
     """train_direct.py"""
     objective: str = arg("ava-p", "training objective", choices=OBJECTIVES)
     afd: bool = arg(False, "AfD: build (demonstration, sample of the initial policy) pairs from demonstrations "
@@ -76,9 +76,9 @@ def load_training_rows(args: Args, tokenizer):
     """Pairs for ava-p / dpo; demonstrations for sft / ava-d and for AfD (to be paired with samples)."""
     wants_demos = args.objective not in PAIRWISE or args.afd
     if wants_demos and args.chosen_half:
-        pairs, report = common.load_rows(args.data, "pairs", args.train_split, tokenizer, args.skip_bad_rows, args.limit or None)
+        pairs, report = sources.load_rows(args.data, "pairs", args.train_split, tokenizer, args.skip_bad_rows, args.limit or None)
         return [{"prompt": p["prompt"], "response": p["chosen"], "where": p["where"]} for p in pairs], report
-    return common.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
+    return sources.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
                             args.skip_bad_rows, args.limit or None)
 
 
@@ -86,7 +86,7 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int, report) -> list[tu
     items = []
     for row in rows:
         texts = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
-        examples, cut = common.encode(tokenizer, row["prompt"], texts, max_length)
+        examples, cut = data.encode(tokenizer, row["prompt"], texts, max_length)
         report.cut += cut
         items.append(tuple(examples))
     return items
@@ -98,14 +98,14 @@ def load_eval_pairs(args: Args, tokenizer):
         return [], None
     if source.startswith("builtin") and args.data.startswith("builtin:tiny") and "tiny" not in source:
         source = source.replace("builtin", "builtin:tiny", 1)
-    rows, report = common.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
+    rows, report = sources.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
     return encode_rows(rows, tokenizer, args.max_length, report), report
 
 
 def load_prompts(args: Args, tokenizer) -> list[str]:
     """Held-out prompts as the exact text training saw (builtin: chat-templated; HH: raw dialogue)."""
     source = args.eval_prompts or (args.data.split(":gold")[0] if args.data.startswith("builtin") else "none")
-    return common.load_prompts(source, args.prompt_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    return sources.load_prompts(source, args.prompt_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
 
 
 # ---- losses ----
@@ -114,7 +114,7 @@ def sequence_logprobs(model, items: list[tuple], pad_id: int) -> torch.Tensor:
     """sum_t log pi(y_{t+1} | y_{1:t}) over the response, (rows,), for every sequence of `items`,
     chosen ones first (one forward for the whole batch)."""
     columns = len(items[0])
-    batch = common.collate([item[c] for c in range(columns) for item in items], pad_id)
+    batch = data.collate([item[c] for c in range(columns) for item in items], pad_id)
     return model(**batch).sum(dim=1)
 
 
@@ -125,7 +125,7 @@ def reference_logprobs(lm, items: list[tuple], pad_id: int, batch_size: int) -> 
     Items are batched longest first, so each batch pads little; the rows come back in `items` order."""
     if not items:
         return torch.zeros(0, 2)
-    policy, columns = common.Policy(lm).eval(), len(items[0])
+    policy, columns = models.Policy(lm).eval(), len(items[0])
     order = sorted(range(len(items)), key=lambda i: -max(len(example["input_ids"]) for example in items[i]))
     values = []
     for start in range(0, len(order), batch_size):
@@ -137,7 +137,7 @@ def reference_logprobs(lm, items: list[tuple], pad_id: int, batch_size: int) -> 
 def compute_loss(model, items, references, args: Args, config: ava.AVAConfig, pad_id: int):
     kind, n = args.objective, len(items)
     if kind == "sft":
-        batch = common.collate([item[0] for item in items], pad_id)
+        batch = data.collate([item[0] for item in items], pad_id)
         loss = ava.sft_loss(model(**batch), batch["response_mask"][:, 1:].bool())
         return loss, {"loss": loss}
     if kind == "dpo":
@@ -145,8 +145,8 @@ def compute_loss(model, items, references, args: Args, config: ava.AVAConfig, pa
         loss, reward_chosen, reward_rejected = ava.dpo_loss(logp[:n], logp[n:], references[:, 0], references[:, 1], args.dpo_beta)
         return loss, {"loss": loss, **ava.preference_metrics(reward_chosen, reward_rejected)}
     if kind == "ava-d":
-        return ava.ava_d_loss(model(**common.collate([item[0] for item in items], pad_id)), config)
-    out = model(**common.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
+        return ava.ava_d_loss(model(**data.collate([item[0] for item in items], pad_id)), config)
+    out = model(**data.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
     return ava.ava_p_loss(ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n)), config)
 
 
@@ -167,20 +167,20 @@ def implicit_reward_accuracy(model, kind: str, items: list[tuple], references, a
             reference = references[start:start + n]
             differences.append(args.dpo_beta * ((logp[:n] - reference[:, 0]) - (logp[n:] - reference[:, 1])))
         else:
-            out = model(**common.collate([p[0] for p in part] + [p[1] for p in part], pad_id))
+            out = model(**data.collate([p[0] for p in part] + [p[1] for p in part], pad_id))
             score = out.sequence_reward()
             differences.append(score[:n] - score[n:])
     model.train(was_training)
     difference = torch.cat(differences)
     wins, ties = int((difference > 0).sum()), int((difference == 0).sum())
-    low, high = common.wilson(wins + 0.5 * ties, len(difference))
+    low, high = evaluation.wilson(wins + 0.5 * ties, len(difference))
     return {"eval/accuracy": (wins + 0.5 * ties) / len(difference), "eval/accuracy_wilson95": [low, high],
             "eval/ties": ties / len(difference), "eval/pairs": len(difference)}
 
 
 def win_rate(policy_lm, tokenizer, policy_name: str, prompts: list[str], args: Args, output_dir: Path | None) -> dict:
-    """The trained policy against --opponent under --judge (common.judge_policy)."""
-    return common.judge_policy(
+    """The trained policy against --opponent under --judge (evaluation.judge_policy)."""
+    return evaluation.judge_policy(
         policy_lm, tokenizer, prompts, opponent=args.model if args.opponent == "initial" else args.opponent,
         judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.sample_seed, name=policy_name,
@@ -190,7 +190,7 @@ def win_rate(policy_lm, tokenizer, policy_name: str, prompts: list[str], args: A
 def eval_only(args: Args) -> dict:
     if not args.load:
         raise SystemExit("--eval-only needs --load DIR (a policy saved by train_direct.py, or any model path)")
-    lm, tokenizer = common.load_model(args.load)
+    lm, tokenizer = models.load_model(args.load)
     prompts = load_prompts(args, tokenizer)
     if not prompts:
         raise SystemExit("--eval-only needs --eval-prompts (builtin or a file of prompts)")
@@ -202,11 +202,11 @@ def eval_only(args: Args) -> dict:
 # ---- the run ----
 
 def main(argv=None) -> dict:
-    args = common.parse_config(Args, argv, __doc__)
+    args = cli.parse_config(Args, argv, __doc__)
     if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
-        return common.print_plan(args, args.objective, "train_direct.py")
-    dist = common.init_distributed()
-    common.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
+        return memory_plan.print_plan(args, args.objective, "train_direct.py")
+    dist = distributed.init_distributed()
+    distributed.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
@@ -227,15 +227,15 @@ def main(argv=None) -> dict:
     if args.resume and not (output_dir / "checkpoint.pt").is_file():
         raise SystemExit(f"--resume: no checkpoint at {output_dir / 'checkpoint.pt'}")
 
-    tokenizer = common.load_tokenizer(args.model)
+    tokenizer = models.load_tokenizer(args.model)
     config = args.ava_config()
     pad_id = tokenizer.pad_token_id
     rows, report = load_training_rows(args, tokenizer)  # bad data fails before the model loads
     eval_items, eval_report = load_eval_pairs(args, tokenizer)
     prompts = load_prompts(args, tokenizer)
-    lm, _ = common.load_model(args.model, tokenizer=tokenizer)
+    lm, _ = models.load_model(args.model, tokenizer=tokenizer)
     if args.afd:
-        rows = common.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.temperature,
+        rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
     items = encode_rows(rows, tokenizer, args.max_length, report)
     if dist.is_main:
@@ -253,16 +253,16 @@ def main(argv=None) -> dict:
             eval_references = reference_logprobs(lm, eval_items, pad_id, args.eval_batch_size)
             if dist.is_main:
                 torch.save({"train": references, "eval": eval_references}, path)
-    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    common.apply_lora(lm, args)  # --lora-r: adapters only (the heads below are built after, and train in full)
-    model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else common.Policy(lm)).to(dist.device)
+    models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    lora.apply_lora(lm, args)  # --lora-r: adapters only (the heads below are built after, and train in full)
+    model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else models.Policy(lm)).to(dist.device)
 
     def loss_fn(model, local):
         refs = references[local] if references is not None else None
         return compute_loss(model, [items[i] for i in local], refs, args, config, pad_id)
 
     lengths = [sum(len(example["input_ids"]) for example in item) for item in items]
-    model, run = common.train_loop(args, model, lengths, loss_fn, dist, output_dir, metric_name=common.metric_name,
+    model, run = loop.train_loop(args, model, lengths, loss_fn, dist, output_dir, metric_name=metrics.metric_name,
                                    desc=f"{'AfD w/ ' if args.afd else ''}{kind}")
     final = {"objective": kind, "afd": args.afd, "steps": run["steps"], "train_rows": len(items),
              "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
@@ -271,20 +271,20 @@ def main(argv=None) -> dict:
     if dist.is_main:
         if eval_items and kind != "sft":
             final.update(implicit_reward_accuracy(model, kind, eval_items, eval_references, args, pad_id))
-        common.merge_lora(model.lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
+        lora.merge_lora(model.lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
         meta = {"objective": kind, "afd": args.afd, "ava_config": dataclasses.asdict(config) if kind.startswith("ava") else None,
                 "args": dataclasses.asdict(args)}
         if isinstance(model, ava.TQR):  # the policy and its reward: loadable by load_model and load_reward_model
-            common.save_reward_model(output_dir / "policy", model, tokenizer, {"kind": kind, **meta})
+            reward_models.save_reward_model(output_dir / "policy", model, tokenizer, {"kind": kind, **meta})
             (output_dir / "policy" / "policy.json").write_text(json.dumps(meta, indent=2, default=str))
         else:
-            common.save_policy(output_dir / "policy", model.lm, tokenizer, meta)
+            models.save_policy(output_dir / "policy", model.lm, tokenizer, meta)
         if prompts:
             final["win_rate"] = win_rate(model.lm, tokenizer, str(output_dir / "policy"), prompts, args, output_dir)
-        common.write_final(final, output_dir, run["metrics"], run["steps"])
-    common.end_distributed(dist)
+        metrics.write_final(final, output_dir, run["metrics"], run["steps"])
+    distributed.end_distributed(dist)
     return final
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    script.run_script(main)

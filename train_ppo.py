@@ -48,15 +48,15 @@ from torch import nn
 from tqdm import tqdm
 
 import ava
-import common
-from common import arg
+from avalib import checkpoint, cli, data, distributed, evaluation, generation, gold, lora, metrics, models, reward_models, script, sources
+from avalib.cli import arg
 
 REWARDS = ("auto", "dense", "sequence")
 IRL_REWARDS = ("bt", "ava-p", "adversarial-rkl", "adversarial-js")
 
 
 @dataclass
-class Args(common.LoRAFlags, common.TrainFlags):
+class Args(cli.LoRAFlags, cli.TrainFlags):
     """train_ppo.py"""
     reward_model: str = arg("", "a reward model saved by train_rm.py (its OUTPUT_DIR/model)")
     reward: str = arg("auto", "dense: the reward at every token (Eq. 19, AVA's mu_t); sequence: the score at the last "
@@ -199,15 +199,15 @@ def rollout_examples(generations: list, eos_id: int) -> list[dict]:
 # ---- one PPO update ----
 
 def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, prompts: list[str], tokenizer,
-               args: Args, seed: int, dense: bool, dist: common.Distributed, discriminator: str = "",
+               args: Args, seed: int, dense: bool, dist: distributed.Distributed, discriminator: str = "",
                dumped: list | None = None) -> dict:
     """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates. Returns stats.
     --dump-grads: every minibatch's reduced gradients are appended to `dumped` and written out."""
     eos_id = tokenizer.eos_token_id
-    generations = common.generate_ids(common.unwrap(policy), tokenizer, prompts,
+    generations = generation.generate_ids(distributed.unwrap(policy), tokenizer, prompts,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                      seed=seed, chat_template=False, progress=False, synced=common.is_sharded(args, dist))
-    batch = common.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id)
+                                      seed=seed, chat_template=False, progress=False, synced=distributed.is_sharded(args, dist))
+    batch = data.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id)
     mask = batch["response_mask"][:, 1:].bool()
     finished = torch.tensor([g.finished for g in generations])
     with torch.no_grad():
@@ -227,9 +227,8 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     stats = {"proxy/score": score.mean(), "proxy/reward_sum": (model_rewards.sum(1)).mean(), "kl/sum": kl.sum(1).mean(),
              "rollout/length": mask.sum(1).float().mean(), "rollout/eos_rate": finished.float().mean()}
     if args.prompts.startswith("builtin"):
-        import task
 
-        stats["gold/score"] = torch.tensor(sum(map(task.gold_score, replies)) / len(replies))
+        stats["gold/score"] = torch.tensor(sum(map(gold.gold_score, replies)) / len(replies))
     totals: dict[str, float] = {}
     n, steps = len(prompts), 0
     local_minibatch = max(1, args.minibatch // dist.world_size)
@@ -252,7 +251,7 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.dump_grads:
-                common.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": common.unwrap(policy), "value": common.unwrap(value)}),
+                distributed.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": distributed.unwrap(policy), "value": distributed.unwrap(value)}),
                                       dumped, dist)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -264,18 +263,18 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     stats.update({k: v / steps for k, v in totals.items()})
     stats = {k: float(v) for k, v in stats.items()}
     names = sorted(stats)
-    reduced = common.all_reduce_sum([stats[k] for k in names], dist)
+    reduced = distributed.all_reduce_sum([stats[k] for k in names], dist)
     return {k: v / dist.world_size for k, v in zip(names, reduced)}
 
 
 # ---- ML-IRL: reward learning on (demonstration, current policy sample) ----
 
-def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: Path, dist: common.Distributed):
+def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: Path, dist: distributed.Distributed):
     """One reward-learning step of ML-IRL: sample the current policy on the demonstrations' prompts,
     pair (demonstration, sample), and train a reward model on the pairs: a preference objective
     through train_rm.py, or a discriminator (demonstration tokens 1, policy tokens 0) here."""
-    demos, _ = common.load_rows(args.demos, "demos", "train", tokenizer, args.skip_bad_rows, args.limit or None)
-    samples = common.generate(policy_lm, tokenizer, [d["prompt"] for d in demos], max_new_tokens=args.max_new_tokens,
+    demos, _ = sources.load_rows(args.demos, "demos", "train", tokenizer, args.skip_bad_rows, args.limit or None)
+    samples = generation.generate(policy_lm, tokenizer, [d["prompt"] for d in demos], max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed + 7919 * iteration,
                               chat_template=False, desc=f"ML-IRL {iteration}: sampling the policy")
     pairs = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s}
@@ -283,7 +282,7 @@ def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: P
     directory = output_dir / f"irl-{iteration}"
     saved = directory / "reward" / "model"
     if (saved / "reward_model.json").is_file():  # learnt before a restart: the same reward, not a new one
-        model, _, _ = common.load_reward_model(saved)
+        model, _, _ = reward_models.load_reward_model(saved)
         return model.eval()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -295,11 +294,11 @@ def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: P
                        "--epochs", "1000", "--batch-size", str(args.batch_size), "--lr", str(args.reward_lr),
                        "--trainable-layers", str(args.trainable_layers), "--max-length", str(args.max_length),
                        "--seed", str(args.seed + iteration), "--save-every", "0"])
-        model, _, _ = common.load_reward_model(saved)
+        model, _, _ = reward_models.load_reward_model(saved)
         return model.eval()
     model = train_discriminator(args, pairs, tokenizer)
     if dist.is_main:
-        common.save_reward_model(saved, model, tokenizer, {"kind": "bt", "ava_config": None,
+        reward_models.save_reward_model(saved, model, tokenizer, {"kind": "bt", "ava_config": None,
                                                            "discriminator": args.irl_reward, "level": args.adversarial_level})
     return model
 
@@ -307,17 +306,17 @@ def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: P
 def train_discriminator(args: Args, pairs: list[dict], tokenizer):
     """D_phi(y | x) or D_phi(s, a) = sigmoid(logit) separating demonstrations (1) from policy samples (0)
     by binary cross-entropy (AfD Eq. 18 / 20), on the initial model's backbone with a scalar head."""
-    lm, _ = common.load_model(args.model, tokenizer=tokenizer)
-    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    lm, _ = models.load_model(args.model, tokenizer=tokenizer)
+    models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     model = ava.ScalarRewardModel(lm, "bt")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.reward_lr)
-    items = [common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], args.max_length)[:2] for p in pairs]
+    items = [data.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], args.max_length)[:2] for p in pairs]
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     for _ in tqdm(range(args.reward_steps), desc="discriminator", disable=not sys.stderr.isatty()):
         rows = torch.randperm(len(items), generator=generator)[:args.batch_size].tolist()
         n = len(rows)
-        out = model(**common.collate([items[i][0] for i in rows] + [items[i][1] for i in rows], tokenizer.pad_token_id))
+        out = model(**data.collate([items[i][0] for i in rows] + [items[i][1] for i in rows], tokenizer.pad_token_id))
         labels = torch.cat([torch.ones(n), torch.zeros(n)])
         if args.adversarial_level == "token":
             token_labels = labels[:, None].expand_as(out.rewards)
@@ -333,38 +332,37 @@ def train_discriminator(args: Args, pairs: list[dict], tokenizer):
 # ---- Best-of-N (the paper's Table 2) ----
 
 @torch.no_grad()
-def best_of_n(args: Args, dist: common.Distributed) -> dict:
+def best_of_n(args: Args, dist: distributed.Distributed) -> dict:
     """For every held-out prompt (x samples_per_prompt): N samples of --model, the best under
     --reward-model; judged against a plain sample and against the best under --bon-against."""
-    lm, tokenizer = common.load_model(args.model)
-    prompts = common.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    lm, tokenizer = models.load_model(args.model)
+    prompts = sources.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p,
                     chat_template=False)
-    candidates = common.cached_generate(args.model, [p for p in repeated for _ in range(args.best_of_n)],
+    candidates = generation.cached_generate(args.model, [p for p in repeated for _ in range(args.best_of_n)],
                                         seed=args.sample_seed, model=lm, tokenizer=tokenizer, desc="Best-of-N candidates", **sampling)
-    plain = common.cached_generate(args.model, repeated, seed=args.sample_seed + 1, model=lm, tokenizer=tokenizer,
+    plain = generation.cached_generate(args.model, repeated, seed=args.sample_seed + 1, model=lm, tokenizer=tokenizer,
                                    desc="plain samples", **sampling)
 
     def pick(reward_dir: str) -> list[str]:
-        model, rm_tokenizer, _ = common.load_reward_model(reward_dir)
-        scores = [r["score"] for r in common.score_texts(model, rm_tokenizer, [p for p in repeated for _ in range(args.best_of_n)],
+        model, rm_tokenizer, _ = reward_models.load_reward_model(reward_dir)
+        scores = [r["score"] for r in reward_models.score_texts(model, rm_tokenizer, [p for p in repeated for _ in range(args.best_of_n)],
                                                          candidates, args.max_length, per_token=False)]
         k = args.best_of_n
         return [candidates[i * k + max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(repeated))]
 
     ours = pick(args.reward_model)
     result = {"best_of_n": args.best_of_n, "prompts": len(prompts), "reward_model": args.reward_model,
-              "vs_plain_sample": common.win_rate_summary(common.judge_replies(args.judge, repeated, ours, plain))}
+              "vs_plain_sample": evaluation.win_rate_summary(evaluation.judge_replies(args.judge, repeated, ours, plain))}
     if args.bon_against:
         theirs = pick(args.bon_against)
         result["vs_best_of_n_under"] = {"reward_model": args.bon_against,
-                                        **common.win_rate_summary(common.judge_replies(args.judge, repeated, ours, theirs))}
+                                        **evaluation.win_rate_summary(evaluation.judge_replies(args.judge, repeated, ours, theirs))}
     if args.judge == "gold":
-        import task
 
-        result["gold_mean"] = {"best_of_n": sum(map(task.gold_score, ours)) / len(ours),
-                               "plain": sum(map(task.gold_score, plain)) / len(plain)}
+        result["gold_mean"] = {"best_of_n": sum(map(gold.gold_score, ours)) / len(ours),
+                               "plain": sum(map(gold.gold_score, plain)) / len(plain)}
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "best_of_n.json").write_text(json.dumps(result, indent=2))
@@ -403,12 +401,12 @@ def plot_proxy_vs_gold(metrics_path: Path, out_path: Path) -> None:
 
 # ---- a stage: one reward model, a value model, an optimiser (ML-IRL starts a new one per iteration) ----
 
-def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: Path, dist: common.Distributed) -> dict:
+def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: Path, dist: distributed.Distributed) -> dict:
     discriminator = args.irl_reward if args.iterations and args.irl_reward.startswith("adversarial") else ""
     if args.iterations:
         reward_model = learn_reward(args, iteration, lm, tokenizer, output_dir, dist)
     else:
-        reward_model, reward_tokenizer, _ = common.load_reward_model(args.reward_model)
+        reward_model, reward_tokenizer, _ = reward_models.load_reward_model(args.reward_model)
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise SystemExit(f"--reward-model {args.reward_model}: its tokenizer differs from the policy's; PPO scores "
                              "the policy's own tokens, so both must share one vocabulary")
@@ -416,12 +414,12 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
     dense = (args.reward == "dense" or (args.reward == "auto" and isinstance(reward_model, ava.TQR))
              or (discriminator and args.adversarial_level == "token"))
     value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).eval()
-    common.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    common.apply_lora(value.lm, args)  # --lora-r: the critic's backbone adapts like the policy's
+    models.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    lora.apply_lora(value.lm, args)  # --lora-r: the critic's backbone adapts like the policy's
     value.head.requires_grad_(True)  # its head trains in full
     wrapped_policy, wrapped_value = policy, value
-    if common.is_sharded(args, dist):  # the policy was sharded once, in main; the critic is new each stage
-        common.distribute(value, args, dist)
+    if distributed.is_sharded(args, dist):  # the policy was sharded once, in main; the critic is new each stage
+        distributed.distribute(value, args, dist)
     elif dist.world_size > 1:
         wrapped_policy, wrapped_value = nn.parallel.DistributedDataParallel(policy), nn.parallel.DistributedDataParallel(value)
     trainable = [p for module in (policy, value) for p in module.parameters() if p.requires_grad]  # after sharding
@@ -435,8 +433,8 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
 # ---- the run ----
 
 def main(argv=None) -> dict:
-    args = common.parse_config(Args, argv, __doc__)
-    dist = common.init_distributed()
+    args = cli.parse_config(Args, argv, __doc__)
+    dist = distributed.init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.best_of_n:
@@ -449,8 +447,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--reward-model {args.reward_model!r}: not a reward model saved by train_rm.py (no reward_model.json)")
     if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
         raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
-    common.check_scale_flags(args, dist)
-    sharded = common.is_sharded(args, dist)
+    distributed.check_scale_flags(args, dist)
+    sharded = distributed.is_sharded(args, dist)
     if sharded and args.iterations:
         raise SystemExit("--fsdp with --iterations (ML-IRL) is not supported: its reward learning runs train_rm.py "
                          "inside each process; use DDP (drop --fsdp) or run train_rm.py and train_ppo.py in turn")
@@ -465,20 +463,20 @@ def main(argv=None) -> dict:
     if args.resume and not checkpoint_path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
 
-    lm, tokenizer = common.load_model(args.model)
-    train_prompts = common.load_prompts(args.prompts, args.prompt_split, tokenizer, args.skip_bad_rows, args.limit)
+    lm, tokenizer = models.load_model(args.model)
+    train_prompts = sources.load_prompts(args.prompts, args.prompt_split, tokenizer, args.skip_bad_rows, args.limit)
     eval_source = args.eval_prompts or (args.prompts.split(":gold")[0] if args.prompts.startswith("builtin") else "none")
-    eval_prompts = common.load_prompts(eval_source, args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    eval_prompts = sources.load_prompts(eval_source, args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
     if not train_prompts:
         raise SystemExit(f"--prompts {args.prompts!r}: no prompts")
     reference = copy.deepcopy(lm).eval().requires_grad_(False)  # the initial policy, frozen
-    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    common.apply_lora(lm, args)  # --lora-r: adapters only; merged into the exported policy
-    policy = common.Policy(lm, args.temperature).eval()  # dropout off, always
+    models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    lora.apply_lora(lm, args)  # --lora-r: adapters only; merged into the exported policy
+    policy = models.Policy(lm, args.temperature).eval()  # dropout off, always
     skeleton = None
     if sharded:  # FSDP2: each decoder layer, then the policy as root; rollouts sample through it
-        skeleton = common.meta_skeleton(policy)
-        common.distribute(policy, args, dist)
+        skeleton = distributed.meta_skeleton(policy)
+        distributed.distribute(policy, args, dist)
 
     iterations = max(args.iterations, 1)
     total_updates = iterations * args.updates
@@ -489,7 +487,7 @@ def main(argv=None) -> dict:
         if not sharded:  # (sharded: one stage only, whose shards load with it below)
             policy_weights = {k[len("policy."):]: v for k, v in state["model"].items() if k.startswith("policy.")}
             policy.load_state_dict(policy_weights, strict=False)  # the rest of the state loads with its stage below
-    metrics = common.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=update if args.resume else None)
+    log = metrics.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=update if args.resume else None)
     bar = tqdm(total=total_updates, initial=update, desc="PPO", disable=not dist.is_main)
     started, stage, dumped = time.perf_counter(), None, []
     while update < total_updates:
@@ -497,29 +495,23 @@ def main(argv=None) -> dict:
         if stage is None or stage["iteration"] != iteration:  # a new reward (ML-IRL), value model and optimiser
             stage = build_stage(args, iteration, lm, policy, tokenizer, output_dir, dist)
             if state is not None and update % args.updates:  # resumed mid-stage: its value, optimiser and RNG too
-                common.resume_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"], sharded)
+                checkpoint.resume(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"], sharded)
             state = None
         # the update's prompts: a seeded draw, so a resumed run sees what the uninterrupted one saw
         generator = torch.Generator().manual_seed(args.seed * 100_003 + update)
         chosen = [train_prompts[i] for i in torch.randint(len(train_prompts), (args.rollout_batch,), generator=generator).tolist()]
         stats = ppo_update(stage["policy"], stage["value"], reference, stage["reward_model"], stage["optimizer"],
-                           stage["scheduler"], common.shard(chosen, dist), tokenizer, args,
+                           stage["scheduler"], distributed.shard(chosen, dist), tokenizer, args,
                            seed=args.seed * 1_000_003 + update * 101 + dist.rank, dense=stage["dense"], dist=dist,
                            discriminator=stage["discriminator"], dumped=dumped)
         update += 1
         bar.update(1)
         bar.set_postfix({k: f"{stats[k]:.3f}" for k in ("proxy/score", "gold/score", "kl/sum") if k in stats})
         if update % args.log_every == 0:
-            metrics.write({"step": update, "iteration": iteration, "lr": stage["scheduler"].get_last_lr()[0], **stats})
+            log.write({"step": update, "iteration": iteration, "lr": stage["scheduler"].get_last_lr()[0], **stats})
         if (args.save_every and update % args.save_every == 0) or update % args.updates == 0:
-            saved = {"update": update, "iteration": iteration}
-            if sharded:
-                common.save_sharded_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"],
-                                               {"step": update, **saved}, dist)
-            elif dist.is_main:
-                common.save_checkpoint(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"], saved)
-            if dist.world_size > 1:
-                torch.distributed.barrier()
+            checkpoint.save(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"],
+                            {"step": update, "update": update, "iteration": iteration}, dist, sharded)
         if args.crash_at_step and update == args.crash_at_step:
             import os
             import signal
@@ -531,21 +523,21 @@ def main(argv=None) -> dict:
              "reward_model": args.reward_model, "reward": args.reward, "pessimism": args.pessimism}
     if sharded:  # the full weights, gathered on every rank: export and evaluation as in one process
         stage = None
-        lm = common.gather_full_model(policy, skeleton, dist).lm
+        lm = distributed.gather_full_model(policy, skeleton, dist).lm
     if dist.is_main:
-        common.merge_lora(lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
-        common.save_policy(output_dir / "policy", lm, tokenizer, {"args": dataclasses.asdict(args)})
+        lora.merge_lora(lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
+        models.save_policy(output_dir / "policy", lm, tokenizer, {"args": dataclasses.asdict(args)})
         if eval_prompts:
-            final["win_rate"] = common.judge_policy(
+            final["win_rate"] = evaluation.judge_policy(
                 lm, tokenizer, eval_prompts, opponent=args.model if args.opponent == "initial" else args.opponent,
                 judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p, seed=args.sample_seed,
                 name="PPO policy", samples_path=output_dir / "samples.jsonl")
         plot_proxy_vs_gold(output_dir / "metrics.jsonl", output_dir / "proxy_vs_gold.png")
-        common.write_final(final, output_dir, metrics, update)
-    common.end_distributed(dist)
+        metrics.write_final(final, output_dir, log, update)
+    distributed.end_distributed(dist)
     return final
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    script.run_script(main)

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 import ava
-import common
-from common import arg
+from avalib import cli, data, distributed, frozen_trunk, loop, memory_plan, metrics, models, reward_models, script, sources, viz
+from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "bt", "bt-var", "pref-trans")
 
 
 @dataclass
-class Args(common.AVAFlags, common.TrainFlags):
+class Args(cli.AVAFlags, cli.TrainFlags):
     """train_rm.py"""
     objective: str = arg("ava-p", "training objective", choices=OBJECTIVES)
     afd: bool = arg(False, "AfD: train on (demonstration, sample of the initial policy) pairs built from demonstrations")
@@ -61,7 +61,7 @@ class Args(common.AVAFlags, common.TrainFlags):
 def load_training_rows(args: Args, kind: str, tokenizer):
     """Rows of --data: pairs, or demonstrations for AVA-d and AfD (the chosen half of pairs serves)."""
     wants_demos = kind == "ava-d" or args.afd
-    return common.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
+    return sources.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
                             args.skip_bad_rows, args.limit or None)
 
 
@@ -70,7 +70,7 @@ def encode_items(rows: list[dict], kind: str, tokenizer, max_length: int, report
     items = []
     for row in rows:
         texts = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
-        examples, cut = common.encode(tokenizer, row["prompt"], texts, max_length)
+        examples, cut = data.encode(tokenizer, row["prompt"], texts, max_length)
         report.cut += cut
         items.append(tuple(examples[:1]) if kind == "ava-d" else tuple(examples))
     return items
@@ -80,10 +80,10 @@ def load_eval_items(args: Args, tokenizer):
     source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
     if not source:
         return [], None
-    rows, report = common.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
+    rows, report = sources.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
     items = []
     for row in rows:
-        chosen, rejected, cut = common.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], args.max_length)
+        chosen, rejected, cut = data.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], args.max_length)
         report.cut += cut
         items.append((chosen, rejected))
     return items, report
@@ -94,21 +94,21 @@ def load_eval_items(args: Args, tokenizer):
 def compute_loss(model, items: list[tuple], kind: str, config: ava.AVAConfig, pad_id: int):
     """Chosen and rejected go through the model as one batch, then are taken apart."""
     if kind == "ava-d":
-        return ava.ava_d_loss(model(**common.collate([item[0] for item in items], pad_id)), config)
+        return ava.ava_d_loss(model(**data.collate([item[0] for item in items], pad_id)), config)
     n = len(items)
-    out = model(**common.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
+    out = model(**data.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
     chosen, rejected = ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n))
     if kind == "ava-p":
         return ava.ava_p_loss(chosen, rejected, config)
-    return common.unwrap(model).loss(chosen, rejected)
+    return distributed.unwrap(model).loss(chosen, rejected)
 
 
 @torch.no_grad()
-def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: common.Distributed,
+def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: distributed.Distributed,
              margins: list | None = None) -> dict:
     """Pairwise accuracy on preference pairs: wins / pairs, with exact ties reported apart. Given a list
     `margins`, it is filled with each pair's margin (chosen - rejected score), in the order of `items`."""
-    model = common.unwrap(model)
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     wins = ties = margin = 0.0
@@ -116,7 +116,7 @@ def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: comm
     for start in range(0, len(mine), batch_size):
         part = mine[start:start + batch_size]
         n = len(part)
-        score = common.reward_forward(model, common.collate([p[0] for p in part] + [p[1] for p in part], pad_id))[0]
+        score = reward_models.reward_forward(model, data.collate([p[0] for p in part] + [p[1] for p in part], pad_id))[0]
         difference = score[:n] - score[n:]
         wins += float((difference > 0).sum())
         ties += float((difference == 0).sum())
@@ -124,16 +124,16 @@ def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: comm
         my_margins += difference.tolist()
     model.train(was_training)
     if margins is not None:
-        margins.extend(common.gather_strided(my_margins, dist))
-    wins, ties, margin, total = common.all_reduce_sum([wins, ties, margin, len(mine)], dist)
+        margins.extend(distributed.gather_strided(my_margins, dist))
+    wins, ties, margin, total = distributed.all_reduce_sum([wins, ties, margin, len(mine)], dist)
     return {"eval/accuracy": wins / max(total, 1), "eval/ties": ties / max(total, 1),
             "eval/margin": margin / max(total, 1), "eval/pairs": int(total)}
 
 
-def eval_only(args: Args, dist: common.Distributed) -> dict:
+def eval_only(args: Args, dist: distributed.Distributed) -> dict:
     if not args.load:
         raise SystemExit("--eval-only needs --load DIR (a model saved by train_rm.py)")
-    model, tokenizer, meta = common.load_reward_model(args.load, dist.device)
+    model, tokenizer, meta = reward_models.load_reward_model(args.load, dist.device)
     if not args.eval_data:
         args.eval_data = meta.get("args", {}).get("eval_data") or ""
     items, report = load_eval_items(args, tokenizer)
@@ -158,11 +158,11 @@ def write_margins(path: Path, eval_data: str, margins: list[float]) -> None:
 # ---- the run ----
 
 def main(argv=None) -> dict:
-    args = common.parse_config(Args, argv, __doc__)
+    args = cli.parse_config(Args, argv, __doc__)
     if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
-        return common.print_plan(args, args.objective, "train_rm.py")
-    dist = common.init_distributed()
-    common.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
+        return memory_plan.print_plan(args, args.objective, "train_rm.py")
+    dist = distributed.init_distributed()
+    distributed.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
@@ -175,20 +175,20 @@ def main(argv=None) -> dict:
     if args.resume and not (output_dir / "checkpoint.pt").is_file():  # fail before loading anything
         raise SystemExit(f"--resume: no checkpoint at {output_dir / 'checkpoint.pt'}")
 
-    tokenizer = common.load_tokenizer(args.model)
+    tokenizer = models.load_tokenizer(args.model)
     kind, config = args.objective, args.ava_config()
     rows, report = load_training_rows(args, kind, tokenizer)  # bad data fails before the model loads
     eval_items, eval_report = load_eval_items(args, tokenizer)
-    lm, _ = common.load_model(args.model, tokenizer=tokenizer)
+    lm, _ = models.load_model(args.model, tokenizer=tokenizer)
     if args.afd:
-        rows = common.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.afd_temperature,
+        rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.afd_temperature,
                                 top_p=args.afd_top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
     items = encode_items(rows, kind, tokenizer, args.max_length, report)
-    common.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    model = common.build_reward_model(lm, kind, config).to(dist.device)
+    models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
+    model = reward_models.build_reward_model(lm, kind, config).to(dist.device)
     trunk = None
     if args.frozen_trunk_cache:  # pairs in order, so that a pair's prompt is computed once (eval pairs too: cheap)
-        trunk = common.attach_frozen_trunk(lm, args, [e for item in items + eval_items for e in item], dist)
+        trunk = frozen_trunk.attach_frozen_trunk(lm, args, [e for item in items + eval_items for e in item], dist)
     if dist.is_main:
         print(report)
         if eval_report:
@@ -198,11 +198,11 @@ def main(argv=None) -> dict:
         return compute_loss(model, [items[i] for i in local], kind, config, tokenizer.pad_token_id)
 
     lengths = [sum(len(example["input_ids"]) for example in item) for item in items]
-    model, run = common.train_loop(
-        args, model, lengths, loss_fn, dist, output_dir, metric_name=common.metric_name,
+    model, run = loop.train_loop(
+        args, model, lengths, loss_fn, dist, output_dir, metric_name=metrics.metric_name,
         evaluate=(lambda m: evaluate(m, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist)) if eval_items else None,
         desc=f"{kind}{' ' + args.ablate if args.ablate else ''}")
-    step, elapsed, total_tokens, metrics = run["steps"], run["seconds"], run["tokens"], run["metrics"]
+    step, elapsed, total_tokens, log = run["steps"], run["seconds"], run["tokens"], run["metrics"]
 
     final = {"objective": kind, "ablate": args.ablate, "afd": args.afd, "steps": step,
              "resumed_from_step": run["first_step"],  # tokens/s and peak RSS are this process's, from that step on
@@ -215,18 +215,18 @@ def main(argv=None) -> dict:
     if dist.is_main:
         meta = {"kind": kind, "ava_config": dataclasses.asdict(config) if kind in ("ava-p", "ava-d") else None,
                 "args": dataclasses.asdict(args)}
-        common.save_reward_model(output_dir / "model", common.unwrap(model), tokenizer, meta)
-        common.write_final(final, output_dir, metrics, step)
+        reward_models.save_reward_model(output_dir / "model", distributed.unwrap(model), tokenizer, meta)
+        metrics.write_final(final, output_dir, log, step)
         if eval_items:
             write_margins(Path(args.eval_margins) if args.eval_margins else output_dir / "eval_margins.json",
                           args.eval_data or args.data, margins)
-        if args.visualize:  # where the reward is earned (common.py, visualisation); the builtin task adds its gold
+        if args.visualize:  # where the reward is earned (avalib/viz.py); the builtin task adds its gold
             source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
-            shown = common.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
-            common.write_token_reward_views(common.unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
-    common.end_distributed(dist)
+            shown = sources.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
+            viz.write_token_reward_views(distributed.unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
+    distributed.end_distributed(dist)
     return final
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    script.run_script(main)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from avalib import evaluation, gold, models, sources  # noqa: E402
 from bench import runner  # noqa: E402
 from bench.runner import slug  # noqa: E402
 
@@ -64,7 +64,7 @@ def run_row(row: str) -> dict:
     path = RESULTS / f"{slug(row)}.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
-    output_dir = common.cache_dir() / "bench-runs" / "direct" / f"{slug(row)}-{key}"
+    output_dir = models.cache_dir() / "bench-runs" / "direct" / f"{slug(row)}-{key}"
     command = [sys.executable, str(ROOT / "train_direct.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")
@@ -81,15 +81,14 @@ def run_row(row: str) -> dict:
 
 def head_to_head(a: dict, b: dict) -> dict:
     """Judge row a's replies against row b's, prompt by prompt (same prompts and sampling seed)."""
-    import task
 
     if [r["prompt"] for r in a["replies"]] != [r["prompt"] for r in b["replies"]]:
         raise ValueError(f"{a['row']} and {b['row']} replied to different prompts")
-    verdicts = [task.judge(x["prompt"], x["reply"], y["reply"]) for x, y in zip(a["replies"], b["replies"])]
+    verdicts = [gold.judge(x["prompt"], x["reply"], y["reply"]) for x, y in zip(a["replies"], b["replies"])]
     counts = {v: verdicts.count(v) for v in ("win", "tie", "lose")}
     n = len(verdicts)
     score = counts["win"] + 0.5 * counts["tie"]
-    return {**counts, "n": n, "win_rate": score / n, "wilson95": list(common.wilson(score, n))}
+    return {**counts, "n": n, "win_rate": score / n, "wilson95": list(evaluation.wilson(score, n))}
 
 
 def step_time(repeats: int = 10) -> dict:
@@ -101,18 +100,18 @@ def step_time(repeats: int = 10) -> dict:
     import ava
     import train_direct
 
-    lm, tokenizer = common.load_model("smollm2")
-    rows, report = common.load_rows("builtin", "pairs", "train", tokenizer)
+    lm, tokenizer = models.load_model("smollm2")
+    rows, report = sources.load_rows("builtin", "pairs", "train", tokenizer)
     items = train_direct.encode_rows(rows[:8], tokenizer, CONFIG["max-length"], report)
     pad = tokenizer.pad_token_id
     references = train_direct.reference_logprobs(lm, items, pad, batch_size=8)
-    common.freeze_layers(lm, CONFIG["trainable-layers"])
+    models.freeze_layers(lm, CONFIG["trainable-layers"])
     config = ava.AVAConfig()
-    models = {"ava-p": ava.TQR(lm, config), "dpo": common.Policy(lm)}
-    args = {k: train_direct.Args(objective=k) for k in models}
-    times = {k: [] for k in models}
+    wrapped = {"ava-p": ava.TQR(lm, config), "dpo": models.Policy(lm)}
+    args = {k: train_direct.Args(objective=k) for k in wrapped}
+    times = {k: [] for k in wrapped}
     for i in range(repeats + 2):
-        for kind, model in models.items():
+        for kind, model in wrapped.items():
             model.zero_grad(set_to_none=True)
             started = time.perf_counter()
             loss, _ = train_direct.compute_loss(model, items, references, args[kind], config, pad)

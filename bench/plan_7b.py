@@ -2,10 +2,10 @@
 
     python bench/plan_7b.py      # writes bench/results/plan_7b.json, plan_7b.md and README's excerpt (seconds; nothing is downloaded)
 
-Each row is `python SCRIPT --plan llama-2-7b ...` (common.memory_plan): the model is built on the meta
+Each row is `python SCRIPT --plan llama-2-7b ...` (memory_plan.memory_plan): the model is built on the meta
 device (no weights), frozen / LoRA'd as the flags say, and its parameters split as FSDP2 splits them
 (dim 0 over the GPUs, padded) or kept whole (DDP, one GPU). The formulas and what they leave out are
-in common.memory_plan and common.activation_bytes_per_token_layer; the per-layer activation counts
+in memory_plan.memory_plan and memory_plan.activation_bytes_per_token_layer; the per-layer activation counts
 are checked against autograd on CPU (tests/test_scale.py), the GPU totals are estimates, not
 measurements (no GPU was available).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from avalib import cli, memory_plan  # noqa: E402
 import train_direct  # noqa: E402
 import train_rm  # noqa: E402
 
@@ -46,7 +46,7 @@ def rows() -> list[dict]:
                 continue  # LoRA is wired into the policy scripts
             for objective in objectives:
                 argv = flags(script, objective, gpus, extra)
-                plan = common.memory_plan(common.parse_config(args_class, argv), objective, script)
+                plan = memory_plan.memory_plan(cli.parse_config(args_class, argv), objective, script)
                 plan.update(setup=label, command=f"python {script} {' '.join(argv)}")
                 out.append(plan)
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from avalib import models  # noqa: E402
 from bench import direct, runner, table1  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ppo"
@@ -53,7 +53,7 @@ def run_row(row: str) -> dict:
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
     model_dir = reward_model_dir(reward_row)
-    output_dir = common.cache_dir() / "bench-runs" / "ppo" / f"{runner.slug(row)}-{key}"
+    output_dir = models.cache_dir() / "bench-runs" / "ppo" / f"{runner.slug(row)}-{key}"
     command = [sys.executable, str(ROOT / "train_ppo.py"), "--reward-model", str(model_dir), *arguments,
                "--output-dir", str(output_dir), "--save-every", "5"]
     if (output_dir / "checkpoint.pt").is_file():

@@ -34,7 +34,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import ava  # noqa: E402
-import common  # noqa: E402
+from avalib import data, evaluation, models, reward_models, sources  # noqa: E402
 from bench import runner, table1  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "readouts"
@@ -42,9 +42,9 @@ OUT = ROOT / "bench" / "results" / "readouts"
 
 def dev_items(task: str, max_length: int, limit: int | None = None):
     """The dev pairs exactly as train_rm.py evaluates them (same reader, same cutting)."""
-    tokenizer = common.load_tokenizer()
-    rows, _ = common.load_rows(str(ROOT / table1.DATA / f"hh-rlhf-{task}" / "dev.jsonl.gz"), "pairs", "dev", tokenizer, skip_bad=True, limit=limit)
-    return [common.encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length)[:2] for r in rows], tokenizer
+    tokenizer = models.load_tokenizer()
+    rows, _ = sources.load_rows(str(ROOT / table1.DATA / f"hh-rlhf-{task}" / "dev.jsonl.gz"), "pairs", "dev", tokenizer, skip_bad=True, limit=limit)
+    return [data.encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_length)[:2] for r in rows], tokenizer
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def sequence_readouts(model, items: list[tuple], pad_id: int, batch_size: int = 
     examples = [item[0] for item in items] + [item[1] for item in items]
     columns: dict[str, list[float]] = {}
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        batch = common.collate(examples[start:start + batch_size], pad_id)
+        batch = data.collate(examples[start:start + batch_size], pad_id)
         if isinstance(model, ava.TQR):
             out = model(**batch, with_logp=True)
             mask, count = out.mask, out.mask.sum(1)
@@ -80,8 +80,8 @@ def margins(columns: dict[str, list[float]]) -> dict[str, list[float]]:
 def describe(name: str, m: list[float], reference: list[float] | None, length: list[float]) -> dict:
     n = len(m)
     right = sum(x > 0 for x in m)
-    row = {"readout": name, "accuracy": right / n, "ties": sum(x == 0 for x in m) / n, "wilson95": list(common.wilson(right, n)),
-           "spearman_with_length_difference": common.rank_correlation(m, length)}
+    row = {"readout": name, "accuracy": right / n, "ties": sum(x == 0 for x in m) / n, "wilson95": list(evaluation.wilson(right, n)),
+           "spearman_with_length_difference": evaluation.rank_correlation(m, length)}
     if reference is not None and m is not reference:
         row["vs_table_score"] = table1.mcnemar(m, reference)
     return row
@@ -95,7 +95,7 @@ def measure(task: str, rows: list[str], limit: int | None = None) -> dict:
     max_length = lengths.pop()
     items, tokenizer = dev_items(task, max_length, limit)
     result = {"task": task, "pairs": len(items), "max_length": max_length, "models": []}
-    lm, _ = common.load_model(tokenizer=tokenizer)
+    lm, _ = models.load_model(tokenizer=tokenizer)
     base = margins(sequence_readouts(lm.eval(), items, tokenizer.pad_token_id, desc="untrained LM"))
     length = base.pop("response tokens")
     result["baselines"] = [describe("longer wins", length, None, length)] + [describe(k, v, None, length) for k, v in base.items()]
@@ -110,7 +110,7 @@ def measure(task: str, rows: list[str], limit: int | None = None) -> dict:
                              f"{table1.run_dir(task, row, committed[0]['seed']).parent} (run it with bench/table1.py first)")
         run = saved[0]  # the lowest seed whose model is here
         directory = table1.run_dir(task, row, run["seed"]) / "model"
-        model, _, _ = common.load_reward_model(directory)
+        model, _, _ = reward_models.load_reward_model(directory)
         found = margins(sequence_readouts(model, items, tokenizer.pad_token_id, desc=row))
         found.pop("response tokens")
         recorded = run.get("dev_margins")
@@ -121,7 +121,7 @@ def measure(task: str, rows: list[str], limit: int | None = None) -> dict:
                 raise SystemExit(f"{row}: 'table score' differs from the run's recorded dev margins by {worst}")
         result["models"].append({"row": row, "seed": run["seed"], "objective": run["objective"], "table_accuracy": run["eval/accuracy"],
                                  "readouts": [describe(k, v, found["table score"], length) for k, v in found.items()],
-                                 "margin_spearman_with_untrained_LM_logp_mean": common.rank_correlation(found["table score"], base["untrained LM logp mean"])})
+                                 "margin_spearman_with_untrained_LM_logp_mean": evaluation.rank_correlation(found["table score"], base["untrained LM logp mean"])})
         del model
     return result
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from avalib import evaluation, models  # noqa: E402
 from bench import runner  # noqa: E402
 
 DATA = Path("..") / "shared" / "data"  # relative to the repository (runs use cwd=ROOT): cache keys survive a move
@@ -94,7 +94,7 @@ def result_path(task: str, row: str, seed: int) -> Path:
 def run_dir(task: str, row: str, seed: int) -> Path:
     """Where the run's checkpoints and saved model live (outside the repository, under $AVA_CACHE)."""
     key = hashlib.sha256(json.dumps(run_arguments(task, row, seed)).encode()).hexdigest()[:12]
-    return common.cache_dir() / "bench-runs" / "table1" / task / f"{result_path(task, row, seed).stem}-{key}"
+    return models.cache_dir() / "bench-runs" / "table1" / task / f"{result_path(task, row, seed).stem}-{key}"
 
 
 def training_terms(metrics: Path) -> dict:
@@ -261,7 +261,7 @@ def summarise(task: str, row: str) -> dict | None:
     accuracies = [r["eval/accuracy"] for r in runs]
     n = runs[0]["eval/pairs"]
     mean = sum(accuracies) / len(accuracies)
-    low, high = common.wilson(mean * n, n)
+    low, high = evaluation.wilson(mean * n, n)
     spread = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5 if len(runs) > 1 else None
     return {"task": task, "row": row, "config": config_name(row),
             "seeds": [r["seed"] for r in runs], "accuracy": mean, "accuracy_std": spread,

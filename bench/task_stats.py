@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import task  # noqa: E402
+from avalib import gold, task  # noqa: E402
 
 
 @dataclass
@@ -237,7 +237,7 @@ def main() -> None:
         "config": asdict(task.SIZES[args.size]),
         "key": loaded.key,
         "bt_temperature": task.BT_TEMPERATURE,
-        "tie_margin": task.TIE_MARGIN,
+        "tie_margin": gold.TIE_MARGIN,
         "build": {"seconds": build_share.seconds if args.rebuild else None, "rebuilt_now": built.built_now,
                   "model_load_and_sampling_seconds": built.build_seconds, "bytes": directory_bytes(loaded.path),
                   "cpu_share_used_by_other_processes": build_share.other_share,

@@ -77,12 +77,12 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
 
 def load_pairs(n: int | None, tokenizer, max_length: int) -> list[dict]:
     """The first n (None: all) harmless pairs whose chosen and rejected both fit in max_length tokens, uncut."""
-    import common
+    from avalib import data, sources
 
-    rows, _ = common.load_rows(str(DATA), "pairs", skip_bad=True)
+    rows, _ = sources.load_rows(str(DATA), "pairs", skip_bad=True)
     kept = []
     for row in rows:
-        chosen, rejected, cut = common.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], 10**6)
+        chosen, rejected, cut = data.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], 10**6)
         if max(len(chosen["input_ids"]), len(rejected["input_ids"])) <= max_length:
             kept.append(row)
         if len(kept) == n:
@@ -108,28 +108,28 @@ class Ours:
         import torch
 
         import ava
-        import common
+        from avalib import data, models, reward_models
         import train_direct
         import train_rm
 
         self.name, self.kind, self.share = name, kind, share_prompts
         self.pad = tokenizer.pad_token_id
-        lm, _ = common.load_model(MODEL, tokenizer=tokenizer)
-        self.items = [common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])[:2]
+        lm, _ = models.load_model(MODEL, tokenizer=tokenizer)
+        self.items = [data.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])[:2]
                       for p in pairs]
         self.lengths = [len(a["input_ids"]) + len(b["input_ids"]) for a, b in self.items]
         self.config = ava.AVAConfig()
         self.references = None
         if kind == "dpo":  # the frozen initial policy, as train_direct.py's reference
             self.reference_lm = copy.deepcopy(lm).eval().requires_grad_(False)
-        common.freeze_layers(lm, CONFIG["trainable-layers"])
+        models.freeze_layers(lm, CONFIG["trainable-layers"])
         if kind == "dpo":
-            self.model = common.Policy(lm)
+            self.model = models.Policy(lm)
             self.args = train_direct.Args(objective="dpo")
             self.loss = lambda items, idx: train_direct.compute_loss(self.model, items, self.references[idx], self.args,
                                                                      self.config, self.pad)
         else:
-            self.model = common.build_reward_model(lm, kind, self.config)
+            self.model = reward_models.build_reward_model(lm, kind, self.config)
             self.loss = lambda items, idx: train_rm.compute_loss(self.model, items, kind, self.config, self.pad)
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -153,13 +153,13 @@ class Ours:
         from torch.utils.flop_counter import FlopCounterMode
 
         import ava
-        import common
+        from avalib import loop
 
         ava.SHARE_PROMPTS = self.share
         steps = []
         if self.kind == "dpo":  # its once-per-run cost, added to the run's timed steps below
             reference_seconds, reference_flops = self._reference_pass(count_flops)
-        for i, batch in enumerate(common.length_grouped_batches(self.lengths, CONFIG["batch-size"], seed, 0)):
+        for i, batch in enumerate(loop.length_grouped_batches(self.lengths, CONFIG["batch-size"], seed, 0)):
             items = [self.items[j] for j in batch]
             counter = FlopCounterMode(display=False) if count_flops and i == 0 else None
             started = time.perf_counter()
@@ -186,17 +186,17 @@ class TRL:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-        import common
+        from avalib import models
 
         self.name, self.kind, self.tokenizer, self.workdir = name, kind, tokenizer, workdir
         self.dataset = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-        path = common.resolve_model_path(MODEL)
+        path = models.resolve_model_path(MODEL)
         if kind == "bt":
             self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
             self.model.config.pad_token_id = tokenizer.pad_token_id
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        common.freeze_layers(self.model, CONFIG["trainable-layers"])
+        models.freeze_layers(self.model, CONFIG["trainable-layers"])
         if kind == "bt":
             self.model.score.requires_grad_(True)
         self.steps: list[dict] = []
@@ -272,11 +272,11 @@ class TRL:
 def measure(args) -> dict:
     import torch
 
-    import common
+    from avalib import models
 
     torch.set_num_threads(args.threads)
     peak = matmul_peak(args.threads)
-    tokenizer = common.load_tokenizer(MODEL)
+    tokenizer = models.load_tokenizer(MODEL)
     pairs = load_pairs(args.pairs, tokenizer, CONFIG["max-length"])
     workdir = Path(tempfile.mkdtemp(prefix="ava-throughput-"))
     systems = [TRL("TRL RewardTrainer", "bt", pairs, tokenizer, workdir),
@@ -336,11 +336,11 @@ def epoch_layout(seed: int = 0) -> dict:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    import common
+    from avalib import data, models
 
-    tokenizer = common.load_tokenizer(MODEL)
+    tokenizer = models.load_tokenizer(MODEL)
     pairs = load_pairs(None, tokenizer, CONFIG["max-length"])
-    model = AutoModelForSequenceClassification.from_pretrained(common.resolve_model_path(MODEL), num_labels=1,
+    model = AutoModelForSequenceClassification.from_pretrained(models.resolve_model_path(MODEL), num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory() as workdir:
@@ -359,7 +359,7 @@ def epoch_layout(seed: int = 0) -> dict:
             trl_positions += sum(m.numel() for m in masks)
     ours_tokens = ours_positions = 0
     for p in pairs:
-        chosen, rejected, _ = common.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])
+        chosen, rejected, _ = data.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], CONFIG["max-length"])
         prompt = chosen["prompt_length"]  # the same for rejected: one shared, identically cut prompt
         ours_tokens += len(chosen["input_ids"]) + len(rejected["input_ids"])
         ours_positions += prompt + 2 * (max(len(chosen["input_ids"]), len(rejected["input_ids"])) - prompt)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from avalib import models, sources  # noqa: E402
 from bench.table1 import DATA, MAIN, RESULTS  # noqa: E402
 
 EVAL_BATCH = 16  # TRL's per-device eval batch: its eval_accuracy averages the accuracies of batches this size
@@ -101,12 +101,12 @@ def main() -> None:
     from trl import RewardConfig, RewardTrainer
 
     os.chdir(ROOT)
-    path = common.resolve_model_path(None)
-    tokenizer = common.load_tokenizer(None)
+    path = models.resolve_model_path(None)
+    tokenizer = models.load_tokenizer(None)
     folder = DATA / f"hh-rlhf-{args.task}"
     splits = {}
     for split in ("train", "dev"):
-        rows, report = common.load_rows(str(folder / f"{split}.jsonl.gz"), "pairs", skip_bad=True)
+        rows, report = sources.load_rows(str(folder / f"{split}.jsonl.gz"), "pairs", skip_bad=True)
         print(report)
         rows = rows[:args.eval_limit] if split == "dev" and args.eval_limit else rows
         splits[split] = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -115,7 +115,7 @@ def main() -> None:
                 trl_ids(tokenizer, r["prompt"], r["rejected"], MAIN["max-length"])) for r in splits["dev"]]
     dev_pairs = [(c, r) for (c, _), (r, _) in dev_ids]
     dev_kept = [not (c_cut or r_cut) for (_, c_cut), (_, r_cut) in dev_ids]
-    run_dir = common.cache_dir() / "bench-runs" / "trl" / f"{args.task}-seed{args.seed}"
+    run_dir = models.cache_dir() / "bench-runs" / "trl" / f"{args.task}-seed{args.seed}"
     out = RESULTS / args.task / f"TRL-RewardTrainer-seed{args.seed}.json"
     if args.rescore:
         if not (run_dir / "model").is_dir() or not out.is_file():
@@ -130,7 +130,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    common.freeze_layers(model, MAIN["trainable-layers"])
+    models.freeze_layers(model, MAIN["trainable-layers"])
     model.score.requires_grad_(True)
     config = RewardConfig(output_dir=str(run_dir),
                           max_length=MAIN["max-length"], per_device_train_batch_size=MAIN["batch-size"],

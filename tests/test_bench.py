@@ -93,7 +93,7 @@ def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
     import torch
 
     import ava
-    import common
+    from avalib import data, distributed
     import train_rm
     from bench import readouts
     from conftest import randomize_heads, tiny_lm
@@ -106,10 +106,10 @@ def test_readouts_of_a_tqr_are_its_table_score_and_its_dense_rewards():
     columns = readouts.sequence_readouts(model, items, pad_id=2, batch_size=4)
     found = readouts.margins(columns)
     margins = []
-    train_rm.evaluate(model, items, 4, 2, common.Distributed(), margins)
+    train_rm.evaluate(model, items, 4, 2, distributed.Distributed(), margins)
     assert found["table score"] == pytest.approx(margins, abs=1e-6)
     assert found["response tokens"] == [5 - 7, 6 - 2, 9 - 4]  # one transition per response token
-    batch = common.collate([items[0][0]], 2)
+    batch = data.collate([items[0][0]], 2)
     with torch.no_grad():
         out, logp = model(**batch, with_logp=True), ava.token_logprobs(model.lm, **batch)
     assert columns["token reward sum"][0] == pytest.approx(float(out.mu.sum()), abs=1e-5)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import ava
-import common
+from avalib import data, distributed, frozen_trunk, models, reward_models
 import train_rm
 from conftest import randomize_heads, tiny_lm
 from test_train_rm import hh_rows, run, write_jsonl
 
-ONE_PROCESS = common.Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+ONE_PROCESS = distributed.Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def three_layer_llama(tmp_path, seed=0):
@@ -41,7 +41,7 @@ def pairs(n=3, seed=0):
 
 def attach(lm, model_dir, k, examples, **kwargs):
     args = types.SimpleNamespace(model=model_dir, trainable_layers=k, fsdp=False)
-    return common.attach_frozen_trunk(lm, args, examples, ONE_PROCESS, **kwargs)
+    return frozen_trunk.attach_frozen_trunk(lm, args, examples, ONE_PROCESS, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +53,10 @@ def cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["ava-p", "bt", "pref-trans"])
 def test_top_layers_from_the_trunk_are_the_whole_model(tmp_path, k, kind):
     lm, model_dir = three_layer_llama(tmp_path)
-    common.freeze_layers(lm, k)
-    model = randomize_heads(common.build_reward_model(lm, kind, ava.AVAConfig()))
+    models.freeze_layers(lm, k)
+    model = randomize_heads(reward_models.build_reward_model(lm, kind, ava.AVAConfig()))
     examples = pairs()
-    batch = common.collate(examples, pad_id=2)
+    batch = data.collate(examples, pad_id=2)
 
     def loss_and_grads():
         out = model(**batch)
@@ -77,15 +77,15 @@ def test_top_layers_from_the_trunk_are_the_whole_model(tmp_path, k, kind):
     for name, grad in grads.items():
         torch.testing.assert_close(cached_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     # While the top layers run, the model looks like k layers; afterwards it is whole again.
-    assert len(common.decoder_layers(lm)) == 3 and [l.self_attn.layer_idx for l in common.decoder_layers(lm)] == [0, 1, 2]
+    assert len(models.decoder_layers(lm)) == 3 and [l.self_attn.layer_idx for l in models.decoder_layers(lm)] == [0, 1, 2]
 
 
 def test_a_batch_with_an_unknown_row_takes_the_whole_model(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
-    common.freeze_layers(lm, 1)
+    models.freeze_layers(lm, 1)
     examples = pairs(3)
     attach(lm, model_dir, 1, examples[:4])  # the third pair is not cached
-    batch = common.collate(examples, pad_id=2)
+    batch = data.collate(examples, pad_id=2)
     assert lm.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is None
     with torch.no_grad():
         mixed = ava.hidden_states(lm, **batch)
@@ -96,7 +96,7 @@ def test_a_batch_with_an_unknown_row_takes_the_whole_model(tmp_path):
 
 def test_a_killed_build_resumes_from_its_finished_chunks_and_a_second_run_reuses_them(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
-    common.freeze_layers(lm, 1)
+    models.freeze_layers(lm, 1)
     examples = pairs(3)
     first = attach(lm, model_dir, 1, examples, chunk_size=2)
     states = dict(lm.frozen_trunk.states)
@@ -119,13 +119,13 @@ def test_refused_where_it_cannot_be_the_same_model(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
     with pytest.raises(SystemExit, match="bottom layers must be frozen"):
         attach(lm, model_dir, 1, pairs())  # freeze_layers was not called
-    common.freeze_layers(lm, 1)
+    models.freeze_layers(lm, 1)
     for k in (0, 3, -1):
         with pytest.raises(SystemExit, match="0 < --trainable-layers < 3"):
             attach(lm, model_dir, k, pairs())
     gpt2 = tiny_lm("gpt2")  # adds position embeddings to inputs_embeds: cached states would enter twice
     gpt2.save_pretrained(tmp_path / "gpt2")
-    common.freeze_layers(gpt2, 1)
+    models.freeze_layers(gpt2, 1)
     with pytest.raises(SystemExit, match="GPT-2 does not"):
         attach(gpt2, str(tmp_path / "gpt2"), 1, pairs())
     assert not hasattr(gpt2, "frozen_trunk")
@@ -187,7 +187,7 @@ def test_reinstalling_the_embedded_model_keeps_its_converted_copy_and_the_caches
     different bytes must get a different copy."""
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"weights v1")
-    monkeypatch.setattr(common, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: gguf)
     monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
     converted = []
 
@@ -195,11 +195,11 @@ def test_reinstalling_the_embedded_model_keeps_its_converted_copy_and_the_caches
         converted.append(target)
         target.mkdir(parents=True)
         (target / "config.json").write_text("{}")
-    monkeypatch.setattr(common, "_convert_smollm2", convert)
-    first = common.resolve_model_path()
+    monkeypatch.setattr(models, "_convert_smollm2", convert)
+    first = models.resolve_model_path()
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**12))  # reinstalled later
-    assert common.resolve_model_path() == first
+    assert models.resolve_model_path() == first
     assert len(converted) == 1
     gguf.write_bytes(b"weights v2")
-    assert common.resolve_model_path() != first
+    assert models.resolve_model_path() != first
     assert len(converted) == 2

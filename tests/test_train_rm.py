@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import common
+from avalib import data, reward_models, sources, task
 import train_rm
 from conftest import ROOT, SHARED_DATA
 
@@ -58,9 +58,9 @@ def test_every_objective_trains_evaluates_and_saves(tmp_path, tiny_model_dir, pa
         assert "ava/td_logp" in lines[0] or "irl" in extra
         assert "rewards/accuracies" in lines[0]
     # The saved model loads through one function and scores texts, per token for every kind.
-    model, tokenizer, meta = common.load_reward_model(out / "model")
+    model, tokenizer, meta = reward_models.load_reward_model(out / "model")
     assert meta["kind"] == objective
-    scored = common.score_texts(model, tokenizer, ["Hello?"], [" Fine, thanks."])
+    scored = reward_models.score_texts(model, tokenizer, ["Hello?"], [" Fine, thanks."])
     assert len(scored[0]["tokens"]) == len(scored[0]["rewards"]) > 0
     assert ("sigmas" in scored[0]) == objective.startswith("ava")
     # ...and eval-only on the saved model reproduces the run's final accuracy.
@@ -109,15 +109,15 @@ def test_data_formats(tmp_path, tiny_model_dir):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(hh_rows(3)), tmp_path / "rows.parquet")
-    assert common.load_rows(standard, "pairs")[0][0]["prompt"] == "Q?"
-    pair = common.load_rows(conversational, "pairs", tokenizer=tokenizer)[0][0]
+    assert sources.load_rows(standard, "pairs")[0][0]["prompt"] == "Q?"
+    pair = sources.load_rows(conversational, "pairs", tokenizer=tokenizer)[0][0]
     assert pair["prompt"].endswith("<|im_start|>assistant\n") and pair["chosen"].startswith("yes")
-    assert len(common.load_rows(str(tmp_path / "list.json"), "pairs")[0]) == 2
-    hh = common.load_rows(str(tmp_path / "rows.parquet"), "pairs")[0]
+    assert len(sources.load_rows(str(tmp_path / "list.json"), "pairs")[0]) == 2
+    hh = sources.load_rows(str(tmp_path / "rows.parquet"), "pairs")[0]
     assert hh[0]["prompt"].endswith("\n\nAssistant:") and hh[0]["chosen"] == " A kind and helpful answer 0."
     demos = write_jsonl(tmp_path / "demos.jsonl", [{"question": "1+1?", "answer": "2"}, {"prompt": "P", "completion": "C"},
                                                    {"prompt": "P", "response": "R"}, hh_rows(1)[0]])
-    rows = common.load_rows(demos, "demos", tokenizer=tokenizer)[0]
+    rows = sources.load_rows(demos, "demos", tokenizer=tokenizer)[0]
     assert [r["response"] for r in rows] == ["2", "C", "R", " A kind and helpful answer 0."]
     assert "1+1?" in rows[0]["prompt"] and rows[0]["prompt"].endswith("assistant\n")
 
@@ -127,7 +127,7 @@ def test_long_prompts_are_cut_from_the_left_and_responses_from_the_right(tiny_mo
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = "".join(f"turn {i}. " for i in range(100)) + "LAST TURN"
-    chosen, rejected, cut = common.encode_pair(tokenizer, prompt, " short", " word " * 200, max_length=64)
+    chosen, rejected, cut = data.encode_pair(tokenizer, prompt, " short", " word " * 200, max_length=64)
     assert cut and len(chosen["input_ids"]) <= 64 and len(rejected["input_ids"]) == 64
     assert tokenizer.decode(chosen["input_ids"][: chosen["prompt_length"]]).endswith("LAST TURN")  # latest kept
     assert chosen["prompt_length"] == rejected["prompt_length"]  # one shared prompt
@@ -149,12 +149,12 @@ def test_bad_input_names_file_line_and_field_or_is_skipped_and_counted(tmp_path,
     good = json.dumps({"prompt": "p", "chosen": "good", "rejected": "bad"}).encode() + b"\n"
     path = tmp_path / "data.jsonl"
     path.write_bytes(good + good + bad + good)
-    with pytest.raises(common.DataError) as error:
-        common.load_rows(str(path), "pairs")
+    with pytest.raises(data.DataError) as error:
+        sources.load_rows(str(path), "pairs")
     assert str(error.value).startswith(f"{path}:3: field {field!r}") and problem in str(error.value)
-    rows, report = common.load_rows(str(path), "pairs", skip_bad=True)
+    rows, report = sources.load_rows(str(path), "pairs", skip_bad=True)
     assert len(rows) == 3 and sum(report.skipped.values()) == 1 and report.kept == 3
-    with pytest.raises(common.DataError, match=f"{path}:3: field {field!r}"):  # the script stops on it too
+    with pytest.raises(data.DataError, match=f"{path}:3: field {field!r}"):  # the script stops on it too
         train_rm.main(["--data", str(path), "--model", tiny_model_dir, "--output-dir", str(tmp_path / "out")])
 
 
@@ -225,7 +225,6 @@ def test_default_data_is_the_builtin_task(tmp_path, tiny_model_dir):
     """The main script's default data is the offline task: pairs from its train split, accuracy on
     its dev split (here its tiny size, sampled once from the real SmolLM2 into the cache)."""
     assert train_rm.Args().data == "builtin"
-    import task
 
     built = task.load_task("tiny", progress=False)
     final, _ = run(tmp_path, "--model", tiny_model_dir, "--data", "builtin:tiny", "--objective", "ava-p")

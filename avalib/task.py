@@ -15,7 +15,7 @@ Prompts
 
 Responses
     `samples_per_prompt` replies per prompt sampled from the embedded SmolLM2-135M-Instruct
-    (chat template, temperature 1, nucleus 0.95, fixed seed) by common.generate_ids.
+    (chat template, temperature 1, nucleus 0.95, fixed seed) by avalib.generation.generate_ids.
 
 Gold reward (VADER, Hutto & Gilbert 2014; package vaderSentiment 3.3.2)
     VADER scores each whitespace-separated word: its lexicon valence, adjusted by VADER's rules
@@ -48,8 +48,8 @@ Preferences, demonstrations, prompt-only sets
     - demonstrations: the best of a prompt's samples under gold, {"prompt", "response", "score"}.
     - prompts: {"prompt", "instruction"} for PPO rollouts and win-rate evaluation.
     "prompt" is the chat-formatted text the replies were sampled from (it ends in
-    "<|im_start|>assistant\\n"), so it feeds common.encode_pair and
-    common.generate(..., chat_template=False) unchanged.
+    "<|im_start|>assistant\\n"), so it feeds avalib.data.encode_pair and
+    avalib.generation.generate(..., chat_template=False) unchanged.
 
 Judge
     judge(prompt, a, b) compares gold scores: "tie" when they differ by at most TIE_MARGIN = 0.05
@@ -61,7 +61,7 @@ Cache
     Sampling is the only slow part (5.5-7 min on 2 CPU cores for the default size: 327 s on an idle
     machine, 403 s with 11% of it busy elsewhere, bench/results/task.md), so only the samples are
     cached, in
-    common.cache_dir()/task/<size>-<key>/task.json, where <key> hashes the prompts, the model
+    avalib.models.cache_dir()/task/<size>-<key>/task.json, where <key> hashes the prompts, the model
     files, every generation setting, the seed and TASK_FORMAT_VERSION. Gold scores and labels are
     recomputed on load (VADER takes ~0.1 ms a text), so they always follow the code above. The
     directory is written under a temporary name and renamed into place: no reader ever sees half
@@ -71,31 +71,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
 import shutil
-import string
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
+from avalib import generation, gold, models
+
 
 SPLITS = ("train", "dev", "test")
-TIE_MARGIN = 0.05  # judge: gold scores within this distance tie (VADER's neutral band is |compound| < 0.05)
+
+
 # Bradley-Terry temperature tau of the default labels, in gold (compound, -1..1) units. At 0.1 a
 # gold gap of 0.1 is labelled right 73% of the time, 0.3 95%; on the default size 88% of the labels
 # agree with the gold sign (the label ceiling, bench/results/task.md): noisy, like human labels.
 BT_TEMPERATURE = 0.1
-VADER_ALPHA = 15.0  # VADER's normalisation constant: compound = S / sqrt(S^2 + alpha)
+
+
 TASK_FORMAT_VERSION = 1  # bump when the prompts' formatting or the cached records change meaning
 
-# ---- prompts ----
 
 PROMPT_GROUPS: list[tuple[list[str], list[str]]] = [
     (["Describe your day at {}.",
@@ -166,162 +166,6 @@ def split_of(prompt: str) -> str:
     return "train" if bucket < 8 else "dev" if bucket == 8 else "test"
 
 
-# ---- gold reward: VADER, word by word ----
-
-@functools.lru_cache(maxsize=1)
-def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-@dataclass(frozen=True)
-class WordValence:
-    """One word as VADER reads it: its characters text[start:end] and its valence after VADER's rules."""
-    start: int
-    end: int
-    word: str
-    valence: float
-
-
-def gold_word_valences(text: str) -> list[WordValence]:
-    """VADER's per-word valences of `text`, with each word's character span in `text`.
-
-    Runs VADER 3.3.2's own rule code (SentimentIntensityAnalyzer.polarity_scores, up to the point
-    where it sums the list), keeping track of where each word came from: emoji are replaced by
-    their lexicon descriptions (every word of a description points back at the emoji), words are
-    the whitespace-separated chunks with leading/trailing punctuation stripped unless that leaves
-    two characters or fewer (emoticons such as ":)" stay whole).
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"gold reward: expected a string, got {type(text).__name__}")
-    from vaderSentiment.vaderSentiment import BOOSTER_DICT, SentiText
-
-    analyzer = _vader()
-    # 1. emoji -> descriptions; source[i] is the span of `text` that converted character i came from
-    converted, source = [], []
-    previous_was_space = True
-    for position, char in enumerate(text):
-        if char in analyzer.emojis:
-            description = ("" if previous_was_space else " ") + analyzer.emojis[char]
-            converted.extend(description)
-            source.extend([(position, position + 1)] * len(description))
-            previous_was_space = False
-        else:
-            converted.append(char)
-            source.append((position, position + 1))
-            previous_was_space = char == " "
-    converted_text = "".join(converted)
-
-    # 2. words = whitespace-separated chunks (str.split semantics), with their spans
-    chunks, start = [], None
-    for position, char in enumerate(converted_text + " "):  # the sentinel space closes the last word
-        if char.isspace():
-            if start is not None:
-                chunks.append((start, position))
-                start = None
-        elif start is None:
-            start = position
-    sentitext = SentiText(converted_text.strip())
-    words = sentitext.words_and_emoticons
-    if len(words) != len(chunks):
-        raise AssertionError(f"VADER split {len(words)} words, we found {len(chunks)}: {text!r}")
-
-    # 3. VADER's valence loop, verbatim from polarity_scores
-    sentiments: list[float] = []
-    for i, item in enumerate(words):
-        if item.lower() in BOOSTER_DICT:
-            sentiments.append(0.0)
-            continue
-        if i < len(words) - 1 and item.lower() == "kind" and words[i + 1].lower() == "of":
-            sentiments.append(0.0)
-            continue
-        sentiments = analyzer.sentiment_valence(0.0, sentitext, item, i, sentiments)
-    sentiments = analyzer._but_check(words, sentiments)
-
-    # 4. each word's span in the original text (VADER strips punctuation unless <= 2 characters remain)
-    result = []
-    for (chunk_start, chunk_end), word, valence in zip(chunks, words, sentiments):
-        chunk = converted_text[chunk_start:chunk_end]
-        if word != chunk:  # punctuation was stripped: narrow the span to the word itself
-            chunk_start += len(chunk) - len(chunk.lstrip(string.punctuation))
-            chunk_end = chunk_start + len(word)
-        start, end = source[chunk_start][0], source[chunk_end - 1][1]
-        result.append(WordValence(start, end, text[start:end], float(valence)))
-    return result
-
-
-def normalize_gold(total_valence: float) -> float:
-    """VADER's squashing of a valence sum into (-1, 1): S / sqrt(S^2 + 15)."""
-    return total_valence / math.sqrt(total_valence * total_valence + VADER_ALPHA)
-
-
-def gold_score(text: str) -> float:
-    """Sequence-level gold of a response: normalize_gold(sum of its word valences), in (-1, 1).
-    Equals VADER's compound score for text without "!" or "?" (up to VADER's rounding)."""
-    return normalize_gold(sum(word.valence for word in gold_word_valences(text)))
-
-
-def token_rewards_from_offsets(text: str, offsets: list[tuple[int, int]]) -> list[float]:
-    """Token-level gold for tokens with character spans `offsets` into `text` (one (start, end) per
-    token; empty spans, e.g. special tokens, get 0). Each word's valence goes to the last token
-    overlapping it; every other token gets 0, so the rewards sum to the word valences' sum.
-
-    For a response inside a longer sequence, pass its tokens' offsets shifted to the response."""
-    rewards = [0.0] * len(offsets)
-    for word in gold_word_valences(text):
-        if word.valence == 0.0:
-            continue
-        last = None
-        for index, (start, end) in enumerate(offsets):
-            if start < word.end and end > word.start and end > start:
-                last = index
-        if last is None:
-            raise ValueError(f"no token overlaps the word {word.word!r} at characters {word.start}:{word.end}: "
-                             "offsets do not cover the text")
-        rewards[last] += word.valence
-    return rewards
-
-
-def gold_token_rewards(text: str, tokenizer) -> list[float]:
-    """Token-level gold of `text`, aligned to tokenizer(text, add_special_tokens=False)["input_ids"]:
-    one float per token, each word's VADER valence on its last token, 0 elsewhere. Needs a fast
-    (Rust) tokenizer for the character offsets. normalize_gold(sum(rewards)) == gold_score(text)."""
-    try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as error:
-        raise ValueError("gold_token_rewards needs character offsets: use a fast tokenizer "
-                         "(AutoTokenizer.from_pretrained(..., use_fast=True))") from error
-    offsets = [tuple(span) for span in encoding["offset_mapping"]]
-    if len(offsets) != len(encoding["input_ids"]):
-        raise ValueError("the tokenizer returned a different number of offsets and tokens")
-    return token_rewards_from_offsets(text, offsets)
-
-
-def judge(prompt: str, response_a: str, response_b: str, margin: float = TIE_MARGIN) -> str:
-    """Gold judgement of a against b: "win" / "tie" / "lose" from a's side. A tie is a gold difference
-    of at most `margin`. The prompt does not enter the gold (see the module docstring)."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"judge: prompt must be a string, got {type(prompt).__name__}")
-    if margin < 0:
-        raise ValueError(f"judge: margin must be >= 0, got {margin}")
-    difference = gold_score(response_a) - gold_score(response_b)
-    return "tie" if abs(difference) <= margin else "win" if difference > 0 else "lose"
-
-
-def win_rate(prompts: list[str], responses: list[str], baselines: list[str], margin: float = TIE_MARGIN) -> dict:
-    """Judge responses against baselines prompt by prompt. win_rate counts a tie as half a win."""
-    if not len(prompts) == len(responses) == len(baselines):
-        raise ValueError(f"win_rate: {len(prompts)} prompts, {len(responses)} responses, {len(baselines)} baselines")
-    if not prompts:
-        raise ValueError("win_rate: nothing to judge")
-    verdicts = [judge(p, a, b, margin) for p, a, b in zip(prompts, responses, baselines)]
-    counts = {verdict: verdicts.count(verdict) for verdict in ("win", "tie", "lose")}
-    return {**counts, "n": len(verdicts), "win_rate": (counts["win"] + 0.5 * counts["tie"]) / len(verdicts)}
-
-
-# ---- preference labels ----
-
 def preference_probability(gold_a: float, gold_b: float, temperature: float) -> float:
     """Bradley-Terry: P(a preferred to b) = sigmoid((gold_a - gold_b) / temperature); temperature 0
     is the noise-free limit (1, 0, or 1/2 on an exact tie)."""
@@ -348,8 +192,6 @@ def label_agreement(pairs: list[dict]) -> float | None:
         return None
     return sum(pair["score_chosen"] > pair["score_rejected"] for pair in decided) / len(decided)
 
-
-# ---- the task: sizes, cache, records ----
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -410,11 +252,11 @@ def cache_key(config: TaskConfig, prompts: list[tuple[str, str]], fingerprint: d
 
 def _build_records(config: TaskConfig, prompts: list[tuple[str, str]], model_path: str, progress: bool) -> list[dict]:
     """Sample the replies: the slow part (minutes for the default size)."""
-    model, tokenizer = common.load_model(model_path)
+    model, tokenizer = models.load_model(model_path)
     k = config.samples_per_prompt
     instructions = [prompt for prompt, _ in prompts]
     # sample j of prompt i sits at i * k + j; each reply gets its own draw of the one seeded stream
-    generations = common.generate_ids(
+    generations = generation.generate_ids(
         model, tokenizer, [prompt for prompt in instructions for _ in range(k)],
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
         seed=config.seed, batch_size=config.batch_size, chat_template=True, progress=progress,
@@ -424,7 +266,7 @@ def _build_records(config: TaskConfig, prompts: list[tuple[str, str]], model_pat
         samples = generations[i * k:(i + 1) * k]
         records.append({
             "instruction": instruction,
-            "prompt": common.chat_prompt_text(tokenizer, instruction),
+            "prompt": generation.chat_prompt_text(tokenizer, instruction),
             "split": split,
             "responses": [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in samples],
             "n_tokens": [len(g.response_ids) for g in samples],
@@ -522,7 +364,7 @@ class Task:
                 "gold_negative": sum(g < 0 for g in gold),
                 "finished_with_eos": sum(finished), "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
                 "pairs_exact_gold_tie": sum(p["score_chosen"] == p["score_rejected"] for p in pairs),
-                "pairs_judge_tie": sum(abs(p["score_chosen"] - p["score_rejected"]) <= TIE_MARGIN for p in pairs),
+                "pairs_judge_tie": sum(abs(p["score_chosen"] - p["score_rejected"]) <= gold.TIE_MARGIN for p in pairs),
                 "label_agreement_bt": label_agreement(pairs),
             }
         return out
@@ -541,9 +383,9 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
         raise ValueError(f"unknown task size {size!r}; choose from {sorted(SIZES)}")
     config = SIZES[size]
     prompts = select_prompts(config)
-    model_path = common.resolve_model_path(model)
+    model_path = models.resolve_model_path(model)
     key = cache_key(config, prompts, model_fingerprint(model_path))
-    directory = common.cache_dir() / "task" / f"{size}-{key}"
+    directory = models.cache_dir() / "task" / f"{size}-{key}"
     cached = directory / "task.json"
 
     built_now = rebuild or not cached.is_file()
@@ -567,7 +409,7 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
         records, build_seconds = payload["records"], payload["build_seconds"]
 
     for record in records:  # the gold always comes from the code, never from the cache
-        record["gold"] = [gold_score(response) for response in record["responses"]]
+        record["gold"] = [gold.gold_score(response) for response in record["responses"]]
     return Task(config=config, key=key, path=directory, records=records, build_seconds=build_seconds,
                 built_now=built_now)
 

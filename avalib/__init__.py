@@ -1,0 +1,1 @@
+"""What the training scripts share, one module per concern (see README, Layout)."""

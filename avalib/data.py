@@ -1,0 +1,184 @@
+"""Data formats: one preference pair or demonstration from any supported row format, tokenised and batched.
+
+Every bad row is a DataError naming file:line and field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+class DataError(ValueError):
+    """Bad input, with the file, line and field it came from."""
+
+    def __init__(self, where: str, field: str, problem: str):
+        super().__init__(f"{where}: field {field!r}: {problem}")
+        self.where, self.field, self.problem = where, field, problem
+
+
+def split_hh(chosen: str, rejected: str, where: str = "<pair>") -> tuple[str, str, str]:
+    """Anthropic HH raw format -> (prompt, chosen response, rejected response). The shared prompt is
+    everything up to and including the last "\n\nAssistant:" of the dialogue that both sides share:
+    normally the chosen dialogue's last Assistant turn; a few HH rows carry an extra Assistant turn
+    inside the chosen response, and there the prompt ends where the two dialogues still agree."""
+    common_length = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common_length += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, common_length)
+    if cut < 0:
+        field = "chosen" if HH_ASSISTANT not in chosen else "rejected"
+        raise DataError(where, field, f"no {HH_ASSISTANT.strip()!r} turn shared by chosen and rejected: not an HH pair")
+    prompt = chosen[: cut + len(HH_ASSISTANT)]
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def read_jsonl(path: str | Path, yield_errors: bool = False):
+    """Yield (where, record) from a .jsonl or .jsonl.gz file; `where` is "file:line" for errors.
+    An unreadable line raises DataError, or with yield_errors is yielded as (where, DataError) so
+    the caller may skip it and read on."""
+    import gzip
+    import json
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise DataError(where, "<line>", f"expected a JSON object, got {type(record).__name__}")
+            except UnicodeDecodeError as error:
+                record = DataError(where, "<line>", f"invalid UTF-8 ({error.reason} at byte {error.start})")
+            except json.JSONDecodeError as error:
+                record = DataError(where, "<line>", f"malformed JSON ({error.msg}, column {error.colno})")
+            except DataError as error:
+                record = error
+            if isinstance(record, DataError) and not yield_errors:
+                raise record
+            yield where, record
+
+
+def encode(tokenizer, prompt: str, responses: list[str], max_length: int) -> tuple[list[dict], bool]:
+    """Tokenise responses that share one prompt. The prompt is cut from the left (latest turns kept),
+    each response from the right, so prompt + response <= max_length; EOS ends every response.
+    Returns (one example per response, was anything cut)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+    encoded = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in responses]
+    longest = max(len(r) for r in encoded)
+    prompt_budget = max(max_length - longest, max_length // 2, 1)  # a long response may not squeeze the prompt below half
+    cut = len(prompt_ids) > prompt_budget or min(len(prompt_ids), prompt_budget) + longest > max_length
+    prompt_ids = prompt_ids[-prompt_budget:]
+    examples = [{"input_ids": prompt_ids + r[: max_length - len(prompt_ids)], "prompt_length": len(prompt_ids)} for r in encoded]
+    return examples, cut
+
+
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int) -> tuple[dict, dict, bool]:
+    """A preference pair with one shared (identically cut) prompt: (chosen, rejected, was_cut)."""
+    (chosen_example, rejected_example), cut = encode(tokenizer, prompt, [chosen, rejected], max_length)
+    return chosen_example, rejected_example, cut
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples into input_ids, attention_mask and response_mask (B, T) tensors."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    response_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        attention_mask[row, :n] = 1
+        response_mask[row, example["prompt_length"]:n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def _text(record: dict, where: str, field: str, allow_empty: bool = False) -> str:
+    if field not in record:
+        raise DataError(where, field, "missing")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(where, field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(where, field, "empty")
+    return value
+
+
+def _render_conversation(tokenizer, prompt, response, where: str, field: str) -> tuple[str, str]:
+    """TRL's conversational format: message lists rendered with the tokenizer's chat template."""
+    for name, messages in (("prompt", prompt), (field, response)):
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            raise DataError(where, name, "expected a list of {role, content} messages")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(where, field, "conversational data needs a tokenizer with a chat template")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError(where, field, "the chat template does not render the prompt as a prefix of the conversation")
+    return prompt_text, full[len(prompt_text):]
+
+
+def pair_from_record(record: dict, where: str, tokenizer=None) -> dict:
+    """One preference pair from any supported format: HH raw (`chosen`/`rejected` dialogues), TRL
+    standard (`prompt`/`chosen`/`rejected` strings) or TRL conversational (message lists)."""
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(where, key, "missing")
+    if "prompt" not in record:  # Anthropic HH: the prompt is everything up to the last Assistant turn
+        prompt, chosen, rejected = split_hh(_text(record, where, "chosen"), _text(record, where, "rejected"), where)
+    elif isinstance(record["chosen"], list):
+        prompt, chosen = _render_conversation(tokenizer, record["prompt"], record["chosen"], where, "chosen")
+        _, rejected = _render_conversation(tokenizer, record["prompt"], record["rejected"], where, "rejected")
+    else:
+        prompt = _text(record, where, "prompt", allow_empty=True)
+        chosen, rejected = _text(record, where, "chosen"), _text(record, where, "rejected")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(where, key, "empty response")
+    if chosen == rejected:
+        raise DataError(where, "rejected", "identical to chosen: the pair carries no preference")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": where}
+
+
+def demonstration_from_record(record: dict, where: str, tokenizer=None) -> dict:
+    """One demonstration: `prompt`/`response`, `prompt`/`completion`, `instruction`/`input`/`output`,
+    `question`/`answer`, or the chosen half of a preference pair. Instruction and question formats
+    are rendered through the tokenizer's chat template when it has one."""
+    def chat(user_text: str) -> str:
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+        return user_text + "\n\n"
+
+    if "chosen" in record:
+        pair = pair_from_record(record, where, tokenizer)
+        prompt, response = pair["prompt"], pair["chosen"]
+    elif "instruction" in record:
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(where, "input", f"expected a string, got {type(extra).__name__}")
+        prompt = chat(_text(record, where, "instruction") + (f"\n\n{extra}" if extra.strip() else ""))
+        response = _text(record, where, "output")
+    elif "question" in record:
+        prompt, response = chat(_text(record, where, "question")), _text(record, where, "answer")
+    elif "prompt" in record:
+        key = "response" if "response" in record else "completion"
+        prompt, response = _text(record, where, "prompt", allow_empty=True), _text(record, where, key)
+    else:
+        raise DataError(where, "<row>", "not a demonstration: expected prompt/response, prompt/completion, "
+                        "instruction/input/output, question/answer or chosen/rejected")
+    return {"prompt": prompt, "response": response, "where": where}
+
+
+def pair_batches(tokenizer, pairs: list[dict], max_length: int) -> tuple[dict, dict, int]:
+    """Preference pairs -> (chosen batch, rejected batch, number of pairs that had to be cut)."""
+    encoded = [encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], max_length) for p in pairs]
+    pad = tokenizer.pad_token_id
+    return (collate([e[0] for e in encoded], pad), collate([e[1] for e in encoded], pad), sum(e[2] for e in encoded))

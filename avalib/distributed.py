@@ -1,0 +1,219 @@
+"""Distribution: DDP under torchrun (gloo on CPU, NCCL on GPU), FSDP2 with --fsdp, a no-op in one process.
+
+The one entry point is `distribute(model, args, dist)`; `init_distributed` / `end_distributed` bracket a run.
+
+One distributed layer for every script: `train_loop` calls `distribute` (DDP by default, FSDP2 with
+--fsdp, activation checkpointing with --activation-checkpointing), casts to bf16 with --bf16 on a
+GPU, writes sharded checkpoints (torch.distributed.checkpoint) under FSDP and gathers the full
+weights back into a plain model at the end, so evaluation and the safetensors export run as in a
+single process. LoRA (peft) is applied by the policy scripts before training and merged before
+export. `memory_plan` works out bytes per GPU for a model on the meta device (--plan).
+Measured on CPU/gloo (tests/test_scale.py): 2 processes reproduce 1 process's losses and gradients
+over the same global batch, for DDP and for FSDP2 (torch 2.13; see `check_fsdp_averages`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from avalib import models
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    created: bool = False  # this call started the process group (so its caller should end it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Read torchrun's environment; start a process group when there is more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    created = world_size > 1 and not torch.distributed.is_initialized()
+    if created:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, device, created)
+
+
+def all_reduce_sum(values: list[float], dist: Distributed) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_strided(values: list, dist: Distributed) -> list:
+    """Undo `items[rank::world_size]`: every rank's values, back in the items' order, on every rank."""
+    if dist.world_size == 1:
+        return list(values)
+    parts: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(parts, list(values))
+    ordered: list = [None] * sum(len(part) for part in parts)
+    for rank, part in enumerate(parts):
+        ordered[rank::dist.world_size] = part
+    return ordered
+
+
+def shard(batch: list, dist: Distributed) -> list:
+    """This rank's part of a global batch (every rank gets at least one item if the batch allows)."""
+    return batch[dist.rank::dist.world_size]
+
+
+def is_sharded(args, dist: Distributed) -> bool:
+    """FSDP2 is on: --fsdp under torchrun with more than one process (one process has nothing to shard)."""
+    return bool(getattr(args, "fsdp", False)) and dist.world_size > 1
+
+
+def check_scale_flags(args, dist: Distributed) -> None:
+    """Refuse flag combinations that cannot do what they say, before anything is loaded."""
+    if getattr(args, "bf16", False):
+        if dist.device.type != "cuda":
+            raise SystemExit("--bf16: mixed precision needs a CUDA GPU; on this CPU bf16 matmul runs ~2.7x slower "
+                             "than fp32, so training stays in fp32 (drop --bf16)")
+        if not torch.cuda.is_bf16_supported():
+            raise SystemExit("--bf16: this GPU has no bf16 support (drop --bf16)")
+
+
+def autocast_context(args, dist: Distributed):
+    """bf16 autocast around the forward pass and loss under --bf16, except under FSDP2, whose
+    MixedPrecisionPolicy casts the parameters itself. Master weights and optimiser stay fp32."""
+    if getattr(args, "bf16", False) and not is_sharded(args, dist):
+        return torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model):
+    """The module inside a DDP wrapper, or the module itself (FSDP2 shards in place: nothing to unwrap)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Keep only each decoder layer's input; the backward pass recomputes the layer (non-reentrant
+    torch.utils.checkpoint, through transformers, which checkpoints `forward` inside the module's
+    hooks, so FSDP2's hooks are not run twice)."""
+    lm = models.language_model(model)
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_fsdp_averages(mesh) -> None:
+    """FSDP2 on gloo has been reported to sum gradients across ranks instead of averaging them
+    (pytorch issue 162338). A one-parameter probe, sharded like the model, catches that at start-up:
+    rank r sees gradient r + 1, so the mean is (world + 1) / 2 and the sum world (world + 1) / 2."""
+    from torch.distributed.fsdp import fully_shard
+
+    world, rank = mesh.size(), mesh.get_rank()
+    probe = torch.nn.Linear(1, world, bias=False, device=mesh.device_type)
+    torch.nn.init.ones_(probe.weight)
+    fully_shard(probe, mesh=mesh)
+    probe(torch.full((1, 1), float(rank + 1), device=mesh.device_type)).sum().backward()
+    got = probe.weight.grad.full_tensor().flatten()
+    if not torch.allclose(got, torch.full_like(got, (world + 1) / 2)):
+        raise SystemExit(f"FSDP2 on this torch ({torch.__version__}) and backend "
+                         f"({torch.distributed.get_backend()}) does not average gradients across processes "
+                         f"(got {got.tolist()}, expected {(world + 1) / 2}; pytorch issue 162338): drop --fsdp (DDP)")
+
+
+def distribute(model, args, dist: Distributed):
+    """The model as training sees it. One process: the model itself. Several: DDP (replicated weights,
+    gradients all-reduced, buckets shared with the gradients), or with --fsdp FSDP2: fully_shard on each
+    decoder layer, then on the root (TQR / reward model / policy, which owns the embeddings, the LM
+    head and our heads), applied in place; parameters become this rank's DTensor shards, so the
+    optimiser must be built afterwards. --bf16 under FSDP2: bf16 compute copies, fp32 gradient
+    reduction and fp32 master shards. --activation-checkpointing in every case."""
+    if getattr(args, "activation_checkpointing", False):
+        enable_activation_checkpointing(model)
+    if dist.world_size == 1:
+        if getattr(args, "fsdp", False):
+            print("--fsdp: one process, nothing to shard: training unsharded (FSDP2 needs torchrun with several processes)")
+        return model
+    if not is_sharded(args, dist):
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    check_fsdp_averages(mesh)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if getattr(args, "bf16", False) else MixedPrecisionPolicy())
+    for layer in models.decoder_layers(models.language_model(model)):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard's full value (a collective: every rank must call it), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def dump_gradients(path: str, model, dumped: list, dist: Distributed) -> None:
+    """--dump-grads: append this step's full gradients {name: tensor} (every rank gathers FSDP
+    shards; rank 0 keeps them) and rewrite `path` with every step so far."""
+    grads = {name: _full(p.grad).detach().cpu().clone() for name, p in model.named_parameters() if p.grad is not None}
+    if dist.is_main:
+        dumped.append(grads)
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        torch.save(dumped, tmp)
+        os.replace(tmp, path)
+
+
+def meta_skeleton(model):
+    """A copy of `model` whose parameters live on the meta device (no memory) and whose buffers are
+    real copies (rotary frequencies are not in the state dict): the plain module that FSDP's
+    gathered weights are loaded back into by `gather_full_model`."""
+    import copy
+
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def gather_full_model(sharded, skeleton, dist: Distributed):
+    """All-gather FSDP's shards into the skeleton's plain module on every rank (train_rm evaluates on
+    every rank; rank 0 exports with save_pretrained). Costs the full model once per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    buffers = {name: b for name, b in skeleton.named_buffers()}
+    plain = skeleton.to_empty(device=dist.device)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or set(missing) - set(buffers):
+        raise RuntimeError(f"gathering FSDP weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in buffers.items():
+            if name not in full:  # non-persistent (rotary inv_freq): as before training
+                plain.get_buffer(name).copy_(value)
+    lm = models.language_model(plain)
+    if getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight  # to_empty gave each its own tensor
+    return plain.train(sharded.training)
+
+
+def end_distributed(dist: Distributed) -> None:
+    """End the process group if this run started it (a caller that started it, e.g. ML-IRL calling
+    train_rm.main, keeps it)."""
+    if dist.created:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,110 @@
+"""Reward models: build, save (safetensors), load, score."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from avalib import data, models
+
+
+REWARD_KINDS = ("bt", "bt-var", "pref-trans", "ava-p", "ava-d")
+
+
+def build_reward_model(lm, kind: str, ava_config=None):
+    """A reward model of one kind around a causal LM: TQR for AVA, ScalarRewardModel otherwise."""
+    import ava
+
+    if kind in ("ava-p", "ava-d"):
+        model = ava.TQR(lm, ava_config or ava.AVAConfig())
+        uses_lm_head = model.q_head is None
+    elif kind in ava.ScalarRewardModel.KINDS:
+        model, uses_lm_head = ava.ScalarRewardModel(lm, kind), False
+    else:
+        raise ValueError(f"unknown reward model kind {kind!r}: expected one of {REWARD_KINDS}")
+    head = lm.get_output_embeddings()
+    if not uses_lm_head and head.weight is not lm.get_input_embeddings().weight:
+        head.requires_grad_(False)  # an untied LM head this model never reads: no gradient, so freeze it (DDP)
+    return model
+
+
+def save_reward_model(directory: str | Path, model, tokenizer, meta: dict) -> None:
+    """`directory/` gets the backbone via save_pretrained (safetensors), the tokenizer, the heads
+    (`heads.safetensors`: everything outside the LM) and `reward_model.json` (kind, AVA config, run config)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.lm.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    heads = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if not name.startswith("lm.")}
+    save_file(heads, str(directory / "heads.safetensors"))
+    (directory / "reward_model.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_reward_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """Load what `save_reward_model` wrote -> (model in eval mode, tokenizer, meta)."""
+    import json
+
+    import ava
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / "reward_model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: not a saved reward model (no reward_model.json)")
+    meta = json.loads(meta_path.read_text())
+    lm, tokenizer = models.load_model(str(directory))
+    model = build_reward_model(lm, meta["kind"], ava.AVAConfig(**meta["ava_config"]) if meta.get("ava_config") else None)
+    missing = model.load_state_dict(load_file(str(directory / "heads.safetensors")), strict=False)
+    not_loaded = [k for k in missing.missing_keys if not k.startswith("lm.")]
+    if not_loaded or missing.unexpected_keys:
+        raise RuntimeError(f"{directory}/heads.safetensors does not match a {meta['kind']} model: "
+                           f"missing {not_loaded}, unexpected {missing.unexpected_keys}")
+    return model.to(device).eval(), tokenizer, meta
+
+
+def reward_forward(model, batch: dict):
+    """(sequence score (B,), per-transition rewards (B, T-1), sigma (B, T-1) or None, mask) of any reward model."""
+    import ava
+
+    out = model(**batch)
+    if isinstance(out, ava.TQROutput):
+        rewards, sigma = ava.dense_rewards(out)
+        return out.sequence_reward(), rewards, sigma, out.mask
+    return out.score, out.rewards, None, out.mask
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_length: int = 512,
+                batch_size: int = 8, per_token: bool = True) -> list[dict]:
+    """Score responses to prompts with a reward model: {"score", "sigma", and per token: "tokens",
+    "rewards", "sigmas"} (sigma only for AVA's TQR; per-token rewards are Eq. 19's mu_t)."""
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        examples = [data.encode(tokenizer, p, [r], max_length)[0][0] for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        batch = data.collate(examples, tokenizer.pad_token_id)
+        score, rewards, sigma, mask = reward_forward(model, batch)
+        for row in range(len(examples)):
+            item = {"score": float(score[row])}
+            positions = mask[row].nonzero().flatten()
+            if sigma is not None:
+                item["sigma"] = float(sigma[row, positions[-1]])
+            if per_token:
+                item["tokens"] = [tokenizer.decode([int(batch["input_ids"][row, t + 1])]) for t in positions]
+                item["rewards"] = rewards[row, positions].tolist()
+                if sigma is not None:
+                    item["sigmas"] = sigma[row, positions].tolist()
+            results.append(item)
+    return results
+
+
+def token_reward_table(tokenizer, input_ids, mu, sigma, mask) -> list[tuple[str, float, float]]:
+    """One sequence's response tokens with the reward of the transition that emitted each one:
+    [(token text, mu, sigma)]. input_ids (T,); mu, sigma, mask on the transition grid (T-1,)."""
+    rows = []
+    for t in mask.nonzero().flatten().tolist():
+        rows.append((tokenizer.decode([int(input_ids[t + 1])]), float(mu[t]), float(sigma[t])))
+    return rows
