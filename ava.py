@@ -132,88 +132,35 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, -1).amax(dim=1)
 
 
-SHARE_PROMPTS = True  # hidden_states runs a prompt shared by several rows once (exact; False: one padded batch)
-
 
 def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  response_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  response_mask: torch.Tensor | None = None, *, share_prompts: bool = True,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Last hidden states (B, T, d) of any Hugging Face causal LM (Llama, GPT-2, ...), after its final
-    norm, without computing the (B, T, V) logits the full model would.
+    norm, without computing the (B, T, V) logits the full model would. `inputs_embeds` (B, T, d), if
+    given, enter the decoder stack in place of the token ids' embeddings.
 
-    Given response_mask, rows whose prompts are the same tokens (a chosen and a rejected response, or
-    N samples of one prompt) share one pass over the prompt: it runs once, and its keys and values
-    serve every response of the group (`_shared_prompt_hidden_states`). A causal decoder's states up
-    to the end of the prompt do not depend on what follows, so this is the same function, computed
-    with less work and without padding the prompts; tests/test_tqr.py checks values and gradients
-    against the plain batch. Not used under activation checkpointing, which drops the KV cache.
-
-    A speed-up outside the algorithm: an LM may carry `frozen_trunk` (common.FrozenTrunk, train_rm.py
-    --frozen-trunk-cache), the outputs of its frozen bottom layers for known sequences. When every row
-    is known, only the trainable top layers run, from those outputs: the same function again
-    (tests/test_frozen_trunk.py), minus the frozen layers' work."""
-    trunk = getattr(lm, "frozen_trunk", None)
-    bottom = trunk.lookup(input_ids, attention_mask) if trunk is not None else None  # (B, T, d) or None
-    if bottom is not None:
-        with trunk.top_layers_only():
-            return _hidden_states(lm, input_ids, attention_mask, response_mask, bottom)
-    return _hidden_states(lm, input_ids, attention_mask, response_mask)
-
-
-def _hidden_states(lm, input_ids, attention_mask, response_mask, embeds=None) -> torch.Tensor:
-    """hidden_states from token ids, or from `embeds` (B, T, d) fed to the decoder stack in their place."""
-    if (response_mask is not None and SHARE_PROMPTS and _right_padded(attention_mask)
-            and not (lm.training and getattr(lm, "is_activation_checkpointing", False))):
+    With response_mask and share_prompts, rows whose prompts are the same tokens (a chosen and a
+    rejected response, or N samples of one prompt) share one pass over the prompt: the same function,
+    computed with less work (last section, `_shared_prompt_hidden_states`). It needs the KV cache, so
+    callers switch it off under activation checkpointing."""
+    if response_mask is not None and share_prompts and _right_padded(attention_mask):
         groups = prompt_groups(input_ids, response_mask)
         if any(len(rows) > 1 for rows, _ in groups):
-            return _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups, embeds)
-    inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+            return _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups, inputs_embeds)
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     return lm.base_model(**inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def _right_padded(attention_mask: torch.Tensor) -> bool:
-    """Every row is its tokens, then padding (as avalib.data.collate builds batches)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return bool((attention_mask.bool() == (positions < attention_mask.sum(dim=1, keepdim=True))).all())
+class LMWithHeads(nn.Module):
+    """What TQR and the baselines' reward models share: a causal LM `lm` whose last hidden states feed
+    heads. `features` is a method so that an exact, faster equivalent can stand in for it on an
+    instance (the frozen-trunk cache of avalib/frozen_trunk.py does); `share_prompts` is switched off
+    where the KV cache is not available (activation checkpointing)."""
+    share_prompts: bool = True
 
-
-def prompt_groups(input_ids: torch.Tensor, response_mask: torch.Tensor) -> list[tuple[list[int], int]]:
-    """[(rows, prompt length)]: rows whose tokens before their first response token are identical.
-    The prompt is everything before the first response token (at least one token must precede it)."""
-    starts = response_mask.int().argmax(dim=1).tolist()  # (B,) first response position
-    groups: dict[tuple, list[int]] = {}
-    for row, start in enumerate(starts):
-        key = (start, tuple(input_ids[row, :start].tolist())) if start > 0 else ("alone", row)
-        groups.setdefault(key, []).append(row)
-    return [(rows, key[0] if key[0] != "alone" else 0) for key, rows in groups.items()]
-
-
-def _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups, embeds=None) -> torch.Tensor:
-    """hidden_states with one pass per distinct prompt: prompt (1, P) with a KV cache, then the group's
-    k responses (k, R) attending to the cache repeated k times. Rows are right-padded as given;
-    positions past a row's length hold zeros (the plain batch holds states of padding there).
-    With `embeds`, slices of them enter the decoder stack instead of the token ids."""
-    base = lm.base_model
-    source, name = (input_ids, "input_ids") if embeds is None else (embeds, "inputs_embeds")
-    lengths = attention_mask.sum(dim=1).tolist()
-    batch, width = input_ids.shape
-    pieces: list[torch.Tensor | None] = [None] * batch
-    for rows, prompt_length in groups:
-        if prompt_length == 0:  # no prompt to share: the row on its own, unpadded
-            row = rows[0]
-            pieces[row] = base(**{name: source[row:row + 1, :lengths[row]]}, use_cache=False).last_hidden_state[0]
-            continue
-        prompt = base(**{name: source[rows[0]:rows[0] + 1, :prompt_length]}, use_cache=True)
-        cache = prompt.past_key_values
-        cache.batch_repeat_interleave(len(rows))  # (1, heads, P, d_h) -> (k, heads, P, d_h)
-        end = max(lengths[r] for r in rows)
-        mask = attention_mask[rows, :end]  # (k, P + R): the prompt, then each response's own length
-        positions = torch.arange(prompt_length, end, device=input_ids.device).expand(len(rows), -1)
-        responses = base(**{name: source[rows, prompt_length:end]}, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True).last_hidden_state  # (k, R, d)
-        for i, row in enumerate(rows):
-            pieces[row] = torch.cat([prompt.last_hidden_state[0], responses[i, :lengths[row] - prompt_length]])
-    hidden = nn.utils.rnn.pad_sequence(pieces, batch_first=True)  # (B, <=T, d)
-    return F.pad(hidden, (0, 0, 0, width - hidden.shape[1]))  # (B, T, d)
+    def features(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
+        return hidden_states(self.lm, input_ids, attention_mask, response_mask, share_prompts=self.share_prompts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,43 +203,11 @@ class PreferenceAttention(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Q-values (Eq. 3, Eq. 12), computed in chunks so only one (chunk, V) block is alive at a time
 
-class _PretrainedQ(torch.autograd.Function):
-    """Eq. 12 with its gradient written out, so that a chunk needs no more (N, V) tensors than DPO's
-    log-softmax. Autograd through softmax -> scale -> logsumexp keeps pi and alpha * pi and
-    allocates several more (N, V) tensors in the backward pass (AVA-p's step peaked ~40% above DPO's,
-    bench/memory.py); here only pi is kept, the normaliser is summed 64 rows at a time, and the
-    backward pass works in one more buffer. With
-    Q_a = alpha pi_a - log sum_v exp(alpha pi_v), rho = softmax(alpha pi) and pi = softmax(z):
-        dQ_a / dz_j = alpha pi_j ([j = a] - rho_j - pi_a + <pi, rho>)."""
-
-    @staticmethod
-    def forward(ctx, logits, actions, alpha):
-        pi = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # (N, V)
-        shift = alpha * pi.amax(dim=-1)  # (N,) logsumexp's stabiliser
-        total = torch.empty_like(shift)  # (N,) sum_v exp(alpha pi_v - shift), 64 rows at a time
-        for start in range(0, pi.shape[0], 64):
-            rows = slice(start, start + 64)
-            total[rows] = torch.mul(pi[rows], alpha).sub_(shift[rows, None]).exp_().sum(dim=-1)
-        log_z = shift + total.log()  # (N,)
-        ctx.save_for_backward(pi, actions, log_z)
-        ctx.alpha, ctx.dtype = alpha, logits.dtype
-        return alpha * pi.gather(-1, actions[:, None]).squeeze(-1) - log_z
-
-    @staticmethod
-    def backward(ctx, grad_q):
-        pi, actions, log_z = ctx.saved_tensors
-        grad = torch.mul(pi, ctx.alpha).sub_(log_z[:, None]).exp_()  # (N, V) rho = softmax(alpha pi)
-        pi_rho = torch.bmm(pi[:, None, :], grad[:, :, None])[:, 0, 0]  # (N,) <pi, rho>, no (N, V) temporary
-        pi_a = pi.gather(-1, actions[:, None]).squeeze(-1)
-        grad.neg_().sub_((pi_a - pi_rho)[:, None]).scatter_add_(-1, actions[:, None], torch.ones_like(pi_a)[:, None])
-        grad.mul_(pi).mul_((ctx.alpha * grad_q)[:, None])
-        return grad.to(ctx.dtype), None, None
-
-
 def pretrained_q(logits: torch.Tensor, actions: torch.Tensor, alpha: float) -> torch.Tensor:
     """Eq. 12: Q_w(y_{1:t}, a) = log softmax(alpha * pi_w(. | y_{1:t}))[a], pi_w = softmax(logits):
     a softmax over probabilities, so Q is bounded in [-log V - alpha, 0]. logits (N, V), actions (N,).
-    Computed in float32 at least; its backward pass is `_PretrainedQ`'s (memory, see there)."""
+    Computed in float32 at least; its backward pass is written out by hand in `_PretrainedQ` (last
+    section: the same gradient as autograd's, with fewer (N, V) tensors)."""
     return _PretrainedQ.apply(logits, actions, float(alpha))
 
 
@@ -342,11 +257,11 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(lm: nn.Module, input_ids, attention_mask, response_mask, chunk: int = 512,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, share_prompts: bool = True) -> torch.Tensor:
     """log pi(y_{t+1} | y_{1:t}) per response transition, (B, T-1), zero elsewhere (DPO, SFT, PPO).
     `temperature` divides the logits (PPO scores its samples at the temperature it drew them with)."""
     check_masks(input_ids, attention_mask, response_mask)
-    hidden = hidden_states(lm, input_ids, attention_mask, response_mask)
+    hidden = hidden_states(lm, input_ids, attention_mask, response_mask, share_prompts=share_prompts)
     mask = response_mask[:, 1:].bool()  # transition t is trained when its action y_{t+1} is a response token
     head = lm.get_output_embeddings()
     selected = hidden[:, :-1][mask] / temperature  # (N, d); logits / T = (h / T) W^T + b / T
@@ -379,7 +294,7 @@ class TQROutput:
         return self.sigma.gather(1, last_index(self.mask)[:, None]).squeeze(1)
 
 
-class TQR(nn.Module):
+class TQR(LMWithHeads):
     """Any Hugging Face causal LM plus a Q-value head, a Gaussian reward head and reward weighting."""
 
     def __init__(self, lm: nn.Module, config: AVAConfig = AVAConfig()):
@@ -400,7 +315,7 @@ class TQR(nn.Module):
         cfg = self.config
         check_masks(input_ids, attention_mask, response_mask)
         response = response_mask.bool()
-        hidden = hidden_states(self.lm, input_ids, attention_mask, response)  # (B, T, d)
+        hidden = self.features(input_ids, attention_mask, response)  # (B, T, d)
         mask = response[:, 1:]  # (B, T-1): transition t trained iff its action y_{t+1} is a response token
         # Positions some term reads: Q at t for every trained transition, mu/sigma at t+1 (deviation 4).
         read = response.clone()
@@ -578,7 +493,7 @@ class RewardOutput:
     weights: torch.Tensor | None = None  # (B, T-1) Preference Transformer weights
 
 
-class ScalarRewardModel(nn.Module):
+class ScalarRewardModel(LMWithHeads):
     """The baselines' reward models on any causal LM: "bt" (score at the last valid token), "bt-var"
     (plus a variance head, Eq. 26) and "pref-trans" (attention-weighted sum of per-token rewards)."""
 
@@ -598,7 +513,7 @@ class ScalarRewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask) -> RewardOutput:
         check_masks(input_ids, attention_mask, response_mask)
-        hidden = hidden_states(self.lm, input_ids, attention_mask, response_mask)
+        hidden = self.features(input_ids, attention_mask, response_mask)
         mask = response_mask[:, 1:].bool()
         rewards = self.reward_head(hidden[:, 1:]).float()[..., 0] * mask  # (B, T-1): transition t read at t+1
         last = last_index(mask)[:, None]
@@ -617,3 +532,86 @@ class ScalarRewardModel(nn.Module):
         else:
             loss = bradley_terry_loss(chosen.score, rejected.score)
         return loss, {"loss": loss, **preference_metrics(chosen.score, rejected.score)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact speed-ups: the same functions as above, computed with less time or memory (each checked
+# against the plain computation, values and gradients, in tests/test_tqr.py and tests/test_gradients.py)
+
+class _PretrainedQ(torch.autograd.Function):
+    """Eq. 12 with its gradient written out, so that a chunk needs no more (N, V) tensors than DPO's
+    log-softmax. Autograd through softmax -> scale -> logsumexp keeps pi and alpha * pi and
+    allocates several more (N, V) tensors in the backward pass (AVA-p's step peaked ~40% above DPO's,
+    bench/memory.py); here only pi is kept, the normaliser is summed 64 rows at a time, and the
+    backward pass works in one more buffer. With
+    Q_a = alpha pi_a - log sum_v exp(alpha pi_v), rho = softmax(alpha pi) and pi = softmax(z):
+        dQ_a / dz_j = alpha pi_j ([j = a] - rho_j - pi_a + <pi, rho>)."""
+
+    @staticmethod
+    def forward(ctx, logits, actions, alpha):
+        pi = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # (N, V)
+        shift = alpha * pi.amax(dim=-1)  # (N,) logsumexp's stabiliser
+        total = torch.empty_like(shift)  # (N,) sum_v exp(alpha pi_v - shift), 64 rows at a time
+        for start in range(0, pi.shape[0], 64):
+            rows = slice(start, start + 64)
+            total[rows] = torch.mul(pi[rows], alpha).sub_(shift[rows, None]).exp_().sum(dim=-1)
+        log_z = shift + total.log()  # (N,)
+        ctx.save_for_backward(pi, actions, log_z)
+        ctx.alpha, ctx.dtype = alpha, logits.dtype
+        return alpha * pi.gather(-1, actions[:, None]).squeeze(-1) - log_z
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        pi, actions, log_z = ctx.saved_tensors
+        grad = torch.mul(pi, ctx.alpha).sub_(log_z[:, None]).exp_()  # (N, V) rho = softmax(alpha pi)
+        pi_rho = torch.bmm(pi[:, None, :], grad[:, :, None])[:, 0, 0]  # (N,) <pi, rho>, no (N, V) temporary
+        pi_a = pi.gather(-1, actions[:, None]).squeeze(-1)
+        grad.neg_().sub_((pi_a - pi_rho)[:, None]).scatter_add_(-1, actions[:, None], torch.ones_like(pi_a)[:, None])
+        grad.mul_(pi).mul_((ctx.alpha * grad_q)[:, None])
+        return grad.to(ctx.dtype), None, None
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is its tokens, then padding (as avalib.data.collate builds batches)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool((attention_mask.bool() == (positions < attention_mask.sum(dim=1, keepdim=True))).all())
+
+
+def prompt_groups(input_ids: torch.Tensor, response_mask: torch.Tensor) -> list[tuple[list[int], int]]:
+    """[(rows, prompt length)]: rows whose tokens before their first response token are identical.
+    The prompt is everything before the first response token (at least one token must precede it)."""
+    starts = response_mask.int().argmax(dim=1).tolist()  # (B,) first response position
+    groups: dict[tuple, list[int]] = {}
+    for row, start in enumerate(starts):
+        key = (start, tuple(input_ids[row, :start].tolist())) if start > 0 else ("alone", row)
+        groups.setdefault(key, []).append(row)
+    return [(rows, key[0] if key[0] != "alone" else 0) for key, rows in groups.items()]
+
+
+def _shared_prompt_hidden_states(lm, input_ids, attention_mask, groups, embeds=None) -> torch.Tensor:
+    """hidden_states with one pass per distinct prompt: prompt (1, P) with a KV cache, then the group's
+    k responses (k, R) attending to the cache repeated k times. Rows are right-padded as given;
+    positions past a row's length hold zeros (the plain batch holds states of padding there).
+    With `embeds`, slices of them enter the decoder stack instead of the token ids."""
+    base = lm.base_model
+    source, name = (input_ids, "input_ids") if embeds is None else (embeds, "inputs_embeds")
+    lengths = attention_mask.sum(dim=1).tolist()
+    batch, width = input_ids.shape
+    pieces: list[torch.Tensor | None] = [None] * batch
+    for rows, prompt_length in groups:
+        if prompt_length == 0:  # no prompt to share: the row on its own, unpadded
+            row = rows[0]
+            pieces[row] = base(**{name: source[row:row + 1, :lengths[row]]}, use_cache=False).last_hidden_state[0]
+            continue
+        prompt = base(**{name: source[rows[0]:rows[0] + 1, :prompt_length]}, use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(len(rows))  # (1, heads, P, d_h) -> (k, heads, P, d_h)
+        end = max(lengths[r] for r in rows)
+        mask = attention_mask[rows, :end]  # (k, P + R): the prompt, then each response's own length
+        positions = torch.arange(prompt_length, end, device=input_ids.device).expand(len(rows), -1)
+        responses = base(**{name: source[rows, prompt_length:end]}, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True).last_hidden_state  # (k, R, d)
+        for i, row in enumerate(rows):
+            pieces[row] = torch.cat([prompt.last_hidden_state[0], responses[i, :lengths[row] - prompt_length]])
+    hidden = nn.utils.rnn.pad_sequence(pieces, batch_first=True)  # (B, <=T, d)
+    return F.pad(hidden, (0, 0, 0, width - hidden.shape[1]))  # (B, T, d)

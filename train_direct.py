@@ -53,21 +53,21 @@ class Args(cli.AVAFlags, cli.LoRAFlags, cli.TrainFlags):
     eval_prompts: str = arg("", "held-out prompts to sample and judge: builtin[:tiny] or a pairs/demonstrations file "
                                 "(default: builtin when --data is builtin; 'none' skips the win rate)")
     prompt_split: str = arg("test", "split of --eval-prompts")
-    prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)")
-    samples_per_prompt: int = arg(4, "replies sampled per held-out prompt, by each side")
+    prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)", low=0)
+    samples_per_prompt: int = arg(4, "replies sampled per held-out prompt, by each side", low=1)
     opponent: str = arg("initial", "what the trained policy is judged against: 'initial' (the untrained --model) "
                                    "or a policy directory (OUTPUT_DIR/policy of another run, or any model path)")
     judge: str = arg("gold", "'gold' (the built-in task's gold judge) or a reward model directory saved by train_rm.py")
-    max_new_tokens: int = arg(48, "length cap of sampled replies")
-    temperature: float = arg(1.0, "sampling temperature (0: greedy)")
-    top_p: float = arg(0.95, "nucleus sampling")
-    sample_seed: int = arg(1234, "seed of evaluation sampling (the same for both sides)")
-    dpo_beta: float = arg(0.1, "DPO's beta (KL strength to the reference)")
+    max_new_tokens: int = arg(48, "length cap of sampled replies", low=1)
+    temperature: float = arg(1.0, "sampling temperature (0: greedy)", low=0)
+    top_p: float = arg(0.95, "nucleus sampling", above=0, high=1)
+    sample_seed: int = arg(1234, "seed of evaluation sampling (the same for both sides)", low=0)
+    dpo_beta: float = arg(0.1, "DPO's beta (KL strength to the reference)", above=0)
     output_dir: str = arg("runs/direct", "where the policy, metrics, samples and checkpoints go")
-    lr: float = arg(2e-5, "AdamW learning rate (linear decay to 0)")
+    lr: float = arg(2e-5, "AdamW learning rate (linear decay to 0)", above=0)
     eval_only: bool = arg(False, "only judge --load against --opponent on --eval-prompts")
     load: str = arg("", "a saved policy directory (for --eval-only)")
-    afd_max_new_tokens: int = arg(48, "AfD: length cap of the initial policy's samples")
+    afd_max_new_tokens: int = arg(48, "AfD: length cap of the initial policy's samples", low=1)
 
 
 # ---- data ----
@@ -172,10 +172,7 @@ def implicit_reward_accuracy(model, kind: str, items: list[tuple], references, a
             differences.append(score[:n] - score[n:])
     model.train(was_training)
     difference = torch.cat(differences)
-    wins, ties = int((difference > 0).sum()), int((difference == 0).sum())
-    low, high = evaluation.wilson(wins + 0.5 * ties, len(difference))
-    return {"eval/accuracy": (wins + 0.5 * ties) / len(difference), "eval/accuracy_wilson95": [low, high],
-            "eval/ties": ties / len(difference), "eval/pairs": len(difference)}
+    return evaluation.pairwise_accuracy(difference.tolist())
 
 
 def win_rate(policy_lm, tokenizer, policy_name: str, prompts: list[str], args: Args, output_dir: Path | None) -> dict:
@@ -205,10 +202,7 @@ def main(argv=None) -> dict:
     args = cli.parse_config(Args, argv, __doc__)
     if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
         return memory_plan.print_plan(args, args.objective, "train_direct.py")
-    dist = distributed.init_distributed()
-    distributed.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    dist = script.begin(args)
     if args.eval_only:
         return eval_only(args)
     kind = args.objective
@@ -221,11 +215,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--ablate applies to ava-p and ava-d only")
     if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
         raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
-    torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume and not (output_dir / "checkpoint.pt").is_file():
-        raise SystemExit(f"--resume: no checkpoint at {output_dir / 'checkpoint.pt'}")
+    output_dir = script.output_directory(args)
 
     tokenizer = models.load_tokenizer(args.model)
     config = args.ava_config()

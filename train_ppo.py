@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 import ava
-from avalib import checkpoint, cli, data, distributed, evaluation, generation, gold, lora, metrics, models, reward_models, script, sources
+from avalib import checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, metrics, models, reward_models, script, sources
 from avalib.cli import arg
 
 REWARDS = ("auto", "dense", "sequence")
@@ -61,45 +60,47 @@ class Args(cli.LoRAFlags, cli.TrainFlags):
     reward_model: str = arg("", "a reward model saved by train_rm.py (its OUTPUT_DIR/model)")
     reward: str = arg("auto", "dense: the reward at every token (Eq. 19, AVA's mu_t); sequence: the score at the last "
                               "token; auto: dense for AVA models, sequence otherwise", choices=REWARDS)
-    pessimism: float = arg(0.0, "k of the pessimistic reward mu - k * sigma (AVA models: sigma is the posterior's)")
+    pessimism: float = arg(0.0, "k of the pessimistic reward mu - k * sigma (AVA models: sigma is the posterior's)", low=0)
     prompts: str = arg("builtin", "rollout prompts: builtin[:tiny] or a pairs / demonstrations file")
     prompt_split: str = arg("train", "split of --prompts")
     eval_prompts: str = arg("", "held-out prompts to judge on (default: builtin when --prompts is builtin; 'none' skips)")
     eval_split: str = arg("test", "split of --eval-prompts")
-    prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)")
-    samples_per_prompt: int = arg(4, "replies per held-out prompt, by each side")
+    prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)", low=0)
+    samples_per_prompt: int = arg(4, "replies per held-out prompt, by each side", low=1)
     opponent: str = arg("initial", "what the final policy is judged against: 'initial' or a policy directory")
     judge: str = arg("gold", "'gold' (the built-in task's judge) or a reward model directory")
     output_dir: str = arg("runs/ppo", "where the policy, metrics, plot and checkpoints go")
-    lr: float = arg(1e-5, "AdamW learning rate of policy and value (linear decay to 0 over the updates)")
-    updates: int = arg(40, "PPO updates (per ML-IRL iteration)")
-    rollout_batch: int = arg(16, "prompts sampled per update, over all processes")
-    minibatch: int = arg(8, "replies per gradient step inside an update, over all processes")
-    ppo_epochs: int = arg(1, "passes over each rollout batch")
-    kl_coef: float = arg(0.05, "per-token KL penalty to the reference policy")
-    gamma: float = arg(1.0, "GAE discount")
-    gae_lambda: float = arg(0.95, "GAE lambda")
-    cliprange: float = arg(0.2, "policy ratio clip")
-    cliprange_value: float = arg(0.2, "value clip")
-    vf_coef: float = arg(0.1, "weight of the value loss")
+    lr: float = arg(1e-5, "AdamW learning rate of policy and value (linear decay to 0 over the updates)", above=0)
+    updates: int = arg(40, "PPO updates (per ML-IRL iteration)", low=1)
+    rollout_batch: int = arg(16, "prompts sampled per update, over all processes", low=1)
+    minibatch: int = arg(8, "replies per gradient step inside an update, over all processes", low=1)
+    ppo_epochs: int = arg(1, "passes over each rollout batch", low=1)
+    kl_coef: float = arg(0.05, "per-token KL penalty to the reference policy", low=0)
+    gamma: float = arg(1.0, "GAE discount", low=0, high=1)
+    gae_lambda: float = arg(0.95, "GAE lambda", low=0, high=1)
+    cliprange: float = arg(0.2, "policy ratio clip", above=0)
+    cliprange_value: float = arg(0.2, "value clip", above=0)
+    vf_coef: float = arg(0.1, "weight of the value loss", low=0)
     whiten_advantages: bool = arg(True, "whiten advantages over the valid tokens of each rollout batch")
-    missing_eos_penalty: float = arg(1.0, "subtracted from the last-token reward of a reply without EOS")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the last-token reward of a reply without EOS", low=0)
     value_from_reward: bool = arg(True, "initialise the value model from the reward model (backbone and head)")
-    max_new_tokens: int = arg(48, "length cap of sampled replies")
-    temperature: float = arg(1.0, "sampling temperature, applied the same way to every log-prob PPO computes")
-    top_p: float = arg(1.0, "nucleus sampling at rollout (1: off, so the trained policy is the sampled one)")
-    sample_seed: int = arg(1234, "seed of the held-out evaluation samples")
-    best_of_n: int = arg(0, "Best-of-N mode: no training; pick the best of N samples of --model by --reward-model")
+    max_new_tokens: int = arg(48, "length cap of sampled replies", low=1)
+    temperature: float = arg(1.0, "sampling temperature, applied the same way to every log-prob PPO computes", above=0)
+    top_p: float = arg(1.0, "nucleus sampling at rollout (1: off, so the trained policy is the sampled one)",
+                         above=0, high=1)
+    sample_seed: int = arg(1234, "seed of the held-out evaluation samples", low=0)
+    best_of_n: int = arg(0, "Best-of-N mode: no training; pick the best of N samples of --model by --reward-model", low=0)
     bon_against: str = arg("", "Best-of-N: also judge against the best of the same N under this reward model")
-    iterations: int = arg(0, "ML-IRL: alternate reward learning on (demonstration, policy sample) pairs with PPO, K times")
+    iterations: int = arg(0, "ML-IRL: alternate reward learning on (demonstration, policy sample) pairs with PPO, K times",
+                         low=0)
     demos: str = arg("builtin", "ML-IRL: demonstrations (builtin: the task's best-of-4 replies)")
     irl_reward: str = arg("ava-p", "ML-IRL reward learning: a preference objective on (demo, sample) pairs, or a "
                                    "discriminator (adversarial-rkl: r = log D - log(1-D); adversarial-js: r = -log(1-D))",
                           choices=IRL_REWARDS)
     adversarial_level: str = arg("token", "discriminator at every token (dense reward) or on the whole reply",
                                  choices=("token", "sequence"))
-    reward_steps: int = arg(30, "ML-IRL: reward / discriminator steps per iteration")
-    reward_lr: float = arg(1e-4, "ML-IRL: learning rate of reward learning")
+    reward_steps: int = arg(30, "ML-IRL: reward / discriminator steps per iteration", low=1)
+    reward_lr: float = arg(1e-4, "ML-IRL: learning rate of reward learning", above=0)
 
 
 # ---- the value model ----
@@ -296,78 +297,39 @@ def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: P
                        "--seed", str(args.seed + iteration), "--save-every", "0"])
         model, _, _ = reward_models.load_reward_model(saved)
         return model.eval()
-    model = train_discriminator(args, pairs, tokenizer)
+    model = train_discriminator(args, pairs, tokenizer, directory / "reward", dist)
     if dist.is_main:
         reward_models.save_reward_model(saved, model, tokenizer, {"kind": "bt", "ava_config": None,
                                                            "discriminator": args.irl_reward, "level": args.adversarial_level})
     return model
 
 
-def train_discriminator(args: Args, pairs: list[dict], tokenizer):
+def train_discriminator(args: Args, pairs: list[dict], tokenizer, output_dir: Path, dist: distributed.Distributed):
     """D_phi(y | x) or D_phi(s, a) = sigmoid(logit) separating demonstrations (1) from policy samples (0)
-    by binary cross-entropy (AfD Eq. 18 / 20), on the initial model's backbone with a scalar head."""
+    by binary cross-entropy (AfD Eq. 18 / 20), on the initial model's backbone with a scalar head. It
+    trains through the same loop as every reward model (avalib/loop.py: batches, DDP, clipping, metrics),
+    for --reward-steps steps at --reward-lr."""
     lm, _ = models.load_model(args.model, tokenizer=tokenizer)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    model = ava.ScalarRewardModel(lm, "bt")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.reward_lr)
+    model = ava.ScalarRewardModel(lm, "bt").to(dist.device)
     items = [data.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], args.max_length)[:2] for p in pairs]
-    generator = torch.Generator().manual_seed(args.seed)
-    model.train()
-    for _ in tqdm(range(args.reward_steps), desc="discriminator", disable=not sys.stderr.isatty()):
-        rows = torch.randperm(len(items), generator=generator)[:args.batch_size].tolist()
-        n = len(rows)
-        out = model(**data.collate([items[i][0] for i in rows] + [items[i][1] for i in rows], tokenizer.pad_token_id))
-        labels = torch.cat([torch.ones(n), torch.zeros(n)])
+
+    def loss_fn(model, local):
+        n = len(local)
+        out = model(**data.collate([items[i][0] for i in local] + [items[i][1] for i in local], tokenizer.pad_token_id))
+        labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(out.score.device)
         if args.adversarial_level == "token":
             token_labels = labels[:, None].expand_as(out.rewards)
             loss = ava.masked_mean(F.binary_cross_entropy_with_logits(out.rewards, token_labels, reduction="none"), out.mask)
         else:
             loss = F.binary_cross_entropy_with_logits(out.score, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return loss, {"loss": loss}
+
+    loop_args = dataclasses.replace(args, lr=args.reward_lr, max_steps=args.reward_steps, epochs=10**6, save_every=0,
+                                    eval_every=0, resume=False, crash_at_step=0, dump_grads="")
+    lengths = [len(chosen["input_ids"]) + len(rejected["input_ids"]) for chosen, rejected in items]
+    model, _ = loop.train_loop(loop_args, model, lengths, loss_fn, dist, output_dir, desc="discriminator")
     return model.eval()
-
-
-# ---- Best-of-N (the paper's Table 2) ----
-
-@torch.no_grad()
-def best_of_n(args: Args, dist: distributed.Distributed) -> dict:
-    """For every held-out prompt (x samples_per_prompt): N samples of --model, the best under
-    --reward-model; judged against a plain sample and against the best under --bon-against."""
-    lm, tokenizer = models.load_model(args.model)
-    prompts = sources.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
-    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p,
-                    chat_template=False)
-    candidates = generation.cached_generate(args.model, [p for p in repeated for _ in range(args.best_of_n)],
-                                        seed=args.sample_seed, model=lm, tokenizer=tokenizer, desc="Best-of-N candidates", **sampling)
-    plain = generation.cached_generate(args.model, repeated, seed=args.sample_seed + 1, model=lm, tokenizer=tokenizer,
-                                   desc="plain samples", **sampling)
-
-    def pick(reward_dir: str) -> list[str]:
-        model, rm_tokenizer, _ = reward_models.load_reward_model(reward_dir)
-        scores = [r["score"] for r in reward_models.score_texts(model, rm_tokenizer, [p for p in repeated for _ in range(args.best_of_n)],
-                                                         candidates, args.max_length, per_token=False)]
-        k = args.best_of_n
-        return [candidates[i * k + max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(repeated))]
-
-    ours = pick(args.reward_model)
-    result = {"best_of_n": args.best_of_n, "prompts": len(prompts), "reward_model": args.reward_model,
-              "vs_plain_sample": evaluation.win_rate_summary(evaluation.judge_replies(args.judge, repeated, ours, plain))}
-    if args.bon_against:
-        theirs = pick(args.bon_against)
-        result["vs_best_of_n_under"] = {"reward_model": args.bon_against,
-                                        **evaluation.win_rate_summary(evaluation.judge_replies(args.judge, repeated, ours, theirs))}
-    if args.judge == "gold":
-
-        result["gold_mean"] = {"best_of_n": sum(map(gold.gold_score, ours)) / len(ours),
-                               "plain": sum(map(gold.gold_score, plain)) / len(plain)}
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "best_of_n.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    return result
 
 
 # ---- plots ----
@@ -417,11 +379,10 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
     models.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(value.lm, args)  # --lora-r: the critic's backbone adapts like the policy's
     value.head.requires_grad_(True)  # its head trains in full
-    wrapped_policy, wrapped_value = policy, value
-    if distributed.is_sharded(args, dist):  # the policy was sharded once, in main; the critic is new each stage
-        distributed.distribute(value, args, dist)
-    elif dist.world_size > 1:
-        wrapped_policy, wrapped_value = nn.parallel.DistributedDataParallel(policy), nn.parallel.DistributedDataParallel(value)
+    if distributed.is_sharded(args, dist):  # the policy was sharded once, in main (in place); the critic is new each stage
+        wrapped_policy, wrapped_value = policy, distributed.distribute(value, args, dist)
+    else:  # DDP wrappers (one process: the modules themselves)
+        wrapped_policy, wrapped_value = distributed.distribute(policy, args, dist), distributed.distribute(value, args, dist)
     trainable = [p for module in (policy, value) for p in module.parameters() if p.requires_grad]  # after sharding
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / args.updates))
@@ -434,20 +395,20 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
 
 def main(argv=None) -> dict:
     args = cli.parse_config(Args, argv, __doc__)
-    dist = distributed.init_distributed()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.plan:
+        raise SystemExit("--plan: train_ppo.py has no memory plan yet (it holds a policy, a value model, a frozen reference "
+                         "and a reward model); plan each model with train_rm.py / train_direct.py --plan")
+    dist = script.begin(args)
     if args.best_of_n:
         if not args.reward_model:
             raise SystemExit("--best-of-n needs --reward-model")
-        return best_of_n(args, dist)
+        return evaluation.best_of_n(args)
     if not args.iterations and not args.reward_model:
         raise SystemExit("train_ppo.py needs --reward-model DIR (a model saved by train_rm.py), or --iterations K for ML-IRL")
     if args.reward_model and not (Path(args.reward_model) / "reward_model.json").is_file():
         raise SystemExit(f"--reward-model {args.reward_model!r}: not a reward model saved by train_rm.py (no reward_model.json)")
     if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
         raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
-    distributed.check_scale_flags(args, dist)
     sharded = distributed.is_sharded(args, dist)
     if sharded and args.iterations:
         raise SystemExit("--fsdp with --iterations (ML-IRL) is not supported: its reward learning runs train_rm.py "
@@ -456,12 +417,8 @@ def main(argv=None) -> dict:
         raise SystemExit("--bf16 is not wired into train_ppo.py's rollouts and updates yet: PPO trains in fp32")
     if args.rollout_batch % dist.world_size or args.minibatch % dist.world_size:
         raise SystemExit(f"--rollout-batch and --minibatch must divide by the {dist.world_size} processes")
-    torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = script.output_directory(args)
     checkpoint_path = output_dir / "checkpoint.pt"
-    if args.resume and not checkpoint_path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
 
     lm, tokenizer = models.load_model(args.model)
     train_prompts = sources.load_prompts(args.prompts, args.prompt_split, tokenizer, args.skip_bad_rows, args.limit)

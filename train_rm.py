@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import ava
-from avalib import cli, data, distributed, frozen_trunk, loop, memory_plan, metrics, models, reward_models, script, sources, viz
+from avalib import cli, data, distributed, evaluation, frozen_trunk, loop, memory_plan, metrics, models, reward_models, script, sources, viz
 from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "bt", "bt-var", "pref-trans")
@@ -51,9 +51,9 @@ class Args(cli.AVAFlags, cli.TrainFlags):
                                           "model, without the frozen layers' forward pass at every step (Llama-family; not with --fsdp)")
     visualize: bool = arg(False, "at the end, draw the per-token rewards of the first 3 eval pairs (training rows if none): "
                                  "OUTPUT_DIR/token_rewards.png and .html")
-    afd_max_new_tokens: int = arg(128, "AfD: length cap of the initial policy's samples")
-    afd_temperature: float = arg(1.0, "AfD: sampling temperature")
-    afd_top_p: float = arg(0.95, "AfD: nucleus sampling")
+    afd_max_new_tokens: int = arg(128, "AfD: length cap of the initial policy's samples", low=1)
+    afd_temperature: float = arg(1.0, "AfD: sampling temperature (0: greedy)", low=0)
+    afd_top_p: float = arg(0.95, "AfD: nucleus sampling", above=0, high=1)
 
 
 # ---- data ----
@@ -106,28 +106,23 @@ def compute_loss(model, items: list[tuple], kind: str, config: ava.AVAConfig, pa
 @torch.no_grad()
 def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: distributed.Distributed,
              margins: list | None = None) -> dict:
-    """Pairwise accuracy on preference pairs: wins / pairs, with exact ties reported apart. Given a list
-    `margins`, it is filled with each pair's margin (chosen - rejected score), in the order of `items`."""
+    """Pairwise accuracy on preference pairs (evaluation.pairwise_accuracy: ties count half and are
+    reported apart). Given a list `margins`, it is filled with each pair's margin (chosen - rejected
+    score), in the order of `items`."""
     model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
-    wins = ties = margin = 0.0
     mine, my_margins = items[dist.rank::dist.world_size], []
     for start in range(0, len(mine), batch_size):
         part = mine[start:start + batch_size]
         n = len(part)
         score = reward_models.reward_forward(model, data.collate([p[0] for p in part] + [p[1] for p in part], pad_id))[0]
-        difference = score[:n] - score[n:]
-        wins += float((difference > 0).sum())
-        ties += float((difference == 0).sum())
-        margin += float(difference.sum())
-        my_margins += difference.tolist()
+        my_margins += (score[:n] - score[n:]).tolist()
     model.train(was_training)
+    every = distributed.gather_strided(my_margins, dist)
     if margins is not None:
-        margins.extend(distributed.gather_strided(my_margins, dist))
-    wins, ties, margin, total = distributed.all_reduce_sum([wins, ties, margin, len(mine)], dist)
-    return {"eval/accuracy": wins / max(total, 1), "eval/ties": ties / max(total, 1),
-            "eval/margin": margin / max(total, 1), "eval/pairs": int(total)}
+        margins.extend(every)
+    return evaluation.pairwise_accuracy(every)
 
 
 def eval_only(args: Args, dist: distributed.Distributed) -> dict:
@@ -161,19 +156,12 @@ def main(argv=None) -> dict:
     args = cli.parse_config(Args, argv, __doc__)
     if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
         return memory_plan.print_plan(args, args.objective, "train_rm.py")
-    dist = distributed.init_distributed()
-    distributed.check_scale_flags(args, dist)  # e.g. --bf16 on a CPU, before anything is loaded
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    dist = script.begin(args)
     if args.eval_only:
         return eval_only(args, dist)
     if args.objective not in ("ava-p", "ava-d") and args.ablate:
         raise SystemExit("--ablate applies to ava-p and ava-d only")
-    torch.manual_seed(args.seed)  # the same on every rank: identical heads (DDP also broadcasts them)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume and not (output_dir / "checkpoint.pt").is_file():  # fail before loading anything
-        raise SystemExit(f"--resume: no checkpoint at {output_dir / 'checkpoint.pt'}")
+    output_dir = script.output_directory(args)
 
     tokenizer = models.load_tokenizer(args.model)
     kind, config = args.objective, args.ava_config()
@@ -188,7 +176,7 @@ def main(argv=None) -> dict:
     model = reward_models.build_reward_model(lm, kind, config).to(dist.device)
     trunk = None
     if args.frozen_trunk_cache:  # pairs in order, so that a pair's prompt is computed once (eval pairs too: cheap)
-        trunk = frozen_trunk.attach_frozen_trunk(lm, args, [e for item in items + eval_items for e in item], dist)
+        trunk = frozen_trunk.attach_frozen_trunk(model, args, [e for item in items + eval_items for e in item], dist)
     if dist.is_main:
         print(report)
         if eval_report:

@@ -1,21 +1,68 @@
-"""Command line: a dataclass is the config, its field metadata the --help (cleanrl style)."""
+"""Command line: a dataclass is the config, its field metadata the --help (cleanrl style) and the
+range each flag must lie in, checked once after parsing (`check_config`), before any work starts."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 from avalib import models
 
 
-def arg(default, help: str, choices=None):
-    """A config field with its --help text (cleanrl style: one dataclass, a real --help)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help: str, choices=None, *, low=None, high=None, above=None, below=None, check=None, why: str = ""):
+    """A config field with its --help text (cleanrl style: one dataclass, a real --help) and what its
+    value must be: low <= x <= high, above < x < below (each optional), and check(x) -> a problem
+    (str) or None; `why` is said when the value is refused. Floats must be finite as well."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
+                                            "above": above, "below": below, "check": check, "why": why})
+
+
+def _bounds_text(meta) -> str:
+    """'> 0', '>= 1', 'in [0, 1]', 'in (0, 1]' from a field's low / above / high / below."""
+    lower = (f"[{meta['low']}" if meta.get("low") is not None else f"({meta['above']}" if meta.get("above") is not None else "")
+    upper = (f"{meta['high']}]" if meta.get("high") is not None else f"{meta['below']})" if meta.get("below") is not None else "")
+    if lower and upper:
+        return f"in {lower}, {upper}"
+    if lower:
+        return (">= " if lower[0] == "[" else "> ") + lower[1:]
+    if upper:
+        return ("<= " if upper[-1] == "]" else "< ") + upper[:-1]
+    return ""
+
+
+def _within(value, meta) -> bool:
+    """NaN fails every comparison, so it is never within bounds."""
+    return ((meta.get("low") is None or value >= meta["low"]) and (meta.get("high") is None or value <= meta["high"])
+            and (meta.get("above") is None or value > meta["above"]) and (meta.get("below") is None or value < meta["below"]))
+
+
+def check_config(config) -> list[str]:
+    """Every field of a parsed config against its metadata: one problem per bad flag, each naming the
+    flag, what it must be and what it got ("--lr: must be a finite number > 0, got nan")."""
+    import dataclasses
+
+    problems = []
+    for f in dataclasses.fields(config):
+        value, meta, flag = getattr(config, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        why = f" ({meta['why']})" if meta.get("why") else ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            bounds = _bounds_text(meta)
+            finite = not isinstance(value, float) or math.isfinite(value)
+            if not finite or not _within(value, meta):
+                kind = "a finite number" if isinstance(value, float) else ""
+                problems.append(f"{flag}: must be {' '.join(p for p in (kind, bounds) if p)}{why}, got {value}")
+                continue
+        problem = meta["check"](value) if meta.get("check") else None
+        if problem:
+            problems.append(f"{flag}: {problem}{why}")
+    return problems
 
 
 def parse_config(cls, argv=None, description: str | None = None):
     """Parse argv into the dataclass `cls`: --field-name for every field, booleans as --x/--no-x.
     Fields a script inherits (TrainFlags, AVAFlags) appear in --help in their own groups, after the
-    script's own."""
+    script's own. Every value is then checked against its field's bounds (`check_config`): a bad one
+    is an error naming the flag (exit status 2, as argparse's own), before anything is loaded."""
     import argparse
     import dataclasses
 
@@ -37,32 +84,42 @@ def parse_config(cls, argv=None, description: str | None = None):
             else:
                 group.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"),
                                    help=meta.get("help"))
-    return cls(**vars(parser.parse_args(argv)))
+    config = cls(**vars(parser.parse_args(argv)))
+    problems = check_config(config)
+    if problems:  # argparse's own usage errors exit 2 too; one line per bad flag, not the whole usage
+        parser.exit(2, "".join(f"{parser.prog}: error: {problem}\n" for problem in problems) + f"(see {parser.prog} --help)\n")
+    return config
 
 
 @dataclass
 class TrainFlags:
     """training loop (shared by train_rm.py, train_direct.py, train_ppo.py)"""
     model: str = arg(models.DEFAULT_MODEL, "'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path")
-    max_length: int = arg(512, "tokens per sequence: prompts cut from the left, responses from the right")
-    batch_size: int = arg(8, "pairs (or demonstrations) per optimiser step, over all processes")
-    eval_batch_size: int = arg(16, "pairs per evaluation batch, per process")
-    lr: float = arg(1e-4, "AdamW learning rate (linear decay to 0)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
-    epochs: int = arg(1, "passes over the training data")
-    max_steps: int = arg(0, "stop after this many optimiser steps (0: run all epochs)")
-    trainable_layers: int = arg(4, "top decoder layers trained, the rest frozen (-1: train everything)")
-    seed: int = arg(0, "seed of initialisation, data order and sampling")
-    limit: int = arg(0, "use only the first N training rows (0: all)")
-    eval_limit: int = arg(0, "use only the first N evaluation pairs (0: all)")
-    eval_every: int = arg(0, "evaluate every N steps (0: at the end only)")
-    save_every: int = arg(50, "write a checkpoint every N steps (and at the end)")
-    log_every: int = arg(1, "write a metrics line every N steps")
+    max_length: int = arg(512, "tokens per sequence: prompts cut from the left, responses from the right", low=2,
+                           why="room for a prompt token and a response token")
+    batch_size: int = arg(8, "pairs (or demonstrations) per optimiser step, over all processes", low=1)
+    eval_batch_size: int = arg(16, "pairs per evaluation batch, per process", low=1)
+    lr: float = arg(1e-4, "AdamW learning rate (linear decay to 0)", above=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)", low=0)
+    epochs: int = arg(1, "passes over the training data", low=1)
+    max_steps: int = arg(0, "stop after this many optimiser steps (0: run all epochs)", low=0)
+    trainable_layers: int = arg(4, "top decoder layers trained, the rest frozen (-1: train everything)", low=-1)
+    seed: int = arg(0, "seed of initialisation, data order and sampling", low=0)
+    limit: int = arg(0, "use only the first N training rows (0: all)", low=0)
+    eval_limit: int = arg(0, "use only the first N evaluation pairs (0: all)", low=0)
+    eval_every: int = arg(0, "evaluate every N steps (0: at the end only)", low=0)
+    save_every: int = arg(50, "write a checkpoint every N steps (and at the end; 0: at the end only)", low=0)
+    log_every: int = arg(1, "write a metrics line every N steps", low=1)
     resume: bool = arg(False, "continue from OUTPUT_DIR/checkpoint.pt")
     skip_bad_rows: bool = arg(False, "skip malformed rows and count them, instead of stopping at the first")
-    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
-    crash_at_step: int = arg(0, "testing aid: SIGKILL this process right after step N (to test --resume)")
+    threads: int = arg(0, "torch CPU threads per process (0: torch's default)", low=0)
+    crash_at_step: int = arg(0, "testing aid: SIGKILL this process right after step N (to test --resume)", low=0)
+    skip_nonfinite: bool = arg(False, "a step whose loss, a loss term or the gradient norm is NaN or infinite is skipped (no "
+                                      "optimiser step) and counted (metric train/skipped_nonfinite), instead of stopping the "
+                                      "run with the last checkpoint intact")
+    inject_nan_at_step: int = arg(0, "testing aid: make the loss NaN at step N (PPO: update N), to test the non-finite stop "
+                                     "and --skip-nonfinite", low=0)
     # scale (section "scale" below; README "Scale: from a laptop to a GPU node")
     fsdp: bool = arg(False, "under torchrun: FSDP2 (parameters, gradients and AdamW state sharded over the processes; "
                             "fully_shard on each decoder layer, then the root) instead of DDP; resume from sharded "
@@ -73,8 +130,9 @@ class TrainFlags:
                                                 "backward pass: activation memory / ~n_layers, about 1/3 more compute")
     plan: str = arg("", "print the per-GPU memory plan of this run's flags for MODEL ('llama-2-7b', or a model directory "
                         "or config.json) and exit, loading no data and no weights (built on the meta device)")
-    plan_world_size: int = arg(1, "--plan: number of GPUs (FSDP divides parameters, gradients and AdamW state by it; DDP replicates)")
-    plan_gpu_gb: float = arg(80.0, "--plan: memory of one GPU, GB (10^9 bytes)")
+    plan_world_size: int = arg(1, "--plan: number of GPUs (FSDP divides parameters, gradients and AdamW state by it; DDP replicates)",
+                                low=1)
+    plan_gpu_gb: float = arg(80.0, "--plan: memory of one GPU, GB (10^9 bytes)", above=0)
     dump_grads: str = arg("", "testing aid: after every step's backward (gradients reduced across processes, not yet "
                               "clipped) rank 0 writes all full gradients so far to PATH (torch.save: a list, one dict per step)")
 
@@ -89,12 +147,13 @@ def _ava_default(name: str):
 class AVAFlags:
     """AVA hyper-parameters and variants (ava.AVAConfig; see README)"""
     ablate: str = arg("", "comma-separated Table 1 ablations, e.g. 'w/o rwt,w/o neg' "
-                          "(from: w/o rwt, w/o neg, w/o irl, w/o cer, w/o ptq)")
-    alpha: float = arg(_ava_default("alpha"), "Eq. 12 temperature mapping LM probabilities to Q-values")
-    beta: float = arg(_ava_default("beta"), "likelihood weight (Eq. 13) / Boltzmann temperature (Eq. 3)")
-    gamma: float = arg(_ava_default("gamma"), "TD discount (Eq. 14)")
-    lam: float = arg(_ava_default("lam"), "weight of the TD log-density term (lambda, Eq. 13)")
-    cer_weight: float = arg(_ava_default("cer_weight"), "weight of CER (Eq. 18)")
+                          "(from: w/o rwt, w/o neg, w/o irl, w/o cer, w/o ptq)", check=lambda value: _ablation_problem(value))
+    alpha: float = arg(_ava_default("alpha"), "Eq. 12 temperature mapping LM probabilities to Q-values", above=0,
+                        why="at 0 every Q-value is equal, -log V, and the likelihood term has no gradient")
+    beta: float = arg(_ava_default("beta"), "likelihood weight (Eq. 13) / Boltzmann temperature (Eq. 3)", above=0)
+    gamma: float = arg(_ava_default("gamma"), "TD discount (Eq. 14)", low=0, high=1)
+    lam: float = arg(_ava_default("lam"), "weight of the TD log-density term (lambda, Eq. 13)", low=0)
+    cer_weight: float = arg(_ava_default("cer_weight"), "weight of CER (Eq. 18)", low=0)
     reward_weighting: str = arg(_ava_default("reward_weighting"), "Eq. 11 weights", choices=("mean-one", "literal", "off"))
     negative: str = arg(_ava_default("negative"), "rejected-likelihood term", choices=("literal", "unlikelihood", "off"))
     cer: str = arg(_ava_default("cer"), "CER form", choices=("sigmoid", "logsigmoid", "off"))
@@ -109,19 +168,31 @@ class AVAFlags:
 
         names = {f.name for f in dataclasses.fields(ava.AVAConfig)}
         config = ava.AVAConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-        ablations = [a.strip() if a.strip().startswith("w/o") else f"w/o {a.strip()}" for a in self.ablate.split(",") if a.strip()]
-        unknown = [a for a in ablations if a not in ava.ABLATIONS]
-        if unknown:
-            raise SystemExit(f"--ablate: unknown {unknown}; choose from {list(ava.ABLATIONS)}")
-        return ava.ablate(config, *ablations)
+        problem = _ablation_problem(self.ablate)
+        if problem:
+            raise SystemExit(f"--ablate: {problem}")
+        return ava.ablate(config, *_ablations(self.ablate))
+
+
+def _ablations(ablate: str) -> list[str]:
+    """'w/o rwt, neg' -> ['w/o rwt', 'w/o neg']."""
+    return [a.strip() if a.strip().startswith("w/o") else f"w/o {a.strip()}" for a in ablate.split(",") if a.strip()]
+
+
+def _ablation_problem(ablate: str) -> str | None:
+    import ava
+
+    unknown = [a for a in _ablations(ablate) if a not in ava.ABLATIONS]
+    return f"unknown {unknown}; choose from {list(ava.ABLATIONS)}" if unknown else None
 
 
 @dataclass
 class LoRAFlags:
     """LoRA through peft (train_direct.py; train_ppo.py)"""
     lora_r: int = arg(0, "LoRA rank: train low-rank adapters instead of the LM's weights (0: off); the adapters go on "
-                         "the top --trainable-layers decoder layers (-1: all); reward and Q heads train in full")
-    lora_alpha: float = arg(16.0, "LoRA scaling numerator (the update is alpha / r * B A)")
-    lora_dropout: float = arg(0.0, "dropout on the LoRA branch's input")
+                         "the top --trainable-layers decoder layers (-1: all); reward and Q heads train in full", low=0)
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator (the update is alpha / r * B A)", above=0)
+    lora_dropout: float = arg(0.0, "dropout on the LoRA branch's input", low=0, below=1)
     lora_target_modules: str = arg("all-linear", "comma-separated names of the linear layers to adapt (e.g. "
-                                                 "'q_proj,v_proj'), or 'all-linear' (every linear layer but the LM head)")
+                                                 "'q_proj,v_proj'), or 'all-linear' (every linear layer but the LM head)",
+                                  check=lambda value: None if value.strip(",\n ") else "empty: name the layers, or 'all-linear'")

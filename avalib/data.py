@@ -37,34 +37,66 @@ def split_hh(chosen: str, rejected: str, where: str = "<pair>") -> tuple[str, st
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
+def container_error(path, error: BaseException, line: int | None = None) -> DataError:
+    """A damaged or mislabelled file (a truncated .gz, plain text named .gz, a .parquet that is not
+    parquet, a file that cannot be read) as a DataError naming the file, and the line where known,
+    instead of a traceback from gzip, zlib or pyarrow."""
+    import gzip
+    import zlib
+
+    where = f"{path}:{line}" if line else str(path)
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, EOFError):
+        problem = f"the compressed stream ends early ({detail}): the file is truncated; copy or download it again"
+    elif isinstance(error, gzip.BadGzipFile) and "Not a gzipped file" in detail:
+        problem = f"not gzip-compressed ({detail}): a plain file named .gz? rename it (e.g. to .jsonl) or compress it"
+    elif isinstance(error, (gzip.BadGzipFile, zlib.error)):
+        problem = f"damaged gzip data ({detail}); copy or download it again"
+    elif type(error).__module__.startswith("pyarrow"):
+        problem = f"not a readable parquet file ({type(error).__name__}: {detail})"
+    else:
+        problem = f"cannot read the file ({detail})"
+    return DataError(where, "<file>", problem)
+
+
 def read_jsonl(path: str | Path, yield_errors: bool = False):
     """Yield (where, record) from a .jsonl or .jsonl.gz file; `where` is "file:line" for errors.
     An unreadable line raises DataError, or with yield_errors is yielded as (where, DataError) so
-    the caller may skip it and read on."""
+    the caller may skip it and read on. A UTF-8 byte-order mark before the first line is allowed;
+    a damaged container (truncated or not gzip) is a DataError at the line where reading stopped."""
     import gzip
     import json
+    import zlib
 
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise DataError(where, "<line>", f"expected a JSON object, got {type(record).__name__}")
-            except UnicodeDecodeError as error:
-                record = DataError(where, "<line>", f"invalid UTF-8 ({error.reason} at byte {error.start})")
-            except json.JSONDecodeError as error:
-                record = DataError(where, "<line>", f"malformed JSON ({error.msg}, column {error.colno})")
-            except DataError as error:
-                record = error
-            if isinstance(record, DataError) and not yield_errors:
-                raise record
-            yield where, record
+    try:
+        handle = opener(path, "rb")
+    except OSError as error:  # e.g. permission denied
+        raise container_error(path, error) from None
+    number = 0
+    try:
+        with handle:
+            for number, raw in enumerate(handle, start=1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # utf-8-sig: drop a byte-order mark
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise DataError(where, "<line>", f"expected a JSON object, got {type(record).__name__}")
+                except UnicodeDecodeError as error:
+                    record = DataError(where, "<line>", f"invalid UTF-8 ({error.reason} at byte {error.start})")
+                except json.JSONDecodeError as error:
+                    record = DataError(where, "<line>", f"malformed JSON ({error.msg}, column {error.colno})")
+                except DataError as error:
+                    record = error
+                if isinstance(record, DataError) and not yield_errors:
+                    raise record
+                yield where, record
+    except (OSError, EOFError, zlib.error) as error:  # raised while reading line number + 1
+        raise container_error(path, error, number + 1) from None
 
 
 def encode(tokenizer, prompt: str, responses: list[str], max_length: int) -> tuple[list[dict], bool]:
@@ -112,15 +144,34 @@ def _text(record: dict, where: str, field: str, allow_empty: bool = False) -> st
     return value
 
 
+def _check_messages(messages, where: str, field: str) -> None:
+    """A conversational field: a non-empty list of {"role": str, "content": str} messages."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(where, field, f"expected a non-empty list of {{role, content}} messages, got "
+                                      f"{type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(where, f"{field}[{index}]", f"expected a {{role, content}} message, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(where, f"{field}[{index}].{key}", "missing")
+            if not isinstance(message[key], str):
+                raise DataError(where, f"{field}[{index}].{key}", f"expected a string, got {type(message[key]).__name__}")
+
+
 def _render_conversation(tokenizer, prompt, response, where: str, field: str) -> tuple[str, str]:
-    """TRL's conversational format: message lists rendered with the tokenizer's chat template."""
-    for name, messages in (("prompt", prompt), (field, response)):
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-            raise DataError(where, name, "expected a list of {role, content} messages")
+    """TRL's conversational format: message lists rendered with the tokenizer's chat template. Every
+    message is checked first (role and content strings), so the template never sees a bad one."""
+    _check_messages(prompt, where, "prompt")
+    _check_messages(response, where, field)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError(where, field, "conversational data needs a tokenizer with a chat template")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    except Exception as error:  # the template's own checks (jinja2 raise_exception: e.g. roles must alternate)
+        raise DataError(where, field, f"the chat template refused the conversation ({type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if not full.startswith(prompt_text):
         raise DataError(where, field, "the chat template does not render the prompt as a prefix of the conversation")
     return prompt_text, full[len(prompt_text):]

@@ -104,7 +104,9 @@ def unwrap(model):
 def enable_activation_checkpointing(model) -> None:
     """Keep only each decoder layer's input; the backward pass recomputes the layer (non-reentrant
     torch.utils.checkpoint, through transformers, which checkpoints `forward` inside the module's
-    hooks, so FSDP2's hooks are not run twice)."""
+    hooks, so FSDP2's hooks are not run twice). Prompt sharing (ava.hidden_states) needs the KV cache
+    that checkpointing drops, so it is switched off on the model."""
+    model.share_prompts = False
     lm = models.language_model(model)
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x

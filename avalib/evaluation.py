@@ -1,21 +1,33 @@
 """Evaluation: pairwise accuracy, win rates under the gold judge or a reward model, intervals."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
-from avalib import generation, gold, reward_models
+import torch
+
+from avalib import generation, gold, models, reward_models, sources
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95% interval of a proportion (accuracies and win rates on a few hundred items)."""
-    import math
-
     if n == 0:
         return (float("nan"), float("nan"))
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def pairwise_accuracy(margins: list[float]) -> dict:
+    """Accuracy on preference pairs from each pair's margin (chosen - rejected score), the same in every
+    script: a win counts 1, an exact tie 1/2 (as TRL's rewards/accuracies and ava.preference_metrics);
+    ties are also reported apart, with the Wilson 95% interval and the mean margin."""
+    n = len(margins)
+    wins, ties = sum(m > 0 for m in margins), sum(m == 0 for m in margins)
+    return {"eval/accuracy": (wins + 0.5 * ties) / max(n, 1), "eval/accuracy_wilson95": list(wilson(wins + 0.5 * ties, n)),
+            "eval/ties": ties / max(n, 1), "eval/margin": sum(margins) / max(n, 1), "eval/pairs": n}
 
 
 def judge_replies(judge: str, prompts: list[str], ours: list[str], theirs: list[str], max_length: int = 512) -> list[str]:
@@ -79,3 +91,43 @@ def rank_correlation(x, y) -> float:
         return (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based mean rank of each tie group
 
     return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+@torch.no_grad()
+def best_of_n(args) -> dict:
+    """Best-of-N (the paper's Table 2; train_ppo.py --best-of-n N): for every held-out prompt (x
+    samples_per_prompt), N samples of --model, the best under --reward-model; judged against a plain
+    sample and against the best under --bon-against. `args` is train_ppo.py's Args. Writes
+    OUTPUT_DIR/best_of_n.json."""
+    lm, tokenizer = models.load_model(args.model)
+    prompts = sources.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p,
+                    chat_template=False)
+    candidates = generation.cached_generate(args.model, [p for p in repeated for _ in range(args.best_of_n)],
+                                        seed=args.sample_seed, model=lm, tokenizer=tokenizer, desc="Best-of-N candidates", **sampling)
+    plain = generation.cached_generate(args.model, repeated, seed=args.sample_seed + 1, model=lm, tokenizer=tokenizer,
+                                   desc="plain samples", **sampling)
+
+    def pick(reward_dir: str) -> list[str]:
+        model, rm_tokenizer, _ = reward_models.load_reward_model(reward_dir)
+        scores = [r["score"] for r in reward_models.score_texts(model, rm_tokenizer, [p for p in repeated for _ in range(args.best_of_n)],
+                                                         candidates, args.max_length, per_token=False)]
+        k = args.best_of_n
+        return [candidates[i * k + max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(repeated))]
+
+    ours = pick(args.reward_model)
+    result = {"best_of_n": args.best_of_n, "prompts": len(prompts), "reward_model": args.reward_model,
+              "vs_plain_sample": win_rate_summary(judge_replies(args.judge, repeated, ours, plain))}
+    if args.bon_against:
+        theirs = pick(args.bon_against)
+        result["vs_best_of_n_under"] = {"reward_model": args.bon_against,
+                                        **win_rate_summary(judge_replies(args.judge, repeated, ours, theirs))}
+    if args.judge == "gold":
+        result["gold_mean"] = {"best_of_n": sum(map(gold.gold_score, ours)) / len(ours),
+                               "plain": sum(map(gold.gold_score, plain)) / len(plain)}
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "best_of_n.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result

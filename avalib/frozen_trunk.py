@@ -4,8 +4,9 @@ With --trainable-layers k, the embeddings and the bottom L-k decoder layers neve
 they output for a sequence is the same at every step, in every epoch, and for every seed and
 objective. `attach_frozen_trunk` computes it once per sequence (prompts shared, as ava.hidden_states
 does), keeps it under $AVA_CACHE/frozen-trunk/<key>/ in chunks (a killed build resumes at its last
-finished chunk; the key names the model, k and every sequence), and hangs it on the LM, where
-ava.hidden_states runs only the top k layers from it. A speed-up, not a change of model: on
+finished chunk; the key names the model, k and every sequence), and puts `FrozenTrunk.features` in
+place of the reward model's `features` (ava.LMWithHeads), so that only the top k layers run, from the
+cached states; ava.py knows nothing of it. A speed-up, not a change of model: on
 SmolLM2 with 4 of 30 layers trainable a step skips the forward pass of 26. It needs a decoder whose
 first trainable layer takes the states as `inputs_embeds` unchanged (Llama and its kind; GPT-2 adds
 position embeddings there): `attach_frozen_trunk` checks that on real rows and refuses otherwise.
@@ -17,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 
 import torch
 from tqdm.auto import tqdm
 
+import ava
 from avalib import data, distributed, models
 
 
@@ -56,7 +59,8 @@ def only_layers(lm, part: slice, final_norm: bool = True):
 class FrozenTrunk:
     """The outputs of an LM's frozen bottom layers (the input of its first trainable layer) for known
     token sequences, looked up by their exact ids. `lookup` gives them for a right-padded batch (None
-    if any row is unknown: that batch takes the full model), `top_layers_only` runs the rest."""
+    if any row is unknown: that batch takes the full model), `top_layers_only` runs the rest, and
+    `features` is ava.hidden_states computed that way."""
 
     def __init__(self, lm, trainable_layers: int, chunks: list[dict[str, torch.Tensor]]):
         self.lm, self.trainable_layers = lm, trainable_layers
@@ -82,6 +86,16 @@ class FrozenTrunk:
         n = len(models.decoder_layers(self.lm))
         return only_layers(self.lm, slice(n - self.trainable_layers, n))
 
+    def features(self, input_ids, attention_mask, response_mask=None, share_prompts: bool = True) -> torch.Tensor:
+        """ava.hidden_states(lm, ...): from the cached states through the top layers when every row is
+        known, through the whole model otherwise."""
+        bottom = self.lookup(input_ids, attention_mask)  # (B, T, d) or None
+        if bottom is None:
+            return ava.hidden_states(self.lm, input_ids, attention_mask, response_mask, share_prompts=share_prompts)
+        with self.top_layers_only():
+            return ava.hidden_states(self.lm, input_ids, attention_mask, response_mask, share_prompts=share_prompts,
+                                     inputs_embeds=bottom)
+
 
 def _trunk_key(model_name: str, trainable_layers: int, sequences: list[list[int]]) -> str:
     digest = hashlib.sha256()
@@ -91,16 +105,16 @@ def _trunk_key(model_name: str, trainable_layers: int, sequences: list[list[int]
     return digest.hexdigest()[:16]
 
 
-def attach_frozen_trunk(lm, args, examples: list[dict], dist: distributed.Distributed, chunk_size: int = 256,
+def attach_frozen_trunk(model, args, examples: list[dict], dist: distributed.Distributed, chunk_size: int = 256,
                         batch_size: int = 16) -> dict:
-    """Compute (or load) the frozen bottom layers' outputs for every example ({"input_ids", "prompt_length"},
-    in order: rows that share a prompt should be neighbours) and set lm.frozen_trunk. Under torchrun each
-    rank builds every world_size-th chunk, then all load all. Returns what to record: where, how many
-    sequences, seconds spent building and loading."""
-    import time
-
-    import ava
+    """Compute (or load) the frozen bottom layers' outputs of `model.lm` for every example ({"input_ids",
+    "prompt_length"}, in order: rows that share a prompt should be neighbours), set model.frozen_trunk
+    and put its `features` in place of model.features (model: an ava.LMWithHeads, e.g. TQR). Under
+    torchrun each rank builds every world_size-th chunk, then all load all. Returns what to record:
+    where, how many sequences, seconds spent building and loading."""
     from safetensors.torch import load_file, save_file
+
+    lm = model.lm
 
     n_layers, k = len(models.decoder_layers(lm)), args.trainable_layers
     if not 0 < k < n_layers:
@@ -125,7 +139,7 @@ def attach_frozen_trunk(lm, args, examples: list[dict], dist: distributed.Distri
             for start in range(0, len(chunks[i]), batch_size):
                 part = chunks[i][start:start + batch_size]
                 batch = {key: value.to(dist.device) for key, value in data.collate(part, 0).items()}
-                hidden = ava._hidden_states(lm, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                hidden = ava.hidden_states(lm, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
                 for row, example in enumerate(part):
                     ids.append(torch.tensor(example["input_ids"], dtype=torch.long))
                     states.append(hidden[row, :len(example["input_ids"])].float().cpu())
@@ -138,28 +152,25 @@ def attach_frozen_trunk(lm, args, examples: list[dict], dist: distributed.Distri
     built = time.perf_counter() - started
     if dist.world_size > 1:
         torch.distributed.barrier()
-    lm.frozen_trunk = FrozenTrunk(lm, k, [load_file(str(path)) for path in paths])
-    _check_frozen_trunk(lm, unique[:2], args.model, dist.device)
+    trunk = FrozenTrunk(lm, k, [load_file(str(path)) for path in paths])
+    _check_frozen_trunk(model, trunk, unique[:2], args.model, dist.device)
+    model.frozen_trunk = trunk
+    model.features = lambda input_ids, attention_mask, response_mask: trunk.features(
+        input_ids, attention_mask, response_mask, share_prompts=model.share_prompts)
     lm.train(training)
     return {"directory": str(directory), "sequences": len(unique), "chunks_built_here": len(todo),
             "built_seconds": built, "seconds": time.perf_counter() - started}
 
 
-def _check_frozen_trunk(lm, examples: list[dict], model_name: str, device) -> None:
+def _check_frozen_trunk(model, trunk: FrozenTrunk, examples: list[dict], model_name: str, device) -> None:
     """The top layers from the cached states must give what the whole model gives, on real rows."""
-    import ava
-
     batch = {key: value.to(device) for key, value in data.collate(examples, 0).items()}
-    trunk = lm.frozen_trunk
     with torch.no_grad():
-        cached = ava.hidden_states(lm, **batch)
-        del lm.frozen_trunk
-        full = ava.hidden_states(lm, **batch)
-        lm.frozen_trunk = trunk
+        cached = trunk.features(**batch)
+        full = model.features(**batch)
     valid = batch["attention_mask"].bool()
     difference = float((cached[valid] - full[valid]).abs().max())
     if not difference <= 1e-4 * max(1.0, float(full[valid].abs().max())):
-        del lm.frozen_trunk
         raise SystemExit(f"--frozen-trunk-cache: {model_name} does not run its top layers from cached states the way its "
                          f"full forward does (largest difference {difference:.3g}); its first trainable layer must take "
                          "them as inputs_embeds unchanged (Llama-family decoders do, GPT-2 does not): drop the flag")

@@ -168,6 +168,8 @@ class Policy(torch.nn.Module):
     the sampler can run through it: under FSDP2 the policy is the root module, whose forward gathers
     the embeddings and LM head it owns (train_ppo.py samples from the sharded policy)."""
 
+    share_prompts = True  # ava.hidden_states: a shared prompt runs once (off under activation checkpointing)
+
     def __init__(self, lm: torch.nn.Module, temperature: float = 1.0):
         super().__init__()
         self.lm, self.temperature = lm, temperature
@@ -185,7 +187,8 @@ class Policy(torch.nn.Module):
 
         if response_mask is None:  # sampling: the LM's own forward (logits at temperature 1, KV cache)
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
-        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature=self.temperature)
+        return ava.token_logprobs(self.lm, input_ids, attention_mask, response_mask, temperature=self.temperature,
+                                  share_prompts=self.share_prompts)
 
 
 def save_policy(directory: str | Path, lm, tokenizer, meta: dict) -> None:

@@ -21,7 +21,7 @@ Systems:
 Where ours does less work: a chosen and a rejected response share their prompt, which runs once
 (ava.hidden_states); batches are length-grouped and the prompt is never padded; the full-vocabulary
 terms touch response tokens only; DPO's reference log-probs are computed once, not every step.
-`ours ... (no prompt sharing)` rows switch the first of these off (ava.SHARE_PROMPTS = False).
+`ours ... (no prompt sharing)` rows switch the first of these off (model.share_prompts = False).
 
 Measured: every system runs --rounds epochs over the pairs, the systems interleaved round by round
 (so machine load hits all alike); the first step of each round is a warm-up and not timed (in the
@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.runner import busy_cpu_seconds, update_readme  # noqa: E402
+from bench.runner import busy_cpu_seconds, update_page  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "train.jsonl.gz"
@@ -131,6 +131,7 @@ class Ours:
         else:
             self.model = reward_models.build_reward_model(lm, kind, self.config)
             self.loss = lambda items, idx: train_rm.compute_loss(self.model, items, kind, self.config, self.pad)
+        self.model.share_prompts = share_prompts
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=CONFIG["lr"])
@@ -152,10 +153,8 @@ class Ours:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        import ava
         from avalib import loop
 
-        ava.SHARE_PROMPTS = self.share
         steps = []
         if self.kind == "dpo":  # its once-per-run cost, added to the run's timed steps below
             reference_seconds, reference_flops = self._reference_pass(count_flops)
@@ -172,7 +171,6 @@ class Ours:
                           **({"flops": counter.get_total_flops()} if counter is not None else {})})
         if self.kind == "dpo":
             charge_reference_pass(steps, reference_seconds, reference_flops, sum(self.lengths), count_flops)
-        ava.SHARE_PROMPTS = True
         return steps
 
 
@@ -436,7 +434,7 @@ def main() -> None:
     text = report(data)
     if path == RESULTS / "throughput.json":
         (RESULTS / "throughput.md").write_text(text)
-        update_readme("\n".join(text.splitlines()[2:]), "throughput")
+        update_page("docs/scale.md", "\n".join(text.splitlines()[2:]), "throughput")
     print(text)
 
 

@@ -39,9 +39,9 @@ def pairs(n=3, seed=0):
     return examples
 
 
-def attach(lm, model_dir, k, examples, **kwargs):
+def attach(model, model_dir, k, examples, **kwargs):
     args = types.SimpleNamespace(model=model_dir, trainable_layers=k, fsdp=False)
-    return frozen_trunk.attach_frozen_trunk(lm, args, examples, ONE_PROCESS, **kwargs)
+    return frozen_trunk.attach_frozen_trunk(model, args, examples, ONE_PROCESS, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +68,9 @@ def test_top_layers_from_the_trunk_are_the_whole_model(tmp_path, k, kind):
 
     model.train()
     loss, grads = loss_and_grads()
-    report = attach(lm, model_dir, k, examples)
+    report = attach(model, model_dir, k, examples)
     assert report["sequences"] == 6 and report["chunks_built_here"] == 1
-    assert lm.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is not None
+    assert model.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is not None
     cached_loss, cached_grads = loss_and_grads()
     assert cached_loss == pytest.approx(float(loss), abs=1e-5)
     assert set(cached_grads) == set(grads) and any(n.startswith("lm.") for n in grads)
@@ -84,13 +84,14 @@ def test_a_batch_with_an_unknown_row_takes_the_whole_model(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
     models.freeze_layers(lm, 1)
     examples = pairs(3)
-    attach(lm, model_dir, 1, examples[:4])  # the third pair is not cached
+    model = reward_models.build_reward_model(lm, "bt")
+    attach(model, model_dir, 1, examples[:4])  # the third pair is not cached
     batch = data.collate(examples, pad_id=2)
-    assert lm.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is None
+    assert model.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is None
     with torch.no_grad():
-        mixed = ava.hidden_states(lm, **batch)
-        del lm.frozen_trunk
-        full = ava.hidden_states(lm, **batch)
+        mixed = model.features(**batch)
+        del model.features, model.frozen_trunk
+        full = model.features(**batch)
     torch.testing.assert_close(mixed, full)
 
 
@@ -98,37 +99,40 @@ def test_a_killed_build_resumes_from_its_finished_chunks_and_a_second_run_reuses
     lm, model_dir = three_layer_llama(tmp_path)
     models.freeze_layers(lm, 1)
     examples = pairs(3)
-    first = attach(lm, model_dir, 1, examples, chunk_size=2)
-    states = dict(lm.frozen_trunk.states)
+    model = reward_models.build_reward_model(lm, "bt")
+    first = attach(model, model_dir, 1, examples, chunk_size=2)
+    states = dict(model.frozen_trunk.states)
     chunks = sorted(p.name for p in (tmp_path / "cache" / "frozen-trunk").glob("*/chunk-*.safetensors"))
     assert first["chunks_built_here"] == 3 and chunks == ["chunk-00000.safetensors", "chunk-00001.safetensors",
                                                           "chunk-00002.safetensors"]
     next((tmp_path / "cache" / "frozen-trunk").glob("*/chunk-00001.safetensors")).unlink()  # killed before it was written
-    again = attach(lm, model_dir, 1, examples, chunk_size=2)
+    again = attach(model, model_dir, 1, examples, chunk_size=2)
     assert again["chunks_built_here"] == 1 and again["directory"] == first["directory"]
-    assert attach(lm, model_dir, 1, examples, chunk_size=2)["chunks_built_here"] == 0
-    assert set(lm.frozen_trunk.states) == set(states)
+    assert attach(model, model_dir, 1, examples, chunk_size=2)["chunks_built_here"] == 0
+    assert set(model.frozen_trunk.states) == set(states)
     for key, value in states.items():
-        torch.testing.assert_close(lm.frozen_trunk.states[key], value)
+        torch.testing.assert_close(model.frozen_trunk.states[key], value)
     # Other trainable layers or other sequences are another cache.
-    assert attach(lm, model_dir, 2, examples, chunk_size=2)["directory"] != first["directory"]
-    assert attach(lm, model_dir, 2, examples[:2], chunk_size=2)["directory"] != first["directory"]
+    assert attach(model, model_dir, 2, examples, chunk_size=2)["directory"] != first["directory"]
+    assert attach(model, model_dir, 2, examples[:2], chunk_size=2)["directory"] != first["directory"]
 
 
 def test_refused_where_it_cannot_be_the_same_model(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
+    model = reward_models.build_reward_model(lm, "bt")
     with pytest.raises(SystemExit, match="bottom layers must be frozen"):
-        attach(lm, model_dir, 1, pairs())  # freeze_layers was not called
+        attach(model, model_dir, 1, pairs())  # freeze_layers was not called
     models.freeze_layers(lm, 1)
     for k in (0, 3, -1):
         with pytest.raises(SystemExit, match="0 < --trainable-layers < 3"):
-            attach(lm, model_dir, k, pairs())
+            attach(model, model_dir, k, pairs())
     gpt2 = tiny_lm("gpt2")  # adds position embeddings to inputs_embeds: cached states would enter twice
     gpt2.save_pretrained(tmp_path / "gpt2")
     models.freeze_layers(gpt2, 1)
+    gpt2_model = reward_models.build_reward_model(gpt2, "bt")
     with pytest.raises(SystemExit, match="GPT-2 does not"):
-        attach(gpt2, str(tmp_path / "gpt2"), 1, pairs())
-    assert not hasattr(gpt2, "frozen_trunk")
+        attach(gpt2_model, str(tmp_path / "gpt2"), 1, pairs())
+    assert not hasattr(gpt2_model, "frozen_trunk") and "features" not in vars(gpt2_model)
 
 
 def test_train_rm_with_the_cache_ends_where_it_ends_without(tmp_path, tiny_model_dir, monkeypatch):

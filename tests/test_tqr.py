@@ -217,19 +217,19 @@ def pair_batch(seed=0):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_a_shared_prompt_runs_once_and_changes_neither_values_nor_gradients(kind, monkeypatch):
+def test_a_shared_prompt_runs_once_and_changes_neither_values_nor_gradients(kind):
     """ava.hidden_states runs a prompt shared by several rows once, reusing its keys and values: the
     hidden states on every valid position, the AVA-p loss and every gradient equal the plain batch's."""
     input_ids, attention_mask, response_mask = pair_batch()
     assert ava.prompt_groups(input_ids, response_mask) == [([0, 2], 5), ([1, 3], 3)]
     results = {}
     for share in (True, False):
-        monkeypatch.setattr(ava, "SHARE_PROMPTS", share)
         lm = tiny_lm(kind)
         model = randomize_heads(ava.TQR(lm, ava.AVAConfig()))
+        model.share_prompts = share
         calls = []
         hook = lm.base_model.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
-        hidden = ava.hidden_states(lm, input_ids, attention_mask, response_mask)
+        hidden = ava.hidden_states(lm, input_ids, attention_mask, response_mask, share_prompts=share)
         hook.remove()
         out = model(input_ids, attention_mask, response_mask)
         loss, _ = ava.ava_p_loss(ava.take_rows(out, [0, 1]), ava.take_rows(out, [2, 3]), ava.AVAConfig())
