@@ -167,7 +167,9 @@ def report() -> None:
                   f"median of {step['repeats']} interleaved forward+backward): AVA-p {s['ava-p']:.2f} s, DPO {s['dpo']:.2f} s, "
                   f"ratio AVA-p / DPO = {step['ratio_ava_p_over_dpo']:.2f}."]
     (ROOT / "bench" / "results" / "direct.md").write_text("\n".join(lines) + "\n")
-    runner.update_readme("\n".join(lines[2:]), "direct")
+    runner.update_page("docs/train_direct.md", "\n".join(lines[2:]), "direct")
+    runner.update_page("README.md", runner.glance(lines, ["table", "policy", "against", "win rate", "95% interval"]),
+                       "direct-glance", "direct")
     print("\n".join(lines))
 
 

@@ -3,7 +3,7 @@ materialises the full (B, T, V) logits, and against DPO, at SmolLM2's vocabulary
 128k one (128256, Llama 3's).
 
     python bench/memory.py                  # every measurement, each in a fresh process (~5 min on a busy machine)
-    python bench/memory.py --report         # rebuild bench/results/memory.md (and README's copy) from memory.json
+    python bench/memory.py --report         # rebuild bench/results/memory.md (and docs/scale.md's copy) from memory.json
 
 The model: SmolLM2's shape (hidden 576, intermediate 1536, 9 heads, 3 key/value heads, tied
 embeddings), 4 layers instead of 30, random weights; everything trains (AdamW). The batch: 4
@@ -240,7 +240,7 @@ def main() -> None:
     (RESULTS / "memory.md").write_text(report(data))
     from bench import runner
 
-    runner.update_readme("\n".join(report(data).splitlines()[2:]), "memory")
+    runner.update_page("docs/scale.md", "\n".join(report(data).splitlines()[2:]), "memory")
     print(report(data))
 
 

@@ -1,6 +1,6 @@
 """Llama-2-7b on paper: bytes per GPU for train_rm.py and train_direct.py on 1 x 80 GB and 8 x 80 GB.
 
-    python bench/plan_7b.py      # writes bench/results/plan_7b.json, plan_7b.md and README's excerpt (seconds; nothing is downloaded)
+    python bench/plan_7b.py      # writes bench/results/plan_7b.json, plan_7b.md and docs/scale.md's excerpt (seconds; nothing is downloaded)
 
 Each row is `python SCRIPT --plan llama-2-7b ...` (memory_plan.memory_plan): the model is built on the meta
 device (no weights), frozen / LoRA'd as the flags say, and its parameters split as FSDP2 splits them
@@ -79,7 +79,7 @@ def table(plans: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-README_ROWS = [  # (GPUs, setup, script, objective): the excerpt README.md shows
+EXCERPT_ROWS = [  # (GPUs, setup, script, objective): the excerpt docs/scale.md shows
     (8, "full fine-tuning, FSDP2", "train_rm.py", "ava-p"), (8, "full fine-tuning, FSDP2", "train_direct.py", "ava-p"),
     (8, "full fine-tuning, FSDP2", "train_direct.py", "dpo"), (8, "full fine-tuning, DDP", "train_direct.py", "ava-p"),
     (1, "full fine-tuning", "train_direct.py", "ava-p"), (1, "top 4 layers (the scripts' default)", "train_rm.py", "ava-p"),
@@ -87,12 +87,12 @@ README_ROWS = [  # (GPUs, setup, script, objective): the excerpt README.md shows
 ]
 
 
-def readme_excerpt(plans: list[dict]) -> str:
+def excerpt(plans: list[dict]) -> str:
     gb = lambda n: f"{n / 1e9:.0f}"
     by = {(p["world_size"], p["setup"], p["script"], p["objective"]): p for p in plans}
     lines = ["| GPUs | setup | script | objective | weights + grads + AdamW | activations (ckpt off / on) | "
              "total (ckpt off / on) | max pairs/GPU (ckpt on) |", "|---|---|---|---|---|---|---|---|"]
-    for key in README_ROWS:
+    for key in EXCERPT_ROWS:
         p = by[key]
         b, off, on = p["bytes"], p["checkpointing_off"], p["checkpointing_on"]
         state = b["parameters"] + b["gradients"] + b["optimizer"]
@@ -100,7 +100,7 @@ def readme_excerpt(plans: list[dict]) -> str:
         lines.append(f"| {key[0]} x 80 GB | {key[1]} | {key[2]} | {key[3]} | {gb(state)} | "
                      f"{gb(off['activations'] + off['autocast_copies'])} / {gb(on['activations'] + on['autocast_copies'])} | "
                      f"{total(off)} / {total(on)} | {on['max_items_per_gpu']} |")
-    lines.append("\n(no): over 80 GB. Every row and column: [bench/results/plan_7b.md](bench/results/plan_7b.md).")
+    lines.append("\n(no): over 80 GB. Every row and column: [bench/results/plan_7b.md](../bench/results/plan_7b.md).")
     return "\n".join(lines)
 
 
@@ -115,7 +115,7 @@ def main() -> None:
     (RESULTS / "plan_7b.md").write_text(table(plans))
     from bench import runner
 
-    runner.update_readme(readme_excerpt(plans), "plan_7b")
+    runner.update_page("docs/scale.md", excerpt(plans), "plan_7b")
     print(table(plans))
 
 

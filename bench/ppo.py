@@ -134,7 +134,8 @@ def report() -> None:
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.",
               "Curves (proxy and gold reward of the rollouts per update): `bench/results/ppo_proxy_vs_gold.png`."]
     (ROOT / "bench" / "results" / "ppo.md").write_text("\n".join(lines) + "\n")
-    runner.update_readme("\n".join(lines[2:]), "ppo")
+    runner.update_page("docs/train_ppo.md", "\n".join(lines[2:]), "ppo")
+    runner.update_page("README.md", runner.glance(lines, ["policy", "against", "win rate", "95% interval"]), "ppo-glance", "ppo")
     print("\n".join(lines))
 
 

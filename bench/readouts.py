@@ -171,7 +171,7 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     text = markdown(results)
     (OUT.parent / "readouts.md").write_text(text)
-    runner.update_readme(text.split("\n", 2)[2].strip(), "readouts")
+    runner.update_page("docs/train_rm.md", text.split("\n", 2)[2].strip(), "readouts", heading_level=4)
     print(text)
 
 

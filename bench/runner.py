@@ -1,5 +1,6 @@
 """What the benchmark scripts share: running one cached row as a subprocess while measuring how much
-of the machine other processes took, and writing a generated table into README.md."""
+of the machine other processes took, and writing a generated table into a docs page (docs/*.md) or the
+README's results at a glance."""
 from __future__ import annotations
 
 import os
@@ -35,11 +36,43 @@ def run_measured(command: list[str]) -> dict:
     return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other}
 
 
-def update_readme(block: str, name: str) -> None:
-    """README.md shows a benchmark's table between its markers: generated, never typed by hand."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {name}:start (bench/{name}.py --report writes this) -->", f"<!-- {name}:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+def update_page(page: str, block: str, name: str, script: str = "", heading_level: int = 0) -> None:
+    """A page (docs/train_rm.md, README.md, ...) shows a benchmark's generated block between its markers
+    `<!-- NAME:start (bench/SCRIPT.py --report writes this) -->` and `<!-- NAME:end -->`: generated, never
+    typed by hand. heading_level > 0 moves the block's Markdown headings down so that its highest one has
+    that level (a generated `## ...` must not sit inside a page's `####` section)."""
+    path = ROOT / page
+    text = path.read_text()
+    start, end = f"<!-- {name}:start (bench/{script or name}.py --report writes this) -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{page}: no markers {start} ... {end}: put them where the block belongs")
+    if heading_level:
+        def is_heading(line: str) -> bool:
+            return line.startswith("#") and line.lstrip("#").startswith(" ")
+
+        levels = [len(line) - len(line.lstrip("#")) for line in block.splitlines() if is_heading(line)]
+        shift = max(0, heading_level - min(levels)) if levels else 0
+        block = "\n".join("#" * shift + line if is_heading(line) else line for line in block.splitlines())
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+
+
+def glance(lines: list[str], columns: list[str], keep=lambda row: True) -> str:
+    """The README's compact copy of a generated Markdown table: the first table in `lines` whose header has
+    every one of `columns`, cut to those columns, rows where keep({column: cell}) is true. Cells are copied,
+    never recomputed, so the README shows exactly what the docs page does."""
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    for index, line in enumerate(lines):
+        if line.startswith("|") and set(columns) <= set(header := cells(line)):
+            picked = [header.index(column) for column in columns]
+            out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            for row in lines[index + 2:]:
+                if not row.startswith("|"):
+                    break
+                values = dict(zip(header, cells(row)))
+                if keep(values):
+                    out.append("| " + " | ".join(cells(row)[i] for i in picked) + " |")
+            return "\n".join(out)
+    raise ValueError(f"no table with columns {columns}")

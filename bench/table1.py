@@ -444,7 +444,9 @@ def report() -> None:
               f"Regenerate: `python bench/table1.py --task harmless --rows \"{','.join(TUNING)}\"`.", ""]
     lines += markdown_rows(tuning) if tuning else ["Not yet run."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")
-    runner.update_readme("\n".join(lines[2:]), "table1")
+    runner.update_page("docs/train_rm.md", "\n".join(lines[2:]), "table1")
+    runner.update_page("README.md", runner.glance(lines, ["task", "row", "seeds", "dev accuracy", "95% interval"]),
+                       "table1-glance", "table1")
     print("\n".join(lines))
 
 
