@@ -21,13 +21,11 @@ Reading of the paper (SPEC.md), and deviations from it, each with its reason:
     have seen the action, and a causal decoder's state at t has not).
  2. Terms are averaged over valid transitions, not summed (Eq. 5/17 sum): the loss scale then does
     not depend on sequence length or batch size.
- 3. Eq. 5 sums t = 1 .. |y|-2, dropping the last transition from every term. We keep the last
-    transition in the likelihood and KL terms (its action is usually EOS, which the policy must learn,
-    and its reward mu is the one CER and scoring read) and drop it only where the TD error needs y_{t+2}.
- 4. Reward weights (Eq. 11) are computed over the positions that some term reads (response tokens and
-    the last prompt token), not over every position of y, so a long prompt does not dilute them; and
-    they are rescaled to mean one over those positions by default: the literal 1/|y| form sums to one
-    and would shrink every Q, mu and sigma by ~T. `reward_weighting="literal"` keeps the paper's form.
+ 3. Eq. 5 sums t = 1 .. |y|-2. We keep the last transition in the likelihood and KL terms (its action
+    is usually EOS, and its mu is what CER and scoring read); only the TD error, needing y_{t+2}, drops it.
+ 4. Reward weights (Eq. 11) are computed over the positions some term reads (the response and the last
+    prompt token), so a long prompt does not dilute them, and rescaled to mean one: the literal 1/|y|
+    form sums to one and shrinks every Q, mu and sigma by ~T (`reward_weighting="literal"` keeps it).
  5. sigma = w * softplus(s) + sigma_min (sigma must stay > 0 after weighting).
  6. With a pretrained Q head the likelihood term is Eq. 13's literal beta * Q; with a fresh head it is
     the Boltzmann log-likelihood log softmax(beta * Q)[a] of Eq. 3 (a raw Q is not a log-probability).
@@ -35,9 +33,21 @@ Reading of the paper (SPEC.md), and deviations from it, each with its reason:
     demonstration the reward must explain); `kl_td_on="chosen"` restricts them.
  8. Optional variants: the unlikelihood negative term log(1 - p) of the bound (Eq. 16) instead of
     Eq. 17's -log p, and log-sigmoid CER (the literal sigmoid has vanishing gradients when wrong).
+ 9. Initialisation (the paper is silent): the reward head starts at the prior (sigma = 1) and the
+    Eq. 11 projections near zero, so w_t starts at 1 (PreferenceAttention says why).
 
+Our extensions (AVAConfig switches, off by default). With Eq. 12 and gamma = 1, delta_t follows the
+LM alone (alpha * (pi_t - pi_{t+1}) + O(1/V)), sum_t delta_t telescopes to Q_first - Q_last, and CER
+reads only the last mu, which TD never reaches (SPEC.md, last section): the preference reaches an
+intermediate mu_t only through pi. `cer_reading` puts CER (and the score) on the weighted return of
+Eq. 19; `centred_q` / `td_terminal` remove Eq. 12's -log V offset from delta_t and add a TD step into a
+terminal state of value 0; `prior_sigma` scales the prior to delta's spread; `weights_on="mu"` keeps
+Eq. 11's weights off Q (a side channel); `q_map="logits"` is a w/o ptq control (same head, no map).
+
+Layout: config; masks, hidden states; Eq. 11; Eq. 3/12; TQR (Eq. 8-10); terms (Eq. 6, 13, 14); AVA-d,
+AVA-p, CER (Eq. 13, 17, 18); Eq. 19; baselines; the exact speed-ups.
 Shapes: B batch, T sequence length, V vocabulary, d hidden size, N valid transitions in a batch.
-Only torch and einops are needed; nothing here reads files or parses arguments.
+Only torch and einops; nothing here reads files or parses arguments.
 """
 from __future__ import annotations
 
@@ -55,7 +65,9 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class AVAConfig:
-    """Hyper-parameters and switches of one AVA objective (defaults: see README, 'Hyper-parameters')."""
+    """Hyper-parameters and switches of one AVA objective. alpha has no precedent in the paper's text
+    (chosen on dev); AVRIL's code uses beta = gamma = lambda = 1. Fields after `vocab_chunk` are our
+    extensions (module docstring), off by default."""
     alpha: float = 1.0          # Eq. 12 temperature mapping probabilities to Q-values
     beta: float = 1.0           # weight of the likelihood term (Eq. 13) / Boltzmann temperature (Eq. 3)
     gamma: float = 1.0          # discount in the TD error (Eq. 14); AVRIL uses 1
@@ -69,24 +81,34 @@ class AVAConfig:
     kl_td_on: str = "both"      # "both" | "chosen": which sequences of a pair get KL and TD
     sigma_min: float = 1e-4     # floor on sigma
     vocab_chunk: int = 512      # transitions per chunk of the full-vocabulary computation
+    # -- our extensions (not in the paper) --
+    cer_reading: str = "last"   # E[R|y] for CER and scoring: "last" mu (paper) | "return-sum" | "return-mean" of w_t mu_t
+    centred_q: bool = False     # TD on Q + w log V: removes Eq. 12's -log V offset from delta_t
+    td_terminal: bool = False   # one more TD step, from the last transition into a terminal state of value 0
+    prior_sigma: float = 1.0    # the reward prior N(0, prior_sigma^2) (paper: N(0, 1))
+    weights_on: str = "all"     # Eq. 11 weights multiply "all" heads (paper) | "mu" (reward head only)
+    q_map: str = "eq12"         # pretrained Q: "eq12" log softmax(alpha pi) | "logits" (Q = the LM head's logits)
 
     def __post_init__(self):
         choices = {"reward_weighting": ("mean-one", "literal", "off"), "negative": ("literal", "unlikelihood", "off"),
-                   "cer": ("sigmoid", "logsigmoid", "off"), "kl_td_on": ("both", "chosen")}
+                   "cer": ("sigmoid", "logsigmoid", "off"), "kl_td_on": ("both", "chosen"), "q_map": ("eq12", "logits"),
+                   "cer_reading": ("last", "return-sum", "return-mean"), "weights_on": ("all", "mu")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"AVAConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.sigma_min <= 0 or self.vocab_chunk < 1:
-            raise ValueError("AVAConfig: sigma_min must be > 0 and vocab_chunk >= 1")
+        if self.sigma_min <= 0 or self.vocab_chunk < 1 or self.prior_sigma <= 0:
+            raise ValueError("AVAConfig: sigma_min and prior_sigma must be > 0 and vocab_chunk >= 1")
 
 
-# The Table 1 ablations: each is a switch of the one objective, never a copy of it.
-ABLATIONS = {
+ABLATIONS = {  # the Table 1 ablations: each a switch of the one objective, never a copy of it
     "w/o rwt": dict(reward_weighting="off"),
     "w/o neg": dict(negative="off"),
     "w/o irl": dict(irl=False),
     "w/o cer": dict(cer="off"),
     "w/o ptq": dict(pretrained_q=False),
+    # ours: the paper's w/o neg (AVA-d on y+ plus CER); a w/o ptq control keeping the head, not Eq. 12
+    "w/o neg (AVA-d + CER)": dict(negative="off", kl_td_on="chosen"),
+    "w/o eq12": dict(q_map="logits"),
 }
 
 
@@ -136,14 +158,10 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   response_mask: torch.Tensor | None = None, *, share_prompts: bool = True,
                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Last hidden states (B, T, d) of any Hugging Face causal LM (Llama, GPT-2, ...), after its final
-    norm, without computing the (B, T, V) logits the full model would. `inputs_embeds` (B, T, d), if
-    given, enter the decoder stack in place of the token ids' embeddings.
-
-    With response_mask and share_prompts, rows whose prompts are the same tokens (a chosen and a
-    rejected response, or N samples of one prompt) share one pass over the prompt: the same function,
-    computed with less work (last section, `_shared_prompt_hidden_states`). It needs the KV cache, so
-    callers switch it off under activation checkpointing."""
+    """Last hidden states (B, T, d) of any Hugging Face causal LM, after its final norm, without the
+    (B, T, V) logits; `inputs_embeds` (B, T, d) may enter the decoder stack in place of the ids. With
+    response_mask and share_prompts, rows with the same prompt tokens (chosen and rejected, N samples)
+    share one pass over the prompt (last section); it needs the KV cache (off under checkpointing)."""
     if response_mask is not None and share_prompts and _right_padded(attention_mask):
         groups = prompt_groups(input_ids, response_mask)
         if any(len(rows) > 1 for rows, _ in groups):
@@ -153,10 +171,9 @@ def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 
 class LMWithHeads(nn.Module):
-    """What TQR and the baselines' reward models share: a causal LM `lm` whose last hidden states feed
-    heads. `features` is a method so that an exact, faster equivalent can stand in for it on an
-    instance (the frozen-trunk cache of avalib/frozen_trunk.py does); `share_prompts` is switched off
-    where the KV cache is not available (activation checkpointing)."""
+    """TQR's and the baselines' shared base: a causal LM `lm` whose last hidden states feed heads.
+    `features` is a method so that an exact, faster equivalent can stand in for it on an instance
+    (the frozen-trunk cache, avalib/frozen_trunk.py)."""
     share_prompts: bool = True
 
     def features(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
@@ -189,10 +206,8 @@ class PreferenceAttention(nn.Module):
         key_size = key_size or hidden_size
         self.query = nn.Linear(hidden_size, key_size, bias=False)
         self.key = nn.Linear(hidden_size, key_size, bias=False)
-        # Tiny init: attention starts uniform, so w_t starts at 1 and training begins at "w/o rwt".
-        # Eq. 12's Q carries an offset of about -log V, so unequal w_t alone make |delta_t| large: with
-        # PyTorch's default init (or even std 0.02, on SmolLM2's hidden states of norm ~45) |delta_t|
-        # reached 17 and the TD log-density -700 at step 0.
+        # Tiny init (deviation 9): w_t starts at 1. Eq. 12's Q carries an offset of ~ -log V, so unequal w_t
+        # alone make |delta_t| large: with std 0.02 on SmolLM2, |delta_t| reached 17 and td_logp -700 at step 0.
         nn.init.normal_(self.query.weight, std=1e-3)
         nn.init.normal_(self.key.weight, std=1e-3)
 
@@ -220,7 +235,8 @@ def boltzmann_log_likelihood(q_values: torch.Tensor, actions: torch.Tensor, beta
 def _token_terms(hidden, weight, bias, actions, reward_weights, *, alpha, beta, pretrained, with_logp):
     """One chunk: hidden (n, d) -> (n, 3) = [Q(s, a) weighted, log-prob of a under the Q-policy,
     log pi_LM(a | s)]. The (n, V) logits die here; autograd checkpointing recomputes them.
-    pretrained=None skips the Q columns (zeros): DPO and SFT need only log pi."""
+    pretrained=True maps the logits by Eq. 12; False takes them as Q-values (a fresh Q head, or our
+    q_map="logits" control); None skips the Q columns (zeros): DPO and SFT need only log pi."""
     logits = F.linear(hidden, weight, bias).float()  # (n, V)
     w = reward_weights.float()
     if pretrained is None:
@@ -228,7 +244,7 @@ def _token_terms(hidden, weight, bias, actions, reward_weights, *, alpha, beta, 
     elif pretrained:  # Q from the LM head (Eq. 12), weighted by w_t (Eq. 11)
         q_taken = w * pretrained_q(logits, actions, alpha)
         q_logprob = q_taken  # <= 0: a log-probability under softmax(alpha * pi), scaled by w
-    else:  # fresh Q head: `logits` are Q-values; the policy is Boltzmann (Eq. 3)
+    else:  # `logits` are Q-values (a fresh Q head, or q_map="logits"); the policy is Boltzmann (Eq. 3)
         q_taken = w * logits.gather(-1, actions[:, None]).squeeze(-1)
         q_logprob = boltzmann_log_likelihood(logits, actions, beta * w[:, None])
     logp = logits.log_softmax(-1).gather(-1, actions[:, None]).squeeze(-1) if with_logp else torch.zeros_like(q_taken)
@@ -285,12 +301,17 @@ class TQROutput:
     mask: torch.Tensor       # bool: valid response transitions
     weights: torch.Tensor    # (B, T) reward weights w (Eq. 11); ones if weighting is off
     logp: torch.Tensor | None = None  # log pi_LM(y_{t+1} | y_{1:t}) of the LM, if asked for
+    reading: str = "last"    # AVAConfig.cer_reading: how sequence_reward reads E[R | y]
 
     def sequence_reward(self) -> torch.Tensor:
-        """E[R | y]: mu at the last valid transition, (B,). Used by CER, accuracy and Best-of-N."""
-        return self.mu.gather(1, last_index(self.mask)[:, None]).squeeze(1)
+        """E[R | y], (B,), used by CER, accuracy and Best-of-N: mu at the last valid transition (the
+        paper), or (our extension, `cer_reading`) the return sum_t w_t mu_t of Eq. 19, or its mean."""
+        if self.reading == "last":
+            return self.mu.gather(1, last_index(self.mask)[:, None]).squeeze(1)
+        total = (self.mu * self.mask).sum(dim=1)
+        return total if self.reading == "return-sum" else total / self.mask.sum(dim=1).clamp(min=1)
 
-    def sequence_sigma(self) -> torch.Tensor:
+    def sequence_sigma(self) -> torch.Tensor:  # sigma at the last valid transition, (B,)
         return self.sigma.gather(1, last_index(self.mask)[:, None]).squeeze(1)
 
 
@@ -331,12 +352,17 @@ class TQR(LMWithHeads):
 
         head = self.q_head or self.lm.get_output_embeddings()
         selected = hidden[:, :-1][mask]  # (N, d): only trained transitions reach the vocabulary
-        terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask], weights[:, :-1][mask],
-                                   alpha=cfg.alpha, beta=cfg.beta, pretrained=self.q_head is None,
+        q_weights = weights if cfg.weights_on == "all" else torch.ones_like(weights)  # ours: "mu" leaves Q unweighted
+        eq12 = self.q_head is None and cfg.q_map == "eq12"  # else Q = logits of a fresh head or (ours) the LM head
+        terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask], q_weights[:, :-1][mask],
+                                   alpha=cfg.alpha, beta=cfg.beta, pretrained=eq12,
                                    with_logp=with_logp, chunk=cfg.vocab_chunk)  # (N, 3)
+        q_taken = _scatter(terms[:, 0], mask)
+        if cfg.centred_q:  # ours: Q + log V (per weighted Q: w_t (Q + log V)), so delta_t loses Eq. 12's offset
+            q_taken = q_taken + math.log(head.weight.shape[0]) * q_weights[:, :-1] * mask
         zero = ~mask
         return TQROutput(
-            q_taken=_scatter(terms[:, 0], mask), q_logprob=_scatter(terms[:, 1], mask),
+            q_taken=q_taken, q_logprob=_scatter(terms[:, 1], mask), reading=cfg.cer_reading,
             mu=mu[:, 1:].masked_fill(zero, 0.0), sigma=sigma[:, 1:].masked_fill(zero, 1.0),
             mask=mask, weights=weights, logp=_scatter(terms[:, 2], mask) if with_logp else None)
 
@@ -344,9 +370,10 @@ class TQR(LMWithHeads):
 # ----------------------------------------------------------------------------------------------
 # The terms of the objective, each on its own
 
-def kl_to_standard_normal(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """d_t (Eq. 6): KL(N(mu, sigma) || N(0, 1)) = -log sigma + (sigma^2 + mu^2) / 2 - 1/2."""
-    return -sigma.log() + (sigma.square() + mu.square()) / 2 - 0.5
+def kl_to_standard_normal(mu: torch.Tensor, sigma: torch.Tensor, prior_sigma: float = 1.0) -> torch.Tensor:
+    """d_t (Eq. 6): KL(N(mu, sigma) || N(0, 1)) = -log sigma + (sigma^2 + mu^2) / 2 - 1/2. With
+    prior_sigma = s (our extension) the prior is N(0, s^2): log(s / sigma) + (sigma^2 + mu^2) / (2 s^2) - 1/2."""
+    return math.log(prior_sigma) - sigma.log() + (sigma.square() + mu.square()) / (2 * prior_sigma ** 2) - 0.5
 
 
 def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -354,11 +381,17 @@ def gaussian_log_density(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor)
     return -0.5 * ((x - mu) / sigma).square() - sigma.log() - 0.5 * math.log(2 * math.pi)
 
 
-def td_error(q_taken: torch.Tensor, mask: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def td_error(q_taken: torch.Tensor, mask: torch.Tensor, gamma: float,
+             terminal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7 / Eq. 14: delta_t = Q(y_{1:t}, y_{t+1}) - gamma * Q(y_{1:t+1}, y_{t+2}), taken with the
-    demonstrated next action. Defined where t and t+1 are both valid; (B, L) -> (delta, td_mask)."""
+    demonstrated next action. Defined where t and t+1 are both valid; (B, L) -> (delta, td_mask).
+    terminal=True (our extension): the last valid transition also gets delta = Q(y_{1:t}, y_{t+1}),
+    the step into a terminal state of value 0."""
     delta = F.pad(q_taken[:, :-1] - gamma * q_taken[:, 1:], (0, 1))
     td_mask = F.pad(mask[:, :-1] & mask[:, 1:], (0, 1))
+    if terminal:
+        last = mask & ~td_mask  # the last valid transition of each row
+        delta, td_mask = torch.where(last, q_taken, delta), td_mask | last
     return delta * td_mask, td_mask
 
 
@@ -371,13 +404,13 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def likelihood_term(out: TQROutput, config: AVAConfig) -> torch.Tensor:
     """Per-transition likelihood term (B, T-1): Eq. 13's beta * Q with a pretrained Q head, the
     Boltzmann log B of Eq. 5 with a fresh one (beta already inside; deviation 6)."""
-    return config.beta * out.q_logprob if config.pretrained_q else out.q_logprob
+    return config.beta * out.q_logprob if config.pretrained_q and config.q_map == "eq12" else out.q_logprob
 
 
 def negative_term(out: TQROutput, config: AVAConfig) -> torch.Tensor:
     """What F_p adds for the rejected sequence, per transition: Eq. 17's -loglik, or the unlikelihood
     log(1 - p) of Eq. 16's bound log(1 - p(y- | R)), taken per transition."""
-    scale = config.beta if config.pretrained_q else 1.0
+    scale = config.beta if config.pretrained_q and config.q_map == "eq12" else 1.0
     if config.negative == "unlikelihood":
         return scale * log1mexp(out.q_logprob)
     return -likelihood_term(out, config)
@@ -391,8 +424,8 @@ def contrastive_expected_return(reward_chosen: torch.Tensor, reward_rejected: to
 
 def irl_terms(out: TQROutput, config: AVAConfig) -> dict[str, torch.Tensor]:
     """The reward-side terms of one sequence: mean KL (Eq. 6) and mean TD log-density (Eq. 13)."""
-    delta, td_mask = td_error(out.q_taken, out.mask, config.gamma)
-    return {"kl": masked_mean(kl_to_standard_normal(out.mu, out.sigma), out.mask),
+    delta, td_mask = td_error(out.q_taken, out.mask, config.gamma, config.td_terminal)
+    return {"kl": masked_mean(kl_to_standard_normal(out.mu, out.sigma, config.prior_sigma), out.mask),
             "td_logp": masked_mean(gaussian_log_density(delta, out.mu, out.sigma), td_mask)}
 
 

@@ -43,7 +43,7 @@ def token_readings(model, tokenizer, prompt: str, responses: list[str], max_leng
     if isinstance(out, ava.TQROutput):
         kind, (rewards, sigmas), score = "ava", ava.dense_rewards(out), out.sequence_reward()
         weights = out.weights[:, 1:]  # (B, T-1): mu_t is read at position t+1, so is its weight
-        deltas, td_mask = ava.td_error(out.q_taken, out.mask, model.config.gamma)
+        deltas, td_mask = ava.td_error(out.q_taken, out.mask, model.config.gamma, model.config.td_terminal)
     else:
         kind, rewards, sigmas, deltas, score = model.kind, out.rewards, None, None, out.score
         weights = None if out.weights is None else out.weights * out.mask.sum(dim=1, keepdim=True)  # sum 1 -> mean 1

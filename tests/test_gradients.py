@@ -106,38 +106,50 @@ def reference_sequence(model, config, logits, hidden, ids, response):
     ids[t+1]), each a differentiable scalar: lists for the likelihood, unlikelihood, KL and TD terms,
     and the sequence reward (mu at the last valid transition)."""
     w = reference_weights(model, config, hidden, read_positions(response))
+    w_q = w if config.weights_on == "all" else {p: hidden.new_ones(()) for p in w}  # ours: weights on mu only
+    eq12 = config.pretrained_q and config.q_map == "eq12"
+    q_values = model.q_head if model.q_head is not None else model.lm.get_output_embeddings()  # ours: q_map logits
+    log_v = math.log(logits.shape[-1])
 
     def q(t):  # Q(y_{1:t}, y_{t+1}), read at position t, times w_t
-        if config.pretrained_q:  # Eq. 12
-            return w[t] * torch.log_softmax(config.alpha * torch.softmax(logits[t], 0), 0)[ids[t + 1]]
-        return w[t] * model.q_head(hidden[t])[ids[t + 1]]
+        if eq12:  # Eq. 12
+            return w_q[t] * torch.log_softmax(config.alpha * torch.softmax(logits[t], 0), 0)[ids[t + 1]]
+        return w_q[t] * q_values(hidden[t])[ids[t + 1]]
+
+    def q_td(t):  # the Q the TD error reads: centred (ours) by + w_t log V
+        return q(t) + (w_q[t] * log_v if config.centred_q else 0.0)
 
     def q_logprob(t):  # log-prob of the action under the Q-policy
-        if config.pretrained_q:
+        if eq12:
             return q(t)
-        return torch.log_softmax(config.beta * w[t] * model.q_head(hidden[t]), 0)[ids[t + 1]]  # Eq. 3
+        return torch.log_softmax(config.beta * w_q[t] * q_values(hidden[t]), 0)[ids[t + 1]]  # Eq. 3
 
     def posterior(t):  # q_phi(R | y_{1:t+1}) = N(mu_t, sigma_t), read at position t+1 (Eq. 9-10)
         raw = model.reward_head(hidden[t + 1])
         return Normal(w[t + 1] * raw[0], w[t + 1] * F.softplus(raw[1]) + config.sigma_min)
 
-    scale = config.beta if config.pretrained_q else 1.0
-    prior = Normal(hidden.new_zeros(()), hidden.new_ones(()))
+    scale = config.beta if eq12 else 1.0
+    prior = Normal(hidden.new_zeros(()), hidden.new_ones(()) * config.prior_sigma)
     terms = {"loglik": [], "unlikelihood": [], "kl": [], "td_logp": []}
-    last = None
+    last, means = None, []
     for t in range(len(ids) - 1):
         if not response[t + 1]:
             continue
         last = t
         reward = posterior(t)
+        means.append(reward.mean)
         log_prob = q_logprob(t)
         terms["loglik"].append(scale * log_prob)
         terms["unlikelihood"].append(scale * torch.log(1 - torch.exp(log_prob)))  # Eq. 16, per transition
         terms["kl"].append(kl_divergence(reward, prior))  # Eq. 6
         if t + 2 < len(ids) and response[t + 2]:
-            delta = q(t) - config.gamma * q(t + 1)  # Eq. 14, with the demonstrated next action
+            delta = q_td(t) - config.gamma * q_td(t + 1)  # Eq. 14, with the demonstrated next action
             terms["td_logp"].append(reward.log_prob(delta))  # Eq. 13
-    terms["reward"] = posterior(last).mean  # E[R | y] (Eq. 18)
+        elif config.td_terminal:  # ours: the step into a terminal state of value 0
+            terms["td_logp"].append(reward.log_prob(q_td(t)))
+    readings = {"last": posterior(last).mean, "return-sum": torch.stack(means).sum(),  # E[R | y] (Eq. 18; ours: return)
+                "return-mean": torch.stack(means).mean()}
+    terms["reward"] = readings[config.cer_reading]
     return terms
 
 
@@ -285,6 +297,13 @@ P_CONFIGS = {
     "gamma < 1, hyper-parameters, chunks": ava.AVAConfig(alpha=7.0, beta=2.0, gamma=0.9, lam=0.5, cer_weight=3.0,
                                                          vocab_chunk=5),
     "w/o irl": ava.AVAConfig(irl=False),
+    # our extensions (ava.py module docstring)
+    "cer on the return (sum)": ava.AVAConfig(cer_reading="return-sum"),
+    "cer on the return (mean), logsigmoid": ava.AVAConfig(cer_reading="return-mean", cer="logsigmoid"),
+    "centred q, terminal td, gamma < 1": ava.AVAConfig(centred_q=True, td_terminal=True, gamma=0.9),
+    "prior scaled, alpha raised": ava.AVAConfig(prior_sigma=3.0, alpha=10.0, beta=10.0),
+    "weights on mu only": ava.AVAConfig(weights_on="mu", centred_q=True),
+    "q = lm head logits": ava.AVAConfig(q_map="logits", beta=0.5),
 }
 
 D_CONFIGS = {
@@ -294,6 +313,8 @@ D_CONFIGS = {
     "w/o ptq": ava.AVAConfig(pretrained_q=False, beta=0.5),
     "gamma < 1, hyper-parameters, chunks": ava.AVAConfig(alpha=7.0, beta=2.0, gamma=0.9, lam=0.5, vocab_chunk=5),
     "w/o irl": ava.AVAConfig(irl=False),
+    "centred q, terminal td": ava.AVAConfig(centred_q=True, td_terminal=True),
+    "q = lm head logits, prior scaled": ava.AVAConfig(q_map="logits", prior_sigma=2.0),
 }
 
 
@@ -315,14 +336,14 @@ def _detached_mu_density(x, mu, sigma):  # TD no longer trains mu
 
 
 def _detached_delta_td_error(original):  # TD no longer trains Q
-    def td_error(q_taken, mask, gamma):
-        delta, td_mask = original(q_taken, mask, gamma)
+    def td_error(q_taken, mask, gamma, *more):
+        delta, td_mask = original(q_taken, mask, gamma, *more)
         return delta.detach(), td_mask
     return td_error
 
 
-def _kl_without_mu_squared(mu, sigma):  # the prior no longer pulls mu towards 0
-    return -sigma.log() + sigma.square() / 2 - 0.5
+def _kl_without_mu_squared(mu, sigma, prior_sigma=1.0):  # the prior no longer pulls mu towards 0
+    return math.log(prior_sigma) - sigma.log() + sigma.square() / (2 * prior_sigma ** 2) - 0.5
 
 
 MUTATIONS = {
