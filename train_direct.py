@@ -223,7 +223,9 @@ def main(argv=None) -> dict:
     rows, report = load_training_rows(args, tokenizer)  # bad data fails before the model loads
     eval_items, eval_report = load_eval_pairs(args, tokenizer)
     prompts = load_prompts(args, tokenizer)
-    lm, _ = models.load_model(args.model, tokenizer=tokenizer)
+    lean = distributed.lean_loading(args, dist.world_size, kind)  # FSDP2: rank 0 reads the weights, the others build on meta
+    lm, _ = models.load_model(args.model, tokenizer=tokenizer, on_meta=lean and not dist.is_main,
+                              device=None if lean else dist.device)  # lean: fully_shard puts the shards on the device
     if args.afd:
         rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
@@ -242,10 +244,12 @@ def main(argv=None) -> dict:
             references = reference_logprobs(lm, items, pad_id, args.eval_batch_size)
             eval_references = reference_logprobs(lm, eval_items, pad_id, args.eval_batch_size)
             if dist.is_main:
-                torch.save({"train": references, "eval": eval_references}, path)
+                torch.save({"train": references.cpu(), "eval": eval_references.cpu()}, path)
+        references, eval_references = references.to(dist.device), eval_references.to(dist.device)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(lm, args)  # --lora-r: adapters only (the heads below are built after, and train in full)
-    model = (ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else models.Policy(lm)).to(dist.device)
+    model = ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else models.Policy(lm)
+    model = model if lean else model.to(dist.device)
 
     def loss_fn(model, local):
         refs = references[local] if references is not None else None

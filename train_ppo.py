@@ -29,6 +29,10 @@ or a documented choice:
   - GAE over response tokens with the value after the last token 0; advantages whitened over valid
     tokens (--no-whiten-advantages); policy ratio clipped at --cliprange, value at --cliprange-value.
   - Dropout off: every model runs in eval mode, during rollouts and updates.
+  - --bf16 (a CUDA GPU): bf16 autocast around the rollouts' scoring (policy, reference, value, reward
+    model) and the update's forward passes; weights, gradients and AdamW stay fp32, losses are taken
+    in fp32 (FSDP2: its bf16 policy instead). --frozen-bf16 holds the frozen reference and reward
+    model in bf16 (half their memory); the critic copies the reward model's weights in fp32 first.
 Rank 0 logs per update the proxy reward (the reward model's sequence score of the rollouts) and, on
 the built-in task, their gold reward, so reward hacking shows as a widening gap (proxy_vs_gold.png).
 """
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 import ava
-from avalib import checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, metrics, models, reward_models, script, sources
+from avalib import checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, metrics, ml_irl, models, reward_models, script, sources, viz
 from avalib.cli import arg
 
 REWARDS = ("auto", "dense", "sequence")
@@ -101,6 +104,8 @@ class Args(cli.LoRAFlags, cli.TrainFlags):
                                  choices=("token", "sequence"))
     reward_steps: int = arg(30, "ML-IRL: reward / discriminator steps per iteration", low=1)
     reward_lr: float = arg(1e-4, "ML-IRL: learning rate of reward learning", above=0)
+    frozen_bf16: bool = arg(False, "hold the frozen reference policy and reward model in bf16 (half their memory; the "
+                                   "policy and value model keep fp32 weights); a CUDA GPU with bf16, as --bf16")
 
 
 # ---- the value model ----
@@ -208,10 +213,10 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     generations = generation.generate_ids(distributed.unwrap(policy), tokenizer, prompts,
                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                       seed=seed, chat_template=False, progress=False, synced=distributed.is_sharded(args, dist))
-    batch = data.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id)
+    batch = {k: v.to(dist.device) for k, v in data.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id).items()}
     mask = batch["response_mask"][:, 1:].bool()
-    finished = torch.tensor([g.finished for g in generations])
-    with torch.no_grad():
+    finished = torch.tensor([g.finished for g in generations], device=dist.device)
+    with torch.no_grad(), distributed.autocast_context(args, dist):  # --bf16: scoring in bf16 autocast (not under FSDP2)
         old_logp = policy(**batch)
         ref_logp = ava.token_logprobs(reference, **batch, temperature=args.temperature)
         old_values = value(**batch)
@@ -243,19 +248,23 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
             width = int(part["attention_mask"].sum(1).max())  # drop columns that are padding in every row
             part = {k: v[:, :width] for k, v in part.items()}
             m = mask[rows][:, :width - 1]
-            logp = policy(**part)
-            values = value(**part)
+            with distributed.autocast_context(args, dist):  # --bf16 (FSDP2 casts by its own policy); losses in fp32
+                logp, values = policy(**part), value(**part)
             policy_loss, value_loss, more = ppo_losses(
                 logp, old_logp[rows][:, :width - 1], advantages[rows][:, :width - 1], values,
                 old_values[rows][:, :width - 1], returns[rows][:, :width - 1], m, args.cliprange, args.cliprange_value)
-            loss = policy_loss + args.vf_coef * value_loss
+            loss = loop.inject_nan(policy_loss + args.vf_coef * value_loss, args, scheduler.last_epoch + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.dump_grads:
                 distributed.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": distributed.unwrap(policy), "value": distributed.unwrap(value)}),
                                       dumped, dist)
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            values = {"loss": loss, "loss/policy": policy_loss, "loss/value": value_loss,
+                      "gradient norm": loop.gradient_norm(trainable, args.max_grad_norm)}
+            if not loop.check_finite(f"update {scheduler.last_epoch + 1}", values, args, dist,
+                                     checkpoint_path=Path(args.output_dir) / "checkpoint.pt"):
+                stats["train/skipped_nonfinite"] = stats.get("train/skipped_nonfinite", 0) + 1  # --skip-nonfinite
+                continue
             optimizer.step()
             steps += 1
             for k, v in {"loss/policy": policy_loss, "loss/value": value_loss, **more}.items():
@@ -268,114 +277,24 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     return {k: v / dist.world_size for k, v in zip(names, reduced)}
 
 
-# ---- ML-IRL: reward learning on (demonstration, current policy sample) ----
-
-def learn_reward(args: Args, iteration: int, policy_lm, tokenizer, output_dir: Path, dist: distributed.Distributed):
-    """One reward-learning step of ML-IRL: sample the current policy on the demonstrations' prompts,
-    pair (demonstration, sample), and train a reward model on the pairs: a preference objective
-    through train_rm.py, or a discriminator (demonstration tokens 1, policy tokens 0) here."""
-    demos, _ = sources.load_rows(args.demos, "demos", "train", tokenizer, args.skip_bad_rows, args.limit or None)
-    samples = generation.generate(policy_lm, tokenizer, [d["prompt"] for d in demos], max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed + 7919 * iteration,
-                              chat_template=False, desc=f"ML-IRL {iteration}: sampling the policy")
-    pairs = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s}
-             for d, s in zip(demos, samples) if s.strip() and s != d["response"]]
-    directory = output_dir / f"irl-{iteration}"
-    saved = directory / "reward" / "model"
-    if (saved / "reward_model.json").is_file():  # learnt before a restart: the same reward, not a new one
-        model, _, _ = reward_models.load_reward_model(saved)
-        return model.eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    if args.irl_reward in ("bt", "ava-p"):
-        import train_rm
-
-        train_rm.main(["--model", args.model, "--objective", args.irl_reward, "--data", str(directory / "pairs.jsonl"),
-                       "--output-dir", str(directory / "reward"), "--max-steps", str(args.reward_steps),
-                       "--epochs", "1000", "--batch-size", str(args.batch_size), "--lr", str(args.reward_lr),
-                       "--trainable-layers", str(args.trainable_layers), "--max-length", str(args.max_length),
-                       "--seed", str(args.seed + iteration), "--save-every", "0"])
-        model, _, _ = reward_models.load_reward_model(saved)
-        return model.eval()
-    model = train_discriminator(args, pairs, tokenizer, directory / "reward", dist)
-    if dist.is_main:
-        reward_models.save_reward_model(saved, model, tokenizer, {"kind": "bt", "ava_config": None,
-                                                           "discriminator": args.irl_reward, "level": args.adversarial_level})
-    return model
-
-
-def train_discriminator(args: Args, pairs: list[dict], tokenizer, output_dir: Path, dist: distributed.Distributed):
-    """D_phi(y | x) or D_phi(s, a) = sigmoid(logit) separating demonstrations (1) from policy samples (0)
-    by binary cross-entropy (AfD Eq. 18 / 20), on the initial model's backbone with a scalar head. It
-    trains through the same loop as every reward model (avalib/loop.py: batches, DDP, clipping, metrics),
-    for --reward-steps steps at --reward-lr."""
-    lm, _ = models.load_model(args.model, tokenizer=tokenizer)
-    models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    model = ava.ScalarRewardModel(lm, "bt").to(dist.device)
-    items = [data.encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], args.max_length)[:2] for p in pairs]
-
-    def loss_fn(model, local):
-        n = len(local)
-        out = model(**data.collate([items[i][0] for i in local] + [items[i][1] for i in local], tokenizer.pad_token_id))
-        labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(out.score.device)
-        if args.adversarial_level == "token":
-            token_labels = labels[:, None].expand_as(out.rewards)
-            loss = ava.masked_mean(F.binary_cross_entropy_with_logits(out.rewards, token_labels, reduction="none"), out.mask)
-        else:
-            loss = F.binary_cross_entropy_with_logits(out.score, labels)
-        return loss, {"loss": loss}
-
-    loop_args = dataclasses.replace(args, lr=args.reward_lr, max_steps=args.reward_steps, epochs=10**6, save_every=0,
-                                    eval_every=0, resume=False, crash_at_step=0, dump_grads="")
-    lengths = [len(chosen["input_ids"]) + len(rejected["input_ids"]) for chosen, rejected in items]
-    model, _ = loop.train_loop(loop_args, model, lengths, loss_fn, dist, output_dir, desc="discriminator")
-    return model.eval()
-
-
-# ---- plots ----
-
-def plot_proxy_vs_gold(metrics_path: Path, out_path: Path) -> None:
-    """Proxy reward (the reward model's score) and gold reward of the rollouts per update: reward hacking
-    shows as the proxy rising while the gold stalls or falls."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    lines = [line for line in lines if "proxy/score" in line]
-    if not lines:
-        return
-    x = list(range(1, len(lines) + 1))
-    fig, left = plt.subplots(figsize=(6, 3.5))
-    left.plot(x, [line["proxy/score"] for line in lines], color="tab:blue", label="proxy (reward model)")
-    left.set_xlabel("PPO update")
-    left.set_ylabel("proxy reward", color="tab:blue")
-    if "gold/score" in lines[0]:
-        right = left.twinx()
-        right.plot(x, [line["gold/score"] for line in lines], color="tab:orange", label="gold")
-        right.set_ylabel("gold reward", color="tab:orange")
-    left.set_title("Rollout reward per update: proxy vs gold")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-
-
 # ---- a stage: one reward model, a value model, an optimiser (ML-IRL starts a new one per iteration) ----
 
 def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: Path, dist: distributed.Distributed) -> dict:
     discriminator = args.irl_reward if args.iterations and args.irl_reward.startswith("adversarial") else ""
     if args.iterations:
-        reward_model = learn_reward(args, iteration, lm, tokenizer, output_dir, dist)
+        import train_rm  # ML-IRL's preference rewards train through train_rm.py
+
+        reward_model = ml_irl.learn_reward(args, iteration, lm, tokenizer, output_dir, dist, train_rm.main)
     else:
-        reward_model, reward_tokenizer, _ = reward_models.load_reward_model(args.reward_model)
+        reward_model, reward_tokenizer, _ = reward_models.load_reward_model(args.reward_model, dist.device)
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise SystemExit(f"--reward-model {args.reward_model}: its tokenizer differs from the policy's; PPO scores "
                              "the policy's own tokens, so both must share one vocabulary")
     reward_model.eval().requires_grad_(False)
     dense = (args.reward == "dense" or (args.reward == "auto" and isinstance(reward_model, ava.TQR))
              or (discriminator and args.adversarial_level == "token"))
-    value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).eval()
+    value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).to(dist.device).eval()
+    reward_model = models.freeze_for_scoring(reward_model, dist.device, args.frozen_bf16)  # after the critic took fp32 copies
     models.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(value.lm, args)  # --lora-r: the critic's backbone adapts like the policy's
     value.head.requires_grad_(True)  # its head trains in full
@@ -413,20 +332,18 @@ def main(argv=None) -> dict:
     if sharded and args.iterations:
         raise SystemExit("--fsdp with --iterations (ML-IRL) is not supported: its reward learning runs train_rm.py "
                          "inside each process; use DDP (drop --fsdp) or run train_rm.py and train_ppo.py in turn")
-    if args.bf16:
-        raise SystemExit("--bf16 is not wired into train_ppo.py's rollouts and updates yet: PPO trains in fp32")
     if args.rollout_batch % dist.world_size or args.minibatch % dist.world_size:
         raise SystemExit(f"--rollout-batch and --minibatch must divide by the {dist.world_size} processes")
     output_dir = script.output_directory(args)
     checkpoint_path = output_dir / "checkpoint.pt"
 
-    lm, tokenizer = models.load_model(args.model)
+    lm, tokenizer = models.load_model(args.model, device=dist.device)
     train_prompts = sources.load_prompts(args.prompts, args.prompt_split, tokenizer, args.skip_bad_rows, args.limit)
     eval_source = args.eval_prompts or (args.prompts.split(":gold")[0] if args.prompts.startswith("builtin") else "none")
     eval_prompts = sources.load_prompts(eval_source, args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
     if not train_prompts:
         raise SystemExit(f"--prompts {args.prompts!r}: no prompts")
-    reference = copy.deepcopy(lm).eval().requires_grad_(False)  # the initial policy, frozen
+    reference = models.freeze_for_scoring(copy.deepcopy(lm), dist.device, args.frozen_bf16)  # the initial policy, frozen
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(lm, args)  # --lora-r: adapters only; merged into the exported policy
     policy = models.Policy(lm, args.temperature).eval()  # dropout off, always
@@ -490,7 +407,7 @@ def main(argv=None) -> dict:
                 judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p, seed=args.sample_seed,
                 name="PPO policy", samples_path=output_dir / "samples.jsonl")
-        plot_proxy_vs_gold(output_dir / "metrics.jsonl", output_dir / "proxy_vs_gold.png")
+        viz.plot_proxy_vs_gold(output_dir / "metrics.jsonl", output_dir / "proxy_vs_gold.png")
         metrics.write_final(final, output_dir, log, update)
     distributed.end_distributed(dist)
     return final

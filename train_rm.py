@@ -12,7 +12,8 @@ Data: "builtin" (the offline task with a gold reward, task.py), a local .json/.j
 file, or a hub dataset id. Preference rows: Anthropic HH raw, TRL prompt/chosen/rejected (strings or
 message lists). Demonstration rows: prompt/response, prompt/completion, instruction/input/output,
 question/answer, or the chosen half of pairs. Output: OUTPUT_DIR/model (save_pretrained, heads,
-config), OUTPUT_DIR/metrics.jsonl, OUTPUT_DIR/final.json, OUTPUT_DIR/checkpoint.pt (for --resume).
+config; bt / bt-var also model/sequence_classification, a Hugging Face sequence classifier, see
+avalib/export.py), OUTPUT_DIR/metrics.jsonl, OUTPUT_DIR/final.json, OUTPUT_DIR/checkpoint.pt (for --resume).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import ava
-from avalib import cli, data, distributed, evaluation, frozen_trunk, loop, memory_plan, metrics, models, reward_models, script, sources, viz
+from avalib import cli, data, distributed, evaluation, export, frozen_trunk, loop, memory_plan, metrics, models, reward_models, script, sources, viz
 from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "bt", "bt-var", "pref-trans")
@@ -45,15 +46,19 @@ class Args(cli.AVAFlags, cli.TrainFlags):
     eval_margins: str = arg("", "also write each eval pair's margin (chosen - rejected score, in the order of the pairs "
                                 "kept) to this JSON file, for paired comparisons; a training run writes "
                                 "OUTPUT_DIR/eval_margins.json anyway")
-    frozen_trunk_cache: bool = arg(False, "compute the frozen bottom layers' outputs once per sequence, keep them on disk "
-                                          "($AVA_CACHE/frozen-trunk, reused by every later run on the same model, "
-                                          "--trainable-layers and sequences) and train the top layers from them: the same "
-                                          "model, without the frozen layers' forward pass at every step (Llama-family; not with --fsdp)")
+    frozen_trunk_cache: bool = arg(True, "compute the frozen bottom layers' outputs once per sequence, keep them on disk "
+                                         "($AVA_CACHE/frozen-trunk, reused by every later run on the same model, "
+                                         "--trainable-layers and sequences) and train the top layers from them: the same "
+                                         "model, without the frozen layers' forward pass at every step. Where it cannot "
+                                         "be exact (GPT-2-like models, --fsdp, no frozen layer) the run says so and "
+                                         "trains the whole model")
     visualize: bool = arg(False, "at the end, draw the per-token rewards of the first 3 eval pairs (training rows if none): "
                                  "OUTPUT_DIR/token_rewards.png and .html")
     afd_max_new_tokens: int = arg(128, "AfD: length cap of the initial policy's samples", low=1)
     afd_temperature: float = arg(1.0, "AfD: sampling temperature (0: greedy)", low=0)
     afd_top_p: float = arg(0.95, "AfD: nucleus sampling", above=0, high=1)
+    export_hf: bool = arg(True, "bt / bt-var: also write OUTPUT_DIR/model/sequence_classification, a Hugging Face "
+                                "sequence classifier with the same scores (AutoModelForSequenceClassification; avalib/export.py)")
 
 
 # ---- data ----
@@ -152,6 +157,18 @@ def write_margins(path: Path, eval_data: str, margins: list[float]) -> None:
 
 # ---- the run ----
 
+def summary(final: dict, args: Args, output_dir: Path) -> str:
+    """The run's last words: the dev accuracy with its interval, and where the model went."""
+    saved = f"model saved to {output_dir / 'model'} (metrics: {output_dir / 'metrics.jsonl'}, {output_dir / 'final.json'})"
+    if "eval/accuracy" not in final:
+        return f"{final['objective']}: trained {final['steps']} steps on {final['train_pairs']} rows; no evaluation pairs; {saved}"
+    low, high = final["eval/accuracy_wilson95"]
+    source = args.eval_data or f"{args.data} [{args.eval_split}]"
+    return (f"{final['objective']}: accuracy {100 * final['eval/accuracy']:.1f}% (95% interval {100 * low:.1f}-"
+            f"{100 * high:.1f}%) on {final['eval/pairs']} pairs of {source}, mean margin {final['eval/margin']:+.3f}, "
+            f"after {final['steps']} steps; {saved}")
+
+
 def main(argv=None) -> dict:
     args = cli.parse_config(Args, argv, __doc__)
     if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
@@ -167,16 +184,22 @@ def main(argv=None) -> dict:
     kind, config = args.objective, args.ava_config()
     rows, report = load_training_rows(args, kind, tokenizer)  # bad data fails before the model loads
     eval_items, eval_report = load_eval_items(args, tokenizer)
-    lm, _ = models.load_model(args.model, tokenizer=tokenizer)
+    lean = distributed.lean_loading(args, dist.world_size, kind)  # FSDP2: rank 0 reads the weights, the others build on meta
+    lm, _ = models.load_model(args.model, tokenizer=tokenizer, on_meta=lean and not dist.is_main)
     if args.afd:
         rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.afd_temperature,
                                 top_p=args.afd_top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
     items = encode_items(rows, kind, tokenizer, args.max_length, report)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    model = reward_models.build_reward_model(lm, kind, config).to(dist.device)
+    model = reward_models.build_reward_model(lm, kind, config)
+    model = model if lean else model.to(dist.device)  # lean: fully_shard puts each rank's shards on its device
     trunk = None
     if args.frozen_trunk_cache:  # pairs in order, so that a pair's prompt is computed once (eval pairs too: cheap)
-        trunk = frozen_trunk.attach_frozen_trunk(model, args, [e for item in items + eval_items for e in item], dist)
+        try:
+            trunk = frozen_trunk.attach_frozen_trunk(model, args, [e for item in items + eval_items for e in item], dist)
+        except frozen_trunk.Refused as refused:
+            if dist.is_main:
+                print(f"{refused}; training the whole model instead (the same result, slower)")
     if dist.is_main:
         print(report)
         if eval_report:
@@ -204,7 +227,9 @@ def main(argv=None) -> dict:
         meta = {"kind": kind, "ava_config": dataclasses.asdict(config) if kind in ("ava-p", "ava-d") else None,
                 "args": dataclasses.asdict(args)}
         reward_models.save_reward_model(output_dir / "model", distributed.unwrap(model), tokenizer, meta)
-        metrics.write_final(final, output_dir, log, step)
+        if args.export_hf and kind in export.EXPORTABLE:  # loadable by AutoModelForSequenceClassification
+            export.export_sequence_classification(distributed.unwrap(model), tokenizer, output_dir / "model" / export.SUBDIRECTORY)
+        metrics.write_final(final, output_dir, log, step, summary(final, args, output_dir))
         if eval_items:
             write_margins(Path(args.eval_margins) if args.eval_margins else output_dir / "eval_margins.json",
                           args.eval_data or args.data, margins)

@@ -145,9 +145,12 @@ def _ava_default(name: str):
 
 @dataclass
 class AVAFlags:
-    """AVA hyper-parameters and variants (ava.AVAConfig; see README)"""
+    """AVA hyper-parameters and variants (ava.AVAConfig, whose docstring says what each is and why)"""
+    preset: str = arg("paper", "a named AVAConfig: 'paper' (the faithful objective) or one of our variants (PRESETS "
+                               "in avalib/cli.py); flags set to other than their default override it",
+                      check=lambda value: None if value in PRESETS else f"unknown preset; choose from {list(PRESETS)}")
     ablate: str = arg("", "comma-separated Table 1 ablations, e.g. 'w/o rwt,w/o neg' "
-                          "(from: w/o rwt, w/o neg, w/o irl, w/o cer, w/o ptq)", check=lambda value: _ablation_problem(value))
+                          "(from ava.ABLATIONS)", check=lambda value: _ablation_problem(value))
     alpha: float = arg(_ava_default("alpha"), "Eq. 12 temperature mapping LM probabilities to Q-values", above=0,
                         why="at 0 every Q-value is equal, -log V, and the likelihood term has no gradient")
     beta: float = arg(_ava_default("beta"), "likelihood weight (Eq. 13) / Boltzmann temperature (Eq. 3)", above=0)
@@ -160,6 +163,17 @@ class AVAFlags:
     kl_td_on: str = arg(_ava_default("kl_td_on"), "sequences that get KL and TD terms", choices=("both", "chosen"))
     pretrained_q: bool = arg(_ava_default("pretrained_q"), "Q from the pretrained LM head via Eq. 12 (--no-pretrained-q = w/o ptq)")
     irl: bool = arg(_ava_default("irl"), "KL and TD terms (--no-irl = w/o irl)")
+    # our extensions (ava.py docstring), off by default
+    cer_reading: str = arg(_ava_default("cer_reading"), "E[R|y] for CER and scoring: the last mu (paper) or the "
+                                                        "weighted return sum_t w_t mu_t (its sum or mean)",
+                           choices=("last", "return-sum", "return-mean"))
+    centred_q: bool = arg(_ava_default("centred_q"), "TD error on Q + w log V (removes Eq. 12's -log V offset)")
+    td_terminal: bool = arg(_ava_default("td_terminal"), "a TD step from the last transition into a terminal state of value 0")
+    prior_sigma: float = arg(_ava_default("prior_sigma"), "scale of the reward prior N(0, prior_sigma^2) (paper: 1)", above=0)
+    weights_on: str = arg(_ava_default("weights_on"), "Eq. 11 weights multiply every head or the reward head only",
+                          choices=("all", "mu"))
+    q_map: str = arg(_ava_default("q_map"), "pretrained Q: Eq. 12, or the LM head's logits (a w/o ptq control)",
+                     choices=("eq12", "logits"))
 
     def ava_config(self):
         import dataclasses
@@ -167,11 +181,25 @@ class AVAFlags:
         import ava
 
         names = {f.name for f in dataclasses.fields(ava.AVAConfig)}
-        config = ava.AVAConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        config = ava.AVAConfig(**PRESETS[self.preset])
+        changed = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v != getattr(ava.AVAConfig, k)}
+        config = dataclasses.replace(config, **changed)
         problem = _ablation_problem(self.ablate)
         if problem:
             raise SystemExit(f"--ablate: {problem}")
         return ava.ablate(config, *_ablations(self.ablate))
+
+
+# Named AVAConfigs (--preset). "paper" is the faithful objective; the others are our variants, candidates
+# compared on task v2's dev split by bench/token_rewards.py (accuracy and token rewards against the gold).
+PRESETS = {
+    "paper": {},
+    "return-cer": {"cer_reading": "return-sum"},
+    "centred-td": {"centred_q": True, "td_terminal": True},
+    "centred-td-return": {"centred_q": True, "td_terminal": True, "cer_reading": "return-sum"},
+    "centred-td-discounted": {"centred_q": True, "td_terminal": True, "gamma": 0.9},
+    "mu-weights": {"weights_on": "mu", "centred_q": True, "td_terminal": True, "cer_reading": "return-sum"},
+}
 
 
 def _ablations(ablate: str) -> list[str]:

@@ -6,8 +6,10 @@ One distributed layer for every script: `train_loop` calls `distribute` (DDP by 
 --fsdp, activation checkpointing with --activation-checkpointing), casts to bf16 with --bf16 on a
 GPU, writes sharded checkpoints (torch.distributed.checkpoint) under FSDP and gathers the full
 weights back into a plain model at the end, so evaluation and the safetensors export run as in a
-single process. LoRA (peft) is applied by the policy scripts before training and merged before
-export. `memory_plan` works out bytes per GPU for a model on the meta device (--plan).
+single process. Under FSDP2 rank 0 alone reads the weights (lean loading: the other ranks build the
+model on the meta device and receive their shards from rank 0). LoRA (peft) is applied by the policy
+scripts before training and merged before export. `memory_plan` works out bytes per GPU for a model
+on the meta device (--plan).
 Measured on CPU/gloo (tests/test_scale.py): 2 processes reproduce 1 process's losses and gradients
 over the same global batch, for DDP and for FSDP2 (torch 2.13; see `check_fsdp_averages`).
 """
@@ -78,14 +80,31 @@ def is_sharded(args, dist: Distributed) -> bool:
     return bool(getattr(args, "fsdp", False)) and dist.world_size > 1
 
 
+CPU_BF16 = "AVA_ALLOW_CPU_BF16"  # testing aid: =1 lets --bf16 / --frozen-bf16 run on a CPU (bench/gpu_check.py --dry-run)
+
+
 def check_scale_flags(args, dist: Distributed) -> None:
     """Refuse flag combinations that cannot do what they say, before anything is loaded."""
-    if getattr(args, "bf16", False):
+    if getattr(args, "bf16", False) or getattr(args, "frozen_bf16", False):
+        flag = "--bf16" if getattr(args, "bf16", False) else "--frozen-bf16"
         if dist.device.type != "cuda":
-            raise SystemExit("--bf16: mixed precision needs a CUDA GPU; on this CPU bf16 matmul runs ~2.7x slower "
-                             "than fp32, so training stays in fp32 (drop --bf16)")
+            if os.environ.get(CPU_BF16) == "1":  # the dry run exercises the bf16 code paths, slowly
+                return
+            if flag == "--bf16":
+                raise SystemExit("--bf16: mixed precision needs a CUDA GPU; on this CPU bf16 matmul runs ~2.7x slower "
+                                 "than fp32, so training stays in fp32 (drop --bf16)")
+            raise SystemExit("--frozen-bf16: bf16 weights for the frozen reference and reward model need a CUDA GPU; "
+                             "on this CPU bf16 matmul runs ~2.7x slower than fp32, so they stay in fp32 (drop --frozen-bf16)")
         if not torch.cuda.is_bf16_supported():
-            raise SystemExit("--bf16: this GPU has no bf16 support (drop --bf16)")
+            raise SystemExit(f"{flag}: this GPU has no bf16 support (drop {flag})")
+
+
+def lean_loading(args, world_size: int, objective: str = "") -> bool:
+    """FSDP2's lean loading: rank 0 alone reads the weights (the others build the model on the meta
+    device, models.load_model(on_meta=True)) and `distribute` sends each rank its shards, so no rank
+    but 0 ever holds the full model in host memory. Not where every rank needs the full weights before
+    sharding: DPO's reference pass, AfD's sampling (the frozen-trunk cache refuses --fsdp by itself)."""
+    return bool(getattr(args, "fsdp", False)) and world_size > 1 and objective != "dpo" and not getattr(args, "afd", False)
 
 
 def autocast_context(args, dist: Distributed):
@@ -139,9 +158,13 @@ def distribute(model, args, dist: Distributed):
     decoder layer, then on the root (TQR / reward model / policy, which owns the embeddings, the LM
     head and our heads), applied in place; parameters become this rank's DTensor shards, so the
     optimiser must be built afterwards. --bf16 under FSDP2: bf16 compute copies, fp32 gradient
-    reduction and fp32 master shards. --activation-checkpointing in every case."""
+    reduction and fp32 master shards. Lean loading (some rank built the model on the meta device,
+    `lean_loading`): after sharding, every rank's shards are filled from rank 0's weights
+    (`load_from_rank0`). --activation-checkpointing in every case. The model moves the batches it is
+    called with to its device (models.inputs_follow_device)."""
     if getattr(args, "activation_checkpointing", False):
         enable_activation_checkpointing(model)
+    models.inputs_follow_device(model)  # batches come from the CPU (data.collate)
     if dist.world_size == 1:
         if getattr(args, "fsdp", False):
             print("--fsdp: one process, nothing to shard: training unsharded (FSDP2 needs torchrun with several processes)")
@@ -156,10 +179,37 @@ def distribute(model, args, dist: Distributed):
     check_fsdp_averages(mesh)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if getattr(args, "bf16", False) else MixedPrecisionPolicy())
+    lean = _any_rank(any(p.is_meta for p in model.parameters()))  # lean loading: some rank built it on meta
+    if lean:  # rank 0's weights (host memory, before sharding) and every rank's buffers (not all in a state dict)
+        full = model.state_dict() if dist.is_main else {}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     for layer in models.decoder_layers(models.language_model(model)):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if lean:
+        load_from_rank0(model, full, buffers, dist)
     return model
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any (a collective)."""
+    tensor = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def load_from_rank0(model, full: dict, buffers: dict, dist: Distributed) -> None:
+    """Lean loading, after fully_shard: give every rank's shards real memory on its device, then fill
+    them from rank 0's full state dict `full` (the other ranks pass {}), sent shard by shard
+    (set_model_state_dict with broadcast_from_rank0; no rank but 0 holds the full model). Buffers
+    are not all in a state dict (rotary frequencies are not), so each rank restores its own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=dist.device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -210,7 +260,7 @@ def gather_full_model(sharded, skeleton, dist: Distributed):
     lm = models.language_model(plain)
     if getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
         lm.get_output_embeddings().weight = lm.get_input_embeddings().weight  # to_empty gave each its own tensor
-    return plain.train(sharded.training)
+    return models.inputs_follow_device(plain.train(sharded.training))
 
 
 def end_distributed(dist: Distributed) -> None:

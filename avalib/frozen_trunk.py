@@ -27,6 +27,11 @@ import ava
 from avalib import data, distributed, models
 
 
+class Refused(SystemExit):
+    """The cache cannot stand in for this model exactly (the message says why); train_rm.py then trains
+    the whole model, which gives the same result, only slower."""
+
+
 @contextlib.contextmanager
 def only_layers(lm, part: slice, final_norm: bool = True):
     """Within the block, lm.base_model runs as if its decoder stack were just layers[part] (their KV-cache
@@ -118,12 +123,12 @@ def attach_frozen_trunk(model, args, examples: list[dict], dist: distributed.Dis
 
     n_layers, k = len(models.decoder_layers(lm)), args.trainable_layers
     if not 0 < k < n_layers:
-        raise SystemExit(f"--frozen-trunk-cache needs some frozen and some trainable layers: 0 < --trainable-layers < {n_layers} (got {k})")
+        raise Refused(f"--frozen-trunk-cache needs some frozen and some trainable layers: 0 < --trainable-layers < {n_layers} (got {k})")
     if getattr(args, "fsdp", False):
-        raise SystemExit("--frozen-trunk-cache: not with --fsdp (FSDP2 shards the layers the cache bypasses); use DDP")
+        raise Refused("--frozen-trunk-cache: not with --fsdp (FSDP2 shards the layers the cache bypasses); use DDP")
     bottom = [p for layer in models.decoder_layers(lm)[:n_layers - k] for p in layer.parameters()] + list(lm.get_input_embeddings().parameters())
     if any(p.requires_grad for p in bottom):
-        raise SystemExit("--frozen-trunk-cache: the embeddings and bottom layers must be frozen (freeze_layers first)")
+        raise Refused("--frozen-trunk-cache: the embeddings and bottom layers must be frozen (freeze_layers first)")
     unique = list({tuple(e["input_ids"]): e for e in examples}.values())  # one entry per distinct sequence, in order
     directory = models.cache_dir() / "frozen-trunk" / _trunk_key(args.model, k, [e["input_ids"] for e in unique])
     directory.mkdir(parents=True, exist_ok=True)
@@ -171,6 +176,6 @@ def _check_frozen_trunk(model, trunk: FrozenTrunk, examples: list[dict], model_n
     valid = batch["attention_mask"].bool()
     difference = float((cached[valid] - full[valid]).abs().max())
     if not difference <= 1e-4 * max(1.0, float(full[valid].abs().max())):
-        raise SystemExit(f"--frozen-trunk-cache: {model_name} does not run its top layers from cached states the way its "
+        raise Refused(f"--frozen-trunk-cache: {model_name} does not run its top layers from cached states the way its "
                          f"full forward does (largest difference {difference:.3g}); its first trainable layer must take "
                          "them as inputs_embeds unchanged (Llama-family decoders do, GPT-2 does not): drop the flag")

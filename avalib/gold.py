@@ -107,6 +107,12 @@ def gold_score(text: str) -> float:
     return normalize_gold(sum(word.valence for word in gold_word_valences(text)))
 
 
+def gold_sum(text: str) -> float:
+    """Task v2's sequence gold: the sum of the response's word valences, which is exactly the sum of
+    its token gold (gold_token_rewards, for any tokenizer): the return of Eq. 19's dense reward."""
+    return float(sum(word.valence for word in gold_word_valences(text)))
+
+
 def token_rewards_from_offsets(text: str, offsets: list[tuple[int, int]]) -> list[float]:
     """Token-level gold for tokens with character spans `offsets` into `text` (one (start, end) per
     token; empty spans, e.g. special tokens, get 0). Each word's valence goes to the last token

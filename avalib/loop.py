@@ -1,6 +1,7 @@
 """The training loop the scripts share."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,14 +24,56 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def gradient_norm(parameters: list, max_grad_norm: float) -> torch.Tensor:
+    """The total gradient norm over `parameters` (reduced across processes already, by DDP or FSDP's
+    DTensors), clipped to max_grad_norm when that is > 0 (the norm returned is the one before clipping)."""
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+
+def inject_nan(loss: torch.Tensor, args, step: int) -> torch.Tensor:
+    """--inject-nan-at-step N, a testing aid: the loss of step N times NaN (so its gradients are NaN too)."""
+    return loss * float("nan") if getattr(args, "inject_nan_at_step", 0) == step else loss
+
+
+def check_finite(step: str, values: dict, args, dist: distributed.Distributed | None = None, *,
+                 checkpoint_path: Path | None = None, checkpoint_step: int | None = None) -> bool:
+    """Before an optimiser step: are the loss, its terms and the gradient norm all finite? `values`
+    maps names to numbers or tensors; with `dist` they are summed over processes first, so that every
+    rank decides alike. Finite: True. Otherwise, with --skip-nonfinite: False (the caller skips the
+    optimiser step and counts it); without: SystemExit naming the step and the non-finite terms, with
+    nothing saved, so that the last checkpoint (checkpoint_path, at checkpoint_step or as read from the
+    file) is the last good state."""
+    names = list(values)
+    numbers = [float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in values.values()]
+    if dist is not None and dist.world_size > 1:
+        numbers = distributed.all_reduce_sum(numbers, dist)
+    bad = [f"{name} ({number})" for name, number in zip(names, numbers) if not math.isfinite(number)]
+    if not bad:
+        return True
+    if getattr(args, "skip_nonfinite", False):
+        return False
+    saved = checkpoint.describe(checkpoint_path, checkpoint_step) if checkpoint_path else "no checkpoint was written yet"
+    raise SystemExit(f"{step}: non-finite {', '.join(bad)}; the weights were not updated and nothing was saved: {saved}. "
+                     f"Lower --lr (or set --max-grad-norm), check the data, or pass --skip-nonfinite to skip such "
+                     f"steps and count them (metric train/skipped_nonfinite)")
+
+
 def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distributed, output_dir: Path, *,
                evaluate=None, desc: str = "", metric_name=lambda term: term, state: dict | None = None):
     """AdamW with linear decay to 0, gradient clipping, length-grouped batches sharded across ranks,
     DDP (or FSDP2 with --fsdp) when there are several processes, a tqdm bar and JSON-lines metrics on rank 0, a checkpoint
     every `args.save_every` steps and at the end, and `args.resume` from OUTPUT_DIR/checkpoint.pt.
 
+    A step whose loss, loss terms or gradient norm is NaN or infinite stops the run before the weights
+    or a checkpoint see it, or with --skip-nonfinite is skipped and counted (`check_finite`).
+
     `args` needs: batch_size, lr, weight_decay, max_grad_norm, epochs, max_steps, seed, eval_every,
-    save_every, log_every, resume, crash_at_step, and may set the scale flags of TrainFlags (fsdp, bf16,
+    save_every, log_every, resume, crash_at_step, and may set the non-finite flags (skip_nonfinite,
+    inject_nan_at_step) and the scale flags of TrainFlags (fsdp, bf16,
     activation_checkpointing, dump_grads; see `distribute`). `lengths[i]` is item i's token count (batching and
     tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP- or FSDP-wrapped) model
     and this rank's item indices; `evaluate(model) -> dict` runs every `args.eval_every` steps.
@@ -54,52 +97,68 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
     steps_per_epoch = -(-len(lengths) // args.batch_size)
     total_steps = min(args.max_steps or 10**12, steps_per_epoch * args.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
-    step, epoch, batch_index = 0, 0, 0
+    step, epoch, batch_index, skipped, saved_step = 0, 0, 0, 0, None
     if args.resume:
         saved = checkpoint.resume(checkpoint_path, inner, optimizer, scheduler, sharded)
         step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch"]
+        skipped, saved_step = saved.get("skipped_nonfinite", 0), step
     first_step = step
     log = metrics.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None)
     dumped = []  # --dump-grads
 
     def save():
-        state_now = {"step": step, "epoch": epoch, "batch": batch_index, **(state or {}), "args": dataclasses.asdict(args)}
+        nonlocal saved_step
+        state_now = {"step": step, "epoch": epoch, "batch": batch_index, "skipped_nonfinite": skipped, **(state or {}),
+                     "args": dataclasses.asdict(args)}
         checkpoint.save(checkpoint_path, inner, optimizer, scheduler, state_now, dist, sharded)
+        saved_step = step
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not dist.is_main)
     tokens, started = 0, time.perf_counter()
-    while step < total_steps and epoch < args.epochs:
-        batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
-        while batch_index < len(batches) and step < total_steps:
-            local = distributed.shard(batches[batch_index], dist)
-            with distributed.autocast_context(args, dist):  # bf16 under DDP or one process (FSDP2 casts by its own policy)
-                loss, terms = loss_fn(model, local)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if getattr(args, "dump_grads", ""):
-                distributed.dump_gradients(args.dump_grads, inner, dumped, dist)
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step, batch_index = step + 1, batch_index + 1
-            tokens += sum(lengths[i] for i in local)
-            names = sorted(terms)
-            reduced = distributed.all_reduce_sum([float(terms[k].detach()) for k in names], dist)
-            record = {metric_name(k): v / dist.world_size for k, v in zip(names, reduced)}
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "rewards/accuracies")})
-            if evaluate is not None and args.eval_every and step % args.eval_every == 0:
-                record.update(evaluate(model))
-            if step % args.log_every == 0 or any(k.startswith("eval/") for k in record):
-                log.write({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **record})
-            if args.save_every and step % args.save_every == 0:
-                save()
-            if args.crash_at_step and step == args.crash_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-        if batch_index >= len(batches):
-            epoch, batch_index = epoch + 1, 0
+    try:
+        while step < total_steps and epoch < args.epochs:
+            batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+            while batch_index < len(batches) and step < total_steps:
+                local = distributed.shard(batches[batch_index], dist)
+                with distributed.autocast_context(args, dist):  # bf16 under DDP or one process (FSDP2 casts by its own policy)
+                    loss, terms = loss_fn(model, local)
+                loss = inject_nan(loss, args, step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if getattr(args, "dump_grads", ""):
+                    distributed.dump_gradients(args.dump_grads, inner, dumped, dist)
+                norm = gradient_norm(trainable, args.max_grad_norm)
+                names = sorted(terms)
+                reduced = distributed.all_reduce_sum([float(terms[k].detach()) for k in names] + [float(loss.detach()), float(norm)], dist)
+                record = {metric_name(k): v / dist.world_size for k, v in zip(names, reduced)}
+                checked = {**record, "loss": reduced[-2] / dist.world_size, "gradient norm": reduced[-1] / dist.world_size}
+                if check_finite(f"step {step + 1}", checked, args, checkpoint_path=checkpoint_path if saved_step is not None else None,
+                                checkpoint_step=saved_step):
+                    optimizer.step()
+                    scheduler.step()
+                else:  # --skip-nonfinite: as if the batch were not there (no update, the schedule waits), counted;
+                    skipped += 1  # its non-finite values (the loss as used) are not logged
+                    record = {k: checked[k] for k in record if math.isfinite(checked[k])}
+                if getattr(args, "skip_nonfinite", False):
+                    record["train/skipped_nonfinite"] = skipped
+                step, batch_index = step + 1, batch_index + 1
+                tokens += sum(lengths[i] for i in local)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "rewards/accuracies")})
+                if evaluate is not None and args.eval_every and step % args.eval_every == 0:
+                    record.update(evaluate(model))
+                if step % args.log_every == 0 or any(k.startswith("eval/") for k in record):
+                    log.write({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **record})
+                if args.save_every and step % args.save_every == 0:
+                    save()
+                if args.crash_at_step and step == args.crash_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if batch_index >= len(batches):
+                epoch, batch_index = epoch + 1, 0
+    except SystemExit:  # a non-finite stop or a failed checkpoint write: its message on a line of its own
+        bar.close()
+        raise
     bar.close()
     seconds = time.perf_counter() - started
     save()

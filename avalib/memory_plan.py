@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from avalib import lora, models, reward_models
+from avalib import distributed, lora, models, reward_models
 
 
 LLAMA_2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -60,7 +60,7 @@ def plan_config(name: str):
     return AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path))
 
 
-def memory_plan(args, objective: str, script: str = "") -> dict:
+def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) -> dict:
     """Bytes per GPU for training `objective` with this run's flags on args.plan_world_size GPUs:
     parameters (fp32 master weights), gradients and AdamW state (fp32, trainable only), FSDP2's
     transient all-gather / reduce-scatter buffers, activations (with and without checkpointing),
@@ -78,7 +78,14 @@ def memory_plan(args, objective: str, script: str = "") -> dict:
     SFT keep the gathered hidden states of the trained transitions (c h). The full-vocabulary chunks
     add 6 x vocab_chunk x V x 4 bytes, transient. Under bf16 autocast (DDP, one GPU) every matmul
     also keeps a bf16 copy of its weight: 2 bytes per weight the backward crosses (checkpointing on:
-    the cached trainable ones plus one layer's)."""
+    the cached trainable ones plus one layer's).
+
+    Frozen models (`frozen_models` full copies of the LM on every GPU, never sharded: PPO's reference
+    policy and reward model are 2): 4 bytes per LM parameter each, 2 with args.frozen_bf16
+    (bytes["frozen_models"], present when there are any; their heads, < 0.3% at 7B, are not counted).
+    Host memory per rank while loading ("host_bytes_per_rank"): the full fp32 model on every rank
+    (4 bytes per parameter), except under FSDP2's lean loading (distributed.lean_loading), where rank
+    0 alone reads the weights and the other ranks hold only the heads they build (the LM on the meta device)."""
     import math
 
     config = plan_config(args.plan)
@@ -129,13 +136,20 @@ def memory_plan(args, objective: str, script: str = "") -> dict:
     working = per_layer if crossed_layers else 0  # one layer's activations: the backward's working set (the recomputed layer)
     vocab = 0 if objective in ("bt", "bt-var", "pref-trans") else 6 * 4 * getattr(args, "vocab_chunk", 512) * config.vocab_size
     overhead = 2 * gib  # CUDA context, NCCL buffers, allocator slack: assumed, not measured
+    if frozen_models:
+        lm_params = sum(p.numel() for name, p in lm.named_parameters() if "lora_" not in name)
+        parts["frozen_models"] = frozen_models * lm_params * (2 if getattr(args, "frozen_bf16", False) else 4)
+    head_params = sum(p.numel() for name, p in model.named_parameters() if model is not lm and not name.startswith("lm."))
+    lean = distributed.lean_loading(args, world, objective)
+    host = {"rank_0": 4 * n_params, "other_ranks": 4 * head_params if lean else 4 * n_params}
     static = sum(parts.values()) + vocab + overhead
     result = {"script": script, "objective": objective, "model": args.plan, "world_size": world,
               "sharding": "FSDP2" if fsdp else ("DDP" if world > 1 else "none"), "bf16": bool(args.bf16),
               "trainable_layers": args.trainable_layers, "lora_r": getattr(args, "lora_r", 0),
               "batch_size": args.batch_size, "max_length": length, "tokens_per_gpu": tokens,
               "params": n_params, "trainable_params": n_trainable, "lora_params": lora_params,
-              "gpu_gb": args.plan_gpu_gb, "bytes": {**parts, "vocab_chunks": vocab, "overhead": overhead}}
+              "gpu_gb": args.plan_gpu_gb, "bytes": {**parts, "vocab_chunks": vocab, "overhead": overhead},
+              "lean_loading": lean, "host_bytes_per_rank": host}
     for ac in ("off", "on"):  # (and the recomputed layer's copies)
         activations = tokens * (per_token[ac] + working)
         total = static + autocast[ac] + activations
@@ -155,6 +169,9 @@ def format_plan(plan: dict) -> str:
              f"  per GPU: {plan['tokens_per_gpu']} tokens ({plan['batch_size']} items per step over all GPUs, "
              f"max length {plan['max_length']})"]
     lines += [f"  {name:<16} {gb(value):>10}" for name, value in plan["bytes"].items()]
+    host = plan["host_bytes_per_rank"]
+    lines.append(f"  host memory per rank while loading: rank 0 {gb(host['rank_0'])}, other ranks {gb(host['other_ranks'])}"
+                 + (" (lean loading: only rank 0 reads the weights)" if plan["lean_loading"] else ""))
     for ac in ("off", "on"):
         part = plan[f"checkpointing_{ac}"]
         mark = " <- this run" if plan["chosen"] == ac else ""

@@ -38,12 +38,13 @@ def metric_name(term: str) -> str:
     return METRIC_NAMES.get(term, f"ava/{term}")
 
 
-def write_final(final: dict, output_dir: Path, metrics: MetricsLog, step: int) -> None:
-    """Rank 0's end of a run: the peak RSS into `final`, then final.json, the last metrics line, stdout."""
+def write_final(final: dict, output_dir: Path, metrics: MetricsLog, step: int, summary: str = "") -> None:
+    """Rank 0's end of a run: the peak RSS into `final`, then final.json, the last metrics line, and on
+    stdout `summary` (a sentence a person reads; without one, `final` as JSON)."""
     import json
     import resource
 
     final["peak_rss_gb_rank0"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     (Path(output_dir) / "final.json").write_text(json.dumps(final, indent=2))
     metrics.write({"step": step, "final": True, **final})
-    print(json.dumps(final))
+    print(summary or json.dumps(final))

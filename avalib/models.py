@@ -1,6 +1,7 @@
 """Models: load the embedded SmolLM2 (converted from GGUF once, cached), any hub id or local path; which layers train; the policy wrapper."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -112,17 +113,60 @@ def load_tokenizer(name_or_path: str | None = None):
     return tokenizer
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32, tokenizer=None):
-    """Load (causal LM, tokenizer) from "smollm2" (the embedded default), a local path or a hub id."""
+def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32, tokenizer=None, *,
+               on_meta: bool = False, device: torch.device | str | None = None):
+    """Load (causal LM, tokenizer) from "smollm2" (the embedded default), a local path or a hub id,
+    onto `device` (default: the CPU). on_meta=True reads the config only: the model's parameters live
+    on the meta device (no memory, no weights read) and its buffers are real (rotary frequencies are
+    computed, not loaded). FSDP2's lean loading gives that to every rank but 0, and
+    `distributed.distribute` fills their shards from rank 0's weights after sharding."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or load_tokenizer(name_or_path)
     path = resolve_model_path(name_or_path)
     try:
+        if on_meta:
+            from accelerate import init_empty_weights
+            from transformers import AutoConfig, GenerationConfig
+
+            config = AutoConfig.from_pretrained(path)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model.tie_weights()  # init_empty_weights gives a tied LM head a parameter of its own
+            with contextlib.suppress(OSError, ValueError):
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            return model, tokenizer
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load a causal LM from {path!r}: {str(error).splitlines()[0]}") from None
-    return model, tokenizer
+    return (model if device is None else model.to(device)), tokenizer
+
+
+def inputs_follow_device(module: torch.nn.Module) -> torch.nn.Module:
+    """Move the tensors a forward is called with to the module's device (batches are built on the CPU
+    by data.collate; on a GPU the model is not). A forward pre-hook, registered once; a no-op when
+    they already agree (the CPU, or DDP / FSDP2, which move their inputs themselves)."""
+    if getattr(module, "inputs_follow_device", False):
+        return module
+
+    def move(module, args, kwargs):
+        param = next(module.parameters(), None)
+        if param is None or param.device.type == "meta":
+            return None
+        device = param.device
+        to = lambda x: x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x
+        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(move, with_kwargs=True)
+    module.inputs_follow_device = True
+    return module
+
+
+def freeze_for_scoring(module: torch.nn.Module, device: torch.device | str, bf16: bool = False) -> torch.nn.Module:
+    """A model that only scores (PPO's reference policy and reward model): eval mode (dropout off), no
+    gradients, on `device`, its weights in bf16 when `bf16` (half their memory; train_ppo.py --frozen-bf16)."""
+    module = module.eval().requires_grad_(False).to(device)
+    return module.to(torch.bfloat16) if bf16 else module
 
 
 def decoder_layers(lm) -> torch.nn.ModuleList:
@@ -173,6 +217,7 @@ class Policy(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, temperature: float = 1.0):
         super().__init__()
         self.lm, self.temperature = lm, temperature
+        inputs_follow_device(self)
 
     @property
     def config(self):

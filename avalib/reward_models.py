@@ -45,7 +45,8 @@ def save_reward_model(directory: str | Path, model, tokenizer, meta: dict) -> No
 
 
 def load_reward_model(directory: str | Path, device: str | torch.device = "cpu"):
-    """Load what `save_reward_model` wrote -> (model in eval mode, tokenizer, meta)."""
+    """Load what `save_reward_model` wrote -> (model in eval mode on `device`, tokenizer, meta); the
+    model moves the batches it is called with to its device (models.inputs_follow_device)."""
     import json
 
     import ava
@@ -63,7 +64,7 @@ def load_reward_model(directory: str | Path, device: str | torch.device = "cpu")
     if not_loaded or missing.unexpected_keys:
         raise RuntimeError(f"{directory}/heads.safetensors does not match a {meta['kind']} model: "
                            f"missing {not_loaded}, unexpected {missing.unexpected_keys}")
-    return model.to(device).eval(), tokenizer, meta
+    return models.inputs_follow_device(model.to(device).eval()), tokenizer, meta
 
 
 def reward_forward(model, batch: dict):
@@ -86,7 +87,9 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], max_
     for start in range(0, len(prompts), batch_size):
         examples = [data.encode(tokenizer, p, [r], max_length)[0][0] for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
         batch = data.collate(examples, tokenizer.pad_token_id)
-        score, rewards, sigma, mask = reward_forward(model, batch)
+        score, rewards, sigma, mask = reward_forward(model, batch)  # on the model's device; read on the CPU
+        score, rewards, mask = score.float().cpu(), rewards.float().cpu(), mask.cpu()
+        sigma = None if sigma is None else sigma.float().cpu()
         for row in range(len(examples)):
             item = {"score": float(score[row])}
             positions = mask[row].nonzero().flatten()

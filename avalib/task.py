@@ -1,71 +1,27 @@
 """The built-in offline task: be positive, judged by VADER, with a gold reward known per token.
 
-Researchers without the Hugging Face Hub still need a task whose true reward is known exactly,
-down to the token: to train on (train_rm.py, train_direct.py, train_ppo.py use it by default), to
-judge win rates with, and to compare AVA's token-level rewards against in the notebooks. This is
-the "controlled sentiment generation" setting of the DPO paper (Rafailov et al. 2023, Sec. 6.1),
-with a lexicon in place of their sentiment classifier, so that it runs anywhere and the reward
-can be read word by word.
+A task whose true reward is known exactly, down to the token, for researchers without the Hugging Face
+Hub: to train on (every script's default --data), to judge win rates with, and to score token-level
+rewards against. The DPO paper's "controlled sentiment generation" (Rafailov et al. 2023, Sec. 6.1),
+with a lexicon (VADER, avalib/gold.py) in place of their classifier. docs/task.md has the whole story.
 
-Prompts
-    PROMPT_GROUPS: 6 groups x 3 templates x 24 subjects = 432 requests written for this project
-    ("Describe your day at the dentist.", "Write a short review of a cheap umbrella.", ...) whose
-    replies can go either way in sentiment. A prompt's split is fixed by a hash of its text (~80%
-    train, 10% dev, 10% test: 354 / 40 / 38), so adding prompts never moves old ones between splits.
+Two versions, each reproducible under its own sizes ("builtin:SIZE" as a --data source):
+  v2 ("default", "tiny"): each of the 432 requests (avalib/task_prompts.py) gets 6 replies from the
+     embedded SmolLM2-135M-Instruct (<= 32 tokens), sampled in turn under a cheerful, a grumpy and the
+     default system instruction (task_prompts.STEERING; the reward model sees the plain request), and
+     every two replies of a request form a pair (15 per request). Splits 7/1/2 by a hash of the
+     request: about 4,600 / 640 / 1,170 train / dev / test pairs. The sequence gold is the SUM of the
+     per-word valences, i.e. exactly the sum of the token gold (gold.gold_sum), the target of Eq. 19's
+     dense reward. Labels: Bradley-Terry on the gold difference at temperature 1.0 (sum units).
+  v1 ("v1", "v1-tiny"): 4 replies (<= 48 tokens) per request without steering, paired off (0, 1),
+     (2, 3); splits 8/1/1; gold = VADER's compound S / sqrt(S^2 + 15) of the summed valences S (a
+     monotone function of the token gold's sum); Bradley-Terry labels at temperature 0.1.
+`noise_free=True` (source "builtin:gold") labels every pair by the sign of its gold difference.
 
-Responses
-    `samples_per_prompt` replies per prompt sampled from the embedded SmolLM2-135M-Instruct
-    (chat template, temperature 1, nucleus 0.95, fixed seed) by avalib.generation.generate_ids.
-
-Gold reward (VADER, Hutto & Gilbert 2014; package vaderSentiment 3.3.2)
-    VADER scores each whitespace-separated word: its lexicon valence, adjusted by VADER's rules
-    (boosters such as "very", negations such as "not" up to three words back, ALL-CAPS emphasis,
-    "but" halving what comes before it and scaling what follows by 1.5). Let v_1 .. v_W be these
-    per-word valences, exactly as VADER computes them (we run its own rule code, word by word).
-    - token-level gold: word w's valence v_w is placed on the LAST token that overlaps the word
-      (character offsets from the tokenizer; the word without its leading/trailing punctuation,
-      as VADER reads it); every other token gets 0. The last token because only then is the word
-      complete ("un" + "happy"); a reward read at token t has seen token t (SPEC.md, time steps).
-    - sequence gold: gold_score(text) = S / sqrt(S^2 + 15) with S = sum_w v_w = the sum of the token
-      rewards: VADER's compound score in (-1, 1), minus its one term that no word carries (the
-      "!"/"?" emphasis bonus, added with the sign of the total) and without its rounding to 4
-      decimals. So the sequence gold is a strictly increasing function of the summed token gold,
-      exactly, for every text and every tokenizer.
-    Caveat: a few of VADER's rules look ahead ("but" rescales the words before it; "no" drops its
-    own valence when a lexicon word follows), so a token's gold can change when later words
-    arrive: it decomposes the finished sequence's reward, as a token-level reading of any
-    sequence-level judgement does.
-
-Preferences, demonstrations, prompt-only sets
-    - pairs: each prompt's samples are paired off disjointly, (0, 1), (2, 3), ..., and labelled by a
-      Bradley-Terry model on the gold difference, P(a > b) = sigmoid((gold_a - gold_b) / tau), with
-      tau = BT_TEMPERATURE = 0.1 unless given (then 88% of the default size's labels agree with
-      the gold sign). The label's coin is a hash of (seed, prompt, pair index), so a pair's label
-      does not depend on which other pairs exist. noise_free=True labels by the sign of the gold
-      difference (tau -> 0; exact gold ties stay a fair coin). Records are in TRL's
-      standard preference format, {"prompt", "chosen", "rejected"}, plus the gold scores
-      "score_chosen" / "score_rejected" and the bare request "instruction".
-    - demonstrations: the best of a prompt's samples under gold, {"prompt", "response", "score"}.
-    - prompts: {"prompt", "instruction"} for PPO rollouts and win-rate evaluation.
-    "prompt" is the chat-formatted text the replies were sampled from (it ends in
-    "<|im_start|>assistant\\n"), so it feeds avalib.data.encode_pair and
-    avalib.generation.generate(..., chat_template=False) unchanged.
-
-Judge
-    judge(prompt, a, b) compares gold scores: "tie" when they differ by at most TIE_MARGIN = 0.05
-    (VADER's own neutral band is |compound| < 0.05), else "win"/"lose" from a's side. The gold ignores
-    the prompt (the task is "reply positively, whatever was asked"); the argument is kept so any
-    judge can be swapped in.
-
-Cache
-    Sampling is the only slow part (5.5-7 min on 2 CPU cores for the default size: 327 s on an idle
-    machine, 403 s with 11% of it busy elsewhere, bench/results/task.md), so only the samples are
-    cached, in
-    avalib.models.cache_dir()/task/<size>-<key>/task.json, where <key> hashes the prompts, the model
-    files, every generation setting, the seed and TASK_FORMAT_VERSION. Gold scores and labels are
-    recomputed on load (VADER takes ~0.1 ms a text), so they always follow the code above. The
-    directory is written under a temporary name and renamed into place: no reader ever sees half
-    a cache. Loading takes ~0.2 s.
+Sampling is the only slow part, so only the samples are cached, under
+avalib.models.cache_dir()/task/<size>-<key>/task.json (<key> hashes the requests, the model files,
+every generation setting and TASK_FORMAT_VERSION; written atomically). Gold scores and labels are
+recomputed on every load (VADER takes ~0.1 ms a text), so they always follow the code.
 """
 from __future__ import annotations
 
@@ -83,87 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avalib import generation, gold, models
+from avalib.task_prompts import STEERING, all_prompts, split_of
 
 
 SPLITS = ("train", "dev", "test")
 
 
-# Bradley-Terry temperature tau of the default labels, in gold (compound, -1..1) units. At 0.1 a
-# gold gap of 0.1 is labelled right 73% of the time, 0.3 95%; on the default size 88% of the labels
-# agree with the gold sign (the label ceiling, bench/results/task.md): noisy, like human labels.
+# Bradley-Terry temperature tau of v1's labels, in gold (compound, -1..1) units. At 0.1 a gold gap of
+# 0.1 is labelled right 73% of the time, 0.3 95%; on v1's default size 88% of the labels agree with the
+# gold sign (the label ceiling): noisy, like human labels. v2's gold is a sum of valences (a word such
+# as "great" is 3.1), and its tau is 1.0: a gap of 1 is labelled right 73% of the time, 3 95%.
 BT_TEMPERATURE = 0.1
 
 
 TASK_FORMAT_VERSION = 1  # bump when the prompts' formatting or the cached records change meaning
-
-
-PROMPT_GROUPS: list[tuple[list[str], list[str]]] = [
-    (["Describe your day at {}.",
-      "Write a short diary entry about a visit to {}.",
-      "Tell a friend how your trip to {} went."],
-     ["the beach", "the dentist", "a crowded airport", "a job interview", "the zoo", "a rainy music festival",
-      "your grandmother's house", "a new gym", "the DMV", "an amusement park", "a quiet library",
-      "a hospital waiting room", "a wedding", "a campsite in the mountains", "a busy train station",
-      "a farmers' market", "an escape room", "a science museum", "a run-down hotel", "a ski resort",
-      "a hair salon", "a football stadium", "a cooking class", "the post office"]),
-    (["Write a short review of {}.",
-      "Write a customer comment about {} you tried last month.",
-      "What do you think of {}?"],
-     ["a secondhand bicycle", "a cheap umbrella", "a new smartphone", "a noisy blender", "a pair of running shoes",
-      "an electric toothbrush", "a robot vacuum cleaner", "a budget laptop", "a scented candle", "a smartwatch",
-      "a coffee maker", "a mattress delivered in a box", "a video game console", "a pair of wireless earbuds",
-      "an air fryer", "a paperback novel", "a winter coat", "a desk lamp", "a kids' scooter", "a camping tent",
-      "a set of kitchen knives", "a meal-kit subscription", "a streaming service", "a language-learning app"]),
-    (["Describe how you felt during {}.",
-      "Write a short message to a friend about {}.",
-      "Write two sentences about {}."],
-     ["a surprise birthday party", "a delayed flight", "your first day at a new job", "a power outage",
-      "a long weekend with friends", "losing your keys", "a thunderstorm at night", "moving to a new city",
-      "a family reunion", "a traffic jam on the highway", "a graduation ceremony", "a failed cooking experiment",
-      "a marathon", "a job rejection", "adopting a puppy", "a flat tire", "a snow day",
-      "a concert by your favorite band", "a group project at school", "a long hospital stay",
-      "winning a small prize", "a holiday dinner", "a missed train", "a first date"]),
-    (["Describe the taste of {}.",
-      "Write a restaurant review that mentions {}.",
-      "Would you recommend {}? Answer in a few sentences."],
-     ["a bowl of ramen", "cold pizza", "a vegan burger", "hospital food", "homemade apple pie", "airline food",
-      "a spicy curry", "burnt toast", "fresh sushi", "instant noodles", "a chocolate cake",
-      "a salad with no dressing", "street tacos", "a school cafeteria lunch", "grilled salmon",
-      "a gas-station sandwich", "french fries", "a green smoothie", "leftover soup", "a fancy tasting menu",
-      "pancakes", "black coffee", "a fruit salad", "microwave popcorn"]),
-    (["What do you think about {}?",
-      "Write a short opinion about {}.",
-      "Give your honest opinion of {}."],
-     ["working from home", "Monday mornings", "public transport in big cities", "social media", "online shopping",
-      "homework", "winter", "summer vacations", "self-driving cars", "video calls", "reality TV",
-      "open-plan offices", "learning to code", "long commutes", "electric cars", "group chats", "rainy days",
-      "living in a small town", "fast fashion", "board games", "gardening", "standardized tests",
-      "smartphones for kids", "traveling alone"]),
-    (["Write a short review of {}.",
-      "Summarize your opinion of {} in a few sentences.",
-      "Tell me what you liked or disliked about {}."],
-     ["a horror movie you watched recently", "a long fantasy novel", "a children's cartoon", "a jazz concert",
-      "a stand-up comedy show", "a documentary about the ocean", "a video game sequel", "a Broadway musical",
-      "a podcast about history", "a romantic comedy", "a poetry reading", "an art exhibition",
-      "a superhero movie", "a cooking show", "a true-crime series", "a classical music album", "a school play",
-      "a mystery novel", "a nature documentary", "an online course", "a magic show", "a science fiction series",
-      "a local band's first album", "a museum audio tour"]),
-]
-
-
-def all_prompts() -> list[str]:
-    """Every request of the task, in a fixed order (group, then subject, then template)."""
-    prompts = [template.format(subject) for templates, subjects in PROMPT_GROUPS
-               for subject in subjects for template in templates]
-    if len(set(prompts)) != len(prompts):
-        raise AssertionError("PROMPT_GROUPS produces duplicate prompts")
-    return prompts
-
-
-def split_of(prompt: str) -> str:
-    """A prompt's split, from a hash of its text: 8/10 train, 1/10 dev, 1/10 test."""
-    bucket = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % 10
-    return "train" if bucket < 8 else "dev" if bucket == 8 else "test"
 
 
 def preference_probability(gold_a: float, gold_b: float, temperature: float) -> float:
@@ -198,23 +87,34 @@ class TaskConfig:
     """One size of the task. Every field is part of the cache key."""
     size: str
     prompts_per_split: tuple[int, int, int] | None  # (train, dev, test) prompts kept, in order; None = all
-    samples_per_prompt: int = 4  # replies sampled per prompt (pairs use them two by two)
+    samples_per_prompt: int = 4  # replies sampled per prompt
     max_new_tokens: int = 48  # reply length cap (most replies hit it: SmolLM2-135M rambles)
+    version: int = 1  # see the module docstring
+    steering: bool = False  # v2: sample reply j under task_prompts.STEERING[j % 3]
+    test_share: int = 1  # tenths of the requests in the test split (task_prompts.split_of)
+    # recomputed on every load, so not part of the cache key:
+    pairing: str = "disjoint"  # "disjoint": (0, 1), (2, 3), ...; "all": every two replies of a request
+    gold: str = "compound"  # sequence gold: "compound" (gold.gold_score) or "sum" (gold.gold_sum)
+    bt_temperature: float = BT_TEMPERATURE  # Bradley-Terry temperature of the labels, in the gold's units
     temperature: float = 1.0  # sampling temperature of the replies
     top_p: float = 0.95  # nucleus sampling: drops the least likely 5% of the mass (gibberish of a 135M model)
     seed: int = 0  # sampling seed
     batch_size: int = 64  # replies per batch (part of the key: padding changes float rounding)
 
 
+V2 = dict(version=2, steering=True, test_share=2, pairing="all", gold="sum", bt_temperature=1.0)
 SIZES = {
-    "default": TaskConfig("default", None),
-    "tiny": TaskConfig("tiny", (8, 2, 2), samples_per_prompt=2, max_new_tokens=12, batch_size=8),
+    "default": TaskConfig("default", None, samples_per_prompt=6, max_new_tokens=32, **V2),
+    "tiny": TaskConfig("tiny", (8, 2, 2), samples_per_prompt=3, max_new_tokens=12, batch_size=8, **V2),
+    "v1": TaskConfig("v1", None),
+    "v1-tiny": TaskConfig("v1-tiny", (8, 2, 2), samples_per_prompt=2, max_new_tokens=12, batch_size=8),
 }
+LABEL_FIELDS = ("pairing", "gold", "bt_temperature")  # not in the cache key: applied on load
 
 
 def select_prompts(config: TaskConfig) -> list[tuple[str, str]]:
     """(prompt, split) pairs of a size, in all_prompts() order."""
-    prompts = [(prompt, split_of(prompt)) for prompt in all_prompts()]
+    prompts = [(prompt, split_of(prompt, config.test_share)) for prompt in all_prompts()]
     if config.prompts_per_split is None:
         return prompts
     kept = []
@@ -245,8 +145,8 @@ def model_fingerprint(model_path: str | Path) -> dict:
 
 def cache_key(config: TaskConfig, prompts: list[tuple[str, str]], fingerprint: dict) -> str:
     """A hash of everything the cached samples depend on."""
-    payload = {"format": TASK_FORMAT_VERSION, "config": dataclasses.asdict(config), "prompts": prompts,
-               "model": fingerprint}
+    sampling = {k: v for k, v in dataclasses.asdict(config).items() if k not in LABEL_FIELDS}
+    payload = {"format": TASK_FORMAT_VERSION, "config": sampling, "prompts": prompts, "model": fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -255,11 +155,17 @@ def _build_records(config: TaskConfig, prompts: list[tuple[str, str]], model_pat
     model, tokenizer = models.load_model(model_path)
     k = config.samples_per_prompt
     instructions = [prompt for prompt, _ in prompts]
+
+    def context(instruction: str, j: int) -> str:  # what reply j is sampled from (v2: under a system instruction)
+        steer = STEERING[j % len(STEERING)] if config.steering else ""
+        messages = ([{"role": "system", "content": steer}] if steer else []) + [{"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     # sample j of prompt i sits at i * k + j; each reply gets its own draw of the one seeded stream
     generations = generation.generate_ids(
-        model, tokenizer, [prompt for prompt in instructions for _ in range(k)],
+        model, tokenizer, [context(prompt, j) for prompt in instructions for j in range(k)],
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        seed=config.seed, batch_size=config.batch_size, chat_template=True, progress=progress,
+        seed=config.seed, batch_size=config.batch_size, chat_template=False, progress=progress,
         desc=f"task {config.size}: sampling {len(instructions)} prompts x {k}")
     records = []
     for i, (instruction, split) in enumerate(prompts):
@@ -271,6 +177,7 @@ def _build_records(config: TaskConfig, prompts: list[tuple[str, str]], model_pat
             "responses": [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in samples],
             "n_tokens": [len(g.response_ids) for g in samples],
             "finished": [g.finished for g in samples],  # False: cut at max_new_tokens
+            "steering": [j % len(STEERING) if config.steering else None for j in range(k)],
         })
     return records
 
@@ -321,15 +228,17 @@ class Task:
         """Prompt-only records for PPO rollouts and evaluation: {"prompt", "instruction"}."""
         return [{"prompt": r["prompt"], "instruction": r["instruction"]} for r in self._records(split)]
 
-    def pairs(self, split: str, *, bt_temperature: float = BT_TEMPERATURE, seed: int = 0,
+    def pairs(self, split: str, *, bt_temperature: float | None = None, seed: int = 0,
               noise_free: bool = False) -> list[dict]:
         """Preference pairs (TRL standard format) with Bradley-Terry labels, see the module docstring."""
-        temperature = 0.0 if noise_free else bt_temperature
+        temperature = 0.0 if noise_free else (self.config.bt_temperature if bt_temperature is None else bt_temperature)
         pairs = []
         for record in self._records(split):
             responses, gold = record["responses"], record["gold"]
-            for pair_index in range(len(responses) // 2):
-                a, b = 2 * pair_index, 2 * pair_index + 1
+            n = len(responses)
+            indices = ([(2 * i, 2 * i + 1) for i in range(n // 2)] if self.config.pairing == "disjoint"
+                       else [(a, b) for a in range(n) for b in range(a + 1, n)])
+            for pair_index, (a, b) in enumerate(indices):
                 p_a = preference_probability(gold[a], gold[b], temperature)
                 if _uniform(seed, record["instruction"], pair_index) >= p_a:
                     a, b = b, a
@@ -353,18 +262,18 @@ class Task:
                "build_seconds": self.build_seconds, "splits": {}}
         for split in SPLITS:
             records = self._records(split)
-            gold = [g for r in records for g in r["gold"]]
+            golds = [g for r in records for g in r["gold"]]
             finished = [f for r in records for f in r["finished"]]
             tokens = [n for r in records for n in r["n_tokens"]]
             pairs = self.pairs(split)
             out["splits"][split] = {
-                "prompts": len(records), "responses": len(gold), "pairs": len(pairs),
-                "gold_mean": sum(gold) / len(gold) if gold else None,
-                "gold_positive": sum(g > 0 for g in gold), "gold_zero": sum(g == 0 for g in gold),
-                "gold_negative": sum(g < 0 for g in gold),
+                "prompts": len(records), "responses": len(golds), "pairs": len(pairs),
+                "gold_mean": sum(golds) / len(golds) if golds else None,
+                "gold_positive": sum(g > 0 for g in golds), "gold_zero": sum(g == 0 for g in golds),
+                "gold_negative": sum(g < 0 for g in golds),
                 "finished_with_eos": sum(finished), "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
                 "pairs_exact_gold_tie": sum(p["score_chosen"] == p["score_rejected"] for p in pairs),
-                "pairs_judge_tie": sum(abs(p["score_chosen"] - p["score_rejected"]) <= gold.TIE_MARGIN for p in pairs),
+                "pairs_judge_tie": sum(gold.judge("", p["chosen"], p["rejected"]) == "tie" for p in pairs),
                 "label_agreement_bt": label_agreement(pairs),
             }
         return out
@@ -374,8 +283,8 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
               build_if_missing: bool = True, progress: bool = True) -> Task:
     """Load the task from the cache, sampling it first if the cache has no entry for these inputs.
 
-    size: "default" (432 prompts x 4 replies x <= 48 tokens, 5.5-7 min to build on 2 cores) or "tiny"
-    (12 prompts x 2 replies x <= 12 tokens, for tests). model: a local model directory, or None for
+    size: a key of SIZES ("default" and "tiny": task v2; "v1" and "v1-tiny": task v1; see the module
+    docstring); the tiny ones have 12 prompts and <= 12 tokens, for tests. model: a local model directory, or None for
     the embedded SmolLM2-135M-Instruct. rebuild: sample again even if cached. build_if_missing=False
     raises FileNotFoundError instead of sampling when nothing is cached.
     """
@@ -391,7 +300,7 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
     built_now = rebuild or not cached.is_file()
     if built_now and not build_if_missing and not rebuild:
         raise FileNotFoundError(f"no cached task {size!r} for these inputs at {directory}; "
-                                f"build it with: python task.py --size {size}")
+                                f"build it with: python -m avalib.task --size {size}")
     if built_now:
         started = time.perf_counter()
         records = _build_records(config, prompts, model_path, progress)
@@ -408,8 +317,9 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
             raise RuntimeError(f"{cached}: holds key {payload.get('key')!r}, expected {key!r}; delete it")
         records, build_seconds = payload["records"], payload["build_seconds"]
 
+    score = gold.gold_sum if config.gold == "sum" else gold.gold_score
     for record in records:  # the gold always comes from the code, never from the cache
-        record["gold"] = [gold.gold_score(response) for response in record["responses"]]
+        record["gold"] = [score(response) for response in record["responses"]]
     return Task(config=config, key=key, path=directory, records=records, build_seconds=build_seconds,
                 built_now=built_now)
 

@@ -6,6 +6,8 @@ of them: a matplotlib Figure and coloured HTML. Used by notebooks/ and `train_rm
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -219,3 +221,30 @@ def write_token_reward_views(model, tokenizer, rows: list[dict], directory: str 
     html.write_text("<!doctype html>\n<meta charset=\"utf-8\"><title>Per-token rewards</title>\n"
                     + token_rewards_html(items, titles, columns=columns) + "\n", encoding="utf-8")
     return png, html
+
+
+def plot_proxy_vs_gold(metrics_path: Path, out_path: Path) -> None:
+    """Proxy reward (the reward model's score) and gold reward of the rollouts per update: reward hacking
+    shows as the proxy rising while the gold stalls or falls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    lines = [line for line in lines if "proxy/score" in line]
+    if not lines:
+        return
+    x = list(range(1, len(lines) + 1))
+    fig, left = plt.subplots(figsize=(6, 3.5))
+    left.plot(x, [line["proxy/score"] for line in lines], color="tab:blue", label="proxy (reward model)")
+    left.set_xlabel("PPO update")
+    left.set_ylabel("proxy reward", color="tab:blue")
+    if "gold/score" in lines[0]:
+        right = left.twinx()
+        right.plot(x, [line["gold/score"] for line in lines], color="tab:orange", label="gold")
+        right.set_ylabel("gold reward", color="tab:orange")
+    left.set_title("Rollout reward per update: proxy vs gold")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

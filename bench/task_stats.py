@@ -1,4 +1,4 @@
-"""Benchmark of the built-in task (task.py): cost to build and load, and how informative its labels are.
+"""Benchmark of the built-in task (avalib/task.py): cost to build and load, and how informative its labels are.
 
 Measures
 - build: wall time of load_task(size, rebuild=True) (model load + sampling + atomic write), size on disk;
@@ -12,8 +12,12 @@ Measures
 - a trivial baseline: "the longer reply wins" (in tokens), its agreement with the gold sign (pairs
   with equal gold or equal length excluded) and with the BT labels.
 
-Writes bench/results/task.json and bench/results/task.md. Run from the repository root:
-    python bench/task_stats.py            # default size, rebuilds the cache to time it
+- spread: quantiles of the gold of the replies and of the gold difference within pairs.
+
+Writes bench/results/task.{json,md} for the default size (task v2), task-<size>.{json,md} for the
+others (task-v1.* is task v1's default size). Run from the repository root:
+    python bench/task_stats.py               # default size, rebuilds the cache to time it
+    python bench/task_stats.py --size v1     # task v1
 """
 from __future__ import annotations
 
@@ -90,7 +94,7 @@ def directory_bytes(path: Path) -> int:
 
 def fresh_process_load_seconds(size: str) -> dict:
     """Load the task in a new Python process: (seconds inside load_task, seconds for the whole process)."""
-    code = ("import time, task; t = time.perf_counter(); task.load_task(%r, progress=False); "
+    code = ("import time; from avalib import task; t = time.perf_counter(); task.load_task(%r, progress=False); "
             "print(time.perf_counter() - t)" % size)
     started = time.perf_counter()
     output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
@@ -129,15 +133,20 @@ def split_report(loaded: task.Task, split: str, label_seeds: int) -> dict:
     agreements = [a for a in agreements if a is not None]
     pairs = loaded.pairs(split)
     decided = [p for p in pairs if p["score_chosen"] != p["score_rejected"]]
-    expected = [task.preference_probability(abs(p["score_chosen"] - p["score_rejected"]), 0.0, task.BT_TEMPERATURE)
+    expected = [task.preference_probability(abs(p["score_chosen"] - p["score_rejected"]), 0.0, loaded.config.bt_temperature)
                 for p in decided]
     differences = sorted(abs(p["score_chosen"] - p["score_rejected"]) for p in pairs)
+    replies = sorted(g for record in loaded.records if record["split"] == split for g in record["gold"])
+    quantiles = lambda values: {f"q{q}": values[min(len(values) - 1, int(q / 100 * len(values)))]
+                                for q in (10, 25, 50, 75, 90)} if values else {}
     return {
         **{k: v for k, v in stats.items() if k != "label_agreement_bt"},
         "demonstrations": len(loaded.demonstrations(split)),
         "demonstration_gold_mean": statistics.fmean(d["score"] for d in loaded.demonstrations(split)),
         "pairs_gold_differs": len(decided),
         "median_abs_gold_difference": differences[len(differences) // 2] if differences else None,
+        "abs_gold_difference_quantiles": quantiles(differences),
+        "reply_gold_quantiles": quantiles(replies),
         "label_ceiling_mean": statistics.fmean(agreements) if agreements else None,
         "label_ceiling_std": statistics.stdev(agreements) if len(agreements) > 1 else None,
         "label_ceiling_per_seed": agreements,
@@ -208,7 +217,13 @@ def markdown(result: dict) -> str:
                              f"the rebuild reproduced the replies cached before it: {b['reproduced_previous_cache']}."),
         "- judge ties: pairs whose gold differs by at most the tie margin (judge() says \"tie\").",
         "",
+        "| split | reply gold: 10% / 25% / 50% / 75% / 90% | abs gold difference in a pair: 10% / 25% / 50% / 75% / 90% |",
+        "|---|---|---|",
     ]
+    for split, s in result["splits"].items():
+        spread = lambda q: " / ".join(f"{v:+.2f}" for v in q.values()) if q else "-"
+        lines.append(f"| {split} | {spread(s.get('reply_gold_quantiles'))} | {spread(s.get('abs_gold_difference_quantiles'))} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -236,7 +251,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "config": asdict(task.SIZES[args.size]),
         "key": loaded.key,
-        "bt_temperature": task.BT_TEMPERATURE,
+        "bt_temperature": task.SIZES[args.size].bt_temperature,
         "tie_margin": gold.TIE_MARGIN,
         "build": {"seconds": build_share.seconds if args.rebuild else None, "rebuilt_now": built.built_now,
                   "model_load_and_sampling_seconds": built.build_seconds, "bytes": directory_bytes(loaded.path),
@@ -251,8 +266,9 @@ def main() -> None:
         result["build"]["seconds"] = built.build_seconds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "task.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "task.md").write_text(markdown(result))
+    name = "task" if args.size == "default" else f"task-{args.size}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -179,6 +179,8 @@ class TRL:
     DPOTrainer with precompute_ref_log_probs=True: one reference pass before training, as ours does,
     timed (and FLOP-counted) and charged to the run like ours."""
 
+    use_cpu, bf16 = True, False  # here: fp32 on the CPU (bench/gpu_check.py sets them for a GPU and bf16)
+
     def __init__(self, name: str, kind: str, pairs: list[dict], tokenizer, workdir: Path):
         import datasets
         import torch
@@ -217,7 +219,7 @@ class TRL:
 
         common_args = dict(output_dir=str(self.workdir / self.kind), max_length=CONFIG["max-length"],
                            per_device_train_batch_size=CONFIG["batch-size"], learning_rate=CONFIG["lr"], num_train_epochs=1,
-                           seed=seed, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                           seed=seed, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=self.use_cpu, bf16=self.bf16,
                            disable_tqdm=True, dataloader_num_workers=0,
                            gradient_checkpointing=False)  # TRL defaults to True; ours does not recompute, so neither does TRL
         reference = {"seconds": 0.0, "flops": 0.0}

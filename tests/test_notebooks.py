@@ -141,6 +141,7 @@ def test_train_rm_visualize_writes_png_and_html(tmp_path, tiny_model_dir):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "run"
     train_rm.main(["--model", tiny_model_dir, "--data", str(data), "--eval-data", str(data), "--max-steps", "1",
+                   "--trainable-layers", "-1",
                    "--batch-size", "4", "--max-length", "64", "--output-dir", str(out), "--visualize"])
     assert_pngs(out, ["token_rewards.png"])
     html = (out / "token_rewards.html").read_text()

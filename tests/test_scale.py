@@ -256,7 +256,7 @@ CASES = {  # script, flags
     "direct-ava-p-checkpointing": ("train_direct.py", ["--objective", "ava-p", "--trainable-layers", "-1",
                                                        "--activation-checkpointing", "--eval-prompts", "none"]),
     "direct-ava-p-lora": ("train_direct.py", ["--objective", "ava-p", "--lora-r", "4", "--lr", "1e-2",
-                                              "--eval-prompts", "none"]),
+                                              "--trainable-layers", "-1", "--eval-prompts", "none"]),
 }
 
 

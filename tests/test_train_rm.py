@@ -155,7 +155,8 @@ def test_bad_input_names_file_line_and_field_or_is_skipped_and_counted(tmp_path,
     rows, report = sources.load_rows(str(path), "pairs", skip_bad=True)
     assert len(rows) == 3 and sum(report.skipped.values()) == 1 and report.kept == 3
     with pytest.raises(data.DataError, match=f"{path}:3: field {field!r}"):  # the script stops on it too
-        train_rm.main(["--data", str(path), "--model", tiny_model_dir, "--output-dir", str(tmp_path / "out")])
+        train_rm.main(["--data", str(path), "--model", tiny_model_dir, "--trainable-layers", "-1",
+                       "--output-dir", str(tmp_path / "out")])
 
 
 @pytest.mark.slow
@@ -163,7 +164,8 @@ def test_bad_input_from_the_command_line_is_one_line_not_a_traceback(tmp_path, t
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"prompt": "p", "chosen": "good", "rejected": "bad"}\n{"prompt": "p", "chosen": "good"}\n')
     for model in (tiny_model_dir, str(tmp_path / "nothing-here")):
-        done = subprocess.run([sys.executable, "train_rm.py", "--data", str(path), "--model", model], cwd=ROOT,
+        done = subprocess.run([sys.executable, "train_rm.py", "--data", str(path), "--model", model,
+                               "--trainable-layers", "-1"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
         expected = f"{path}:2: field 'rejected': missing" if model == tiny_model_dir else "cannot load a tokenizer from"

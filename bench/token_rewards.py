@@ -1,0 +1,264 @@
+"""Reward models on the built-in task v2, trained to convergence, and their token rewards against the gold.
+
+Every row trains with train_rm.py on builtin (task v2: noisy Bradley-Terry labels), evaluating on the
+dev split's gold labels after every epoch (`eval/accuracy` in metrics.jsonl: the curve shows where it
+stops improving); then, once, on the test split against the gold labels (>= 1,000 pairs; Wilson 95%
+interval, and a bootstrap interval over requests since a request's 15 pairs share replies), and token
+by token on every test reply (avalib/token_metrics.py: Pearson, Spearman, on gold-bearing tokens, AUC,
+returns-to-go, per word; bootstrap intervals over replies). The reading per model:
+AVA: mu_t (Eq. 19); Pref-Trans: r_t; BT, BT-var: the head at every prefix (trained only at the last).
+Two references: a linear probe fit by ridge regression on the frozen (untrained) SmolLM2's last hidden
+states to the gold token rewards of the train replies (a ceiling for a linear read-out), and zero.
+
+    python bench/token_rewards.py --rows BT,AVA-p --seeds 0        # train what is missing, evaluate
+    python bench/token_rewards.py --rows probe                     # the linear-probe ceiling
+    python bench/token_rewards.py --report                         # rebuild the tables only
+
+Results: bench/results/token_rewards/<row>-seed<k>.json (committed), bench/results/token_rewards.{json,md}.
+Runs (checkpoints, models) live under $AVA_CACHE/bench-runs/token_rewards/, keyed by their arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from avalib import models  # noqa: E402
+from bench import runner  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "token_rewards"
+CONFIG = {"trainable-layers": 4, "max-length": 160, "batch-size": 16, "lr": 1e-4, "epochs": 3}
+ROWS = {  # name: train_rm.py arguments beyond CONFIG
+    "BT": {"objective": "bt"},
+    "BT-var": {"objective": "bt-var"},
+    "Pref-Trans": {"objective": "pref-trans"},
+    "AVA-p": {"objective": "ava-p"},
+    "AVA-d": {"objective": "ava-d"},
+    # our AVA-p variants (avalib/cli.py PRESETS; ava.py's docstring says what each changes and why)
+    **{f"AVA-p {name}": {"objective": "ava-p", "preset": name} for name in
+       ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights")},
+}
+REFERENCES = ("probe",)
+
+
+def run_arguments(row: str, seed: int, epochs: int) -> list[str]:
+    flags = {**CONFIG, "epochs": epochs, **ROWS[row], "seed": seed}
+    return ["--data", "builtin", "--eval-data", "builtin:gold", "--eval-split", "dev", "--no-export-hf"] + [
+        item for k, v in flags.items() for item in (f"--{k}", str(v))]
+
+
+def result_path(row: str, seed: int) -> Path:
+    return RESULTS / f"{runner.slug(row)}-seed{seed}.json"
+
+
+def test_items(tokenizer, max_length: int):
+    """Task v2's test pairs against the gold labels, encoded as train_rm.py does, and the requests they
+    come from (for the bootstrap over requests)."""
+    import train_rm
+    from avalib import sources
+
+    rows, _ = sources.load_rows("builtin:gold", "pairs", "test", tokenizer)
+    args = train_rm.Args(eval_data="builtin:gold", eval_split="test", max_length=max_length)
+    items, _ = train_rm.load_eval_items(args, tokenizer)
+    return items, [row["prompt"] for row in rows]
+
+
+def bootstrap_over_requests(margins: list[float], requests: list[str], draws: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of the accuracy (ties half) with whole requests resampled: their pairs share replies."""
+    import numpy as np
+
+    groups: dict[str, list[float]] = {}
+    for margin, request in zip(margins, requests):
+        groups.setdefault(request, []).append(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0)
+    scores = list(groups.values())
+    generator = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(draws):
+        picked = [scores[i] for i in generator.integers(0, len(scores), len(scores))]
+        accuracies.append(sum(map(sum, picked)) / sum(map(len, picked)))
+    return [float(np.percentile(accuracies, 2.5)), float(np.percentile(accuracies, 97.5))]
+
+
+def test_replies(tokenizer):
+    """Every test request with its replies: [(prompt, [reply, ...])]."""
+    from avalib import task
+
+    return [(r["prompt"], r["responses"]) for r in task.load_task("default", progress=False).records if r["split"] == "test"]
+
+
+def evaluate_model(model_dir: Path, max_length: int) -> dict:
+    """Test accuracy against the gold labels and the token table of a saved reward model."""
+    import train_rm
+    from avalib import distributed, reward_models, token_metrics, viz
+
+    model, tokenizer, _ = reward_models.load_reward_model(model_dir)
+    items, requests = test_items(tokenizer, max_length)
+    margins: list[float] = []
+    accuracy = train_rm.evaluate(model, items, 32, tokenizer.pad_token_id, distributed.Distributed(), margins)
+    readings = [item for prompt, replies in test_replies(tokenizer)
+                for item in viz.token_readings(model, tokenizer, prompt, replies, max_length, gold=True)]
+    return {"test": {**accuracy, "accuracy_bootstrap_requests95": bootstrap_over_requests(margins, requests)},
+            "test_margins": margins, "tokens": token_metrics.agreement(readings)}
+
+
+def dev_curve(output_dir: Path) -> list[dict]:
+    """Dev accuracy (gold labels) at every evaluation of the run: where training stops improving."""
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "epoch": r.get("epoch"), "accuracy": r["eval/accuracy"]} for r in lines
+            if "eval/accuracy" in r and not r.get("final")]
+
+
+def run_row(row: str, seed: int, epochs: int) -> dict:
+    arguments = run_arguments(row, seed, epochs)
+    key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
+    path = result_path(row, seed)
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())
+    output_dir = models.cache_dir() / "bench-runs" / "token_rewards" / f"{path.stem}-{key}"
+    steps_per_epoch = None
+    if not (output_dir / "final.json").is_file():
+        from avalib import task
+
+        pairs = len(task.load_task("default", progress=False).pairs("train"))
+        steps_per_epoch = -(-pairs // CONFIG["batch-size"])
+        command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir),
+                   "--eval-every", str(steps_per_epoch), "--save-every", "50"]
+        if (output_dir / "checkpoint.pt").is_file():
+            command.append("--resume")
+        measured = runner.run_measured(command)
+        (output_dir / "measured.json").write_text(json.dumps(measured))
+    final = json.loads((output_dir / "final.json").read_text())
+    measured = json.loads((output_dir / "measured.json").read_text())
+    result = {"row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
+              **measured, "steps": final["steps"], "train_tokens_per_second": final["train_tokens_per_second"],
+              "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")}, "dev_curve": dev_curve(output_dir),
+              **evaluate_model(output_dir / "model", CONFIG["max-length"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def probe_row() -> dict:
+    """The linear-probe ceiling: ridge regression from the frozen SmolLM2's last hidden state at the
+    position of each reply token (where a reward head reads transition t: position t+1) to its gold,
+    fit on the train replies, the ridge strength chosen on dev, scored on test like every model."""
+    import numpy as np
+    import torch
+
+    import ava
+    from avalib import data, gold, task, token_metrics
+
+    lm, tokenizer = models.load_model("smollm2")
+    built = task.load_task("default", progress=False)
+
+    def features(split):
+        rows = []
+        for record in (r for r in built.records if r["split"] == split):
+            examples, _ = data.encode(tokenizer, record["prompt"], record["responses"], CONFIG["max-length"])
+            batch = data.collate(examples, tokenizer.pad_token_id)
+            with torch.no_grad():
+                hidden = ava.hidden_states(lm, **batch)  # (B, T, d)
+            for row, (reply, example) in enumerate(zip(record["responses"], examples)):
+                start, n = example["prompt_length"], len(example["input_ids"])
+                text_ids = tokenizer(reply, add_special_tokens=False).input_ids
+                n_text = min(len(text_ids), n - start)
+                golds = gold.gold_token_rewards(reply, tokenizer)[:n_text]
+                tokens = [tokenizer.decode([i]) for i in example["input_ids"][start:n]]
+                rows.append((hidden[row, start:start + n_text].numpy(), np.array(golds), tokens[:n_text]))
+        return rows
+
+    train, dev, test = features("train"), features("dev"), features("test")
+    x = np.concatenate([f for f, _, _ in train])
+    y = np.concatenate([g for _, g, _ in train])
+    mean_x, mean_y = x.mean(0), y.mean()
+    gram, moment = (x - mean_x).T @ (x - mean_x), (x - mean_x).T @ (y - mean_y)
+
+    def fit(strength):
+        weight = np.linalg.solve(gram + strength * np.eye(len(gram)), moment)
+        return lambda f: (f - mean_x) @ weight + mean_y
+
+    def items(rows, predict):
+        return [{"rewards": list(predict(f)), "gold": list(g), "tokens": t} for f, g, t in rows]
+
+    scores = {s: token_metrics.agreement(items(dev, fit(s)), bootstrap=0)["pearson"] for s in (1, 10, 100, 1000, 10000)}
+    strength = max(scores, key=scores.get)
+    return {"row": "probe", "seed": 0, "ridge_strength": strength, "dev_pearson_by_strength": scores,
+            "train_tokens": int(len(y)), "tokens": token_metrics.agreement(items(test, fit(strength)))}
+
+
+def summarise(row: str) -> dict | None:
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{runner.slug(row)}-seed*.json"))]
+    if not runs:
+        return None
+    mean = lambda values: statistics.mean(values) if values else None
+    spread = lambda values: statistics.stdev(values) if len(values) > 1 else None
+    accuracy = [r["test"]["eval/accuracy"] for r in runs if "test" in r]
+    return {"row": row, "seeds": [r["seed"] for r in runs], "runs": runs,
+            "test_accuracy_mean": mean(accuracy), "test_accuracy_sd": spread(accuracy),
+            **{f"{m}_mean": mean([r["tokens"][m] for r in runs]) for m in ("pearson", "pearson_nonzero", "auc",
+                                                                           "return_to_go_pearson", "word_pearson")}}
+
+
+def cell(value, interval=None, percent=False) -> str:
+    if value is None or value != value:
+        return "-"
+    scale = 100 if percent else 1
+    text = f"{scale * value:.1f}" if percent else f"{value:+.2f}"
+    return text + (f" ({scale * interval[0]:.{1 if percent else 2}f}, {scale * interval[1]:.{1 if percent else 2}f})"
+                   if interval else "")
+
+
+def report() -> None:
+    table = [s for s in (summarise(row) for row in [*ROWS, *REFERENCES]) if s]
+    lines = ["| model | seeds | test accuracy, gold labels % (Wilson 95%) | dev accuracy by epoch % | token Pearson | "
+             "Pearson, gold-bearing tokens | AUC +/- tokens | returns-to-go Pearson | per-word Pearson |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in table:
+        for r in s["runs"]:
+            t = r["tokens"]
+            test = cell(r["test"]["eval/accuracy"], r["test"]["eval/accuracy_wilson95"], True) if "test" in r else "-"
+            curve = ", ".join(f"{100 * c['accuracy']:.1f}" for c in r.get("dev_curve", [])) or "-"
+            lines.append(f"| {s['row']} | {r['seed']} | {test} | {curve} | {cell(t['pearson'], t['pearson_ci95'])} | "
+                         f"{cell(t['pearson_nonzero'], t['pearson_nonzero_ci95'])} | {cell(t['auc'], t['auc_ci95'])} | "
+                         f"{cell(t['return_to_go_pearson'], t['return_to_go_pearson_ci95'])} | "
+                         f"{cell(t['word_pearson'], t['word_pearson_ci95'])} |")
+    tested = next((r for s in table for r in s["runs"] if "test" in r), None)
+    notes = [f"Task v2's test split: {tested['test']['eval/pairs']} pairs, gold labels; token metrics over "
+             f"{tested['tokens']['replies']} replies ({tested['tokens']['tokens']} tokens, "
+             f"{tested['tokens']['nonzero_tokens']} carrying a word valence). Intervals: Wilson for accuracy, "
+             "bootstrap over replies for token metrics (95%)." if tested else "",
+             "Regenerate: `python bench/token_rewards.py --report`; each row's command is in its result file."]
+    text = "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n"
+    (ROOT / "bench" / "results" / "token_rewards.md").write_text(text)
+    (ROOT / "bench" / "results" / "token_rewards.json").write_text(
+        json.dumps([{k: v for k, v in s.items() if k != "runs"} for s in table], indent=1))
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="", help=f"comma-separated rows: {', '.join([*ROWS, *REFERENCES])}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--epochs", type=int, default=CONFIG["epochs"], help="epochs (dev accuracy after each)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the tables from the results")
+    args = parser.parse_args()
+    if not args.report:
+        for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
+            if row == "probe":
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                result_path("probe", 0).write_text(json.dumps(probe_row(), indent=1))
+                continue
+            if row not in ROWS:
+                raise SystemExit(f"--rows: unknown row {row!r}; choose from {', '.join([*ROWS, *REFERENCES])}")
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                run_row(row, seed, args.epochs)
+    report()
+
+
+if __name__ == "__main__":
+    main()
