@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import ava
-from avalib import cli, data, distributed, evaluation, loop, lora, memory_plan, metrics, models, reward_models, script, sources
+from avalib import cli, data, distributed, evaluation, loop, lora, metrics, models, reward_models, script, sources
 from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "dpo", "sft")
@@ -82,29 +82,9 @@ def load_training_rows(args: Args, tokenizer):
                             args.skip_bad_rows, args.limit or None)
 
 
-def encode_rows(rows: list[dict], tokenizer, max_length: int, report) -> list[tuple]:
-    items = []
-    for row in rows:
-        texts = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
-        examples, cut = data.encode(tokenizer, row["prompt"], texts, max_length)
-        report.cut += cut
-        items.append(tuple(examples))
-    return items
-
-
-def load_eval_pairs(args: Args, tokenizer):
-    source = args.eval_data or ("builtin:gold" if args.data.startswith("builtin") else "")
-    if not source:
-        return [], None
-    if source.startswith("builtin") and args.data.startswith("builtin:tiny") and "tiny" not in source:
-        source = source.replace("builtin", "builtin:tiny", 1)
-    rows, report = sources.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
-    return encode_rows(rows, tokenizer, args.max_length, report), report
-
-
 def load_prompts(args: Args, tokenizer) -> list[str]:
     """Held-out prompts as the exact text training saw (builtin: chat-templated; HH: raw dialogue)."""
-    source = args.eval_prompts or (args.data.split(":gold")[0] if args.data.startswith("builtin") else "none")
+    source = args.eval_prompts or sources.builtin_default(args.data, gold=False) or "none"
     return sources.load_prompts(source, args.prompt_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
 
 
@@ -199,10 +179,9 @@ def eval_only(args: Args) -> dict:
 # ---- the run ----
 
 def main(argv=None) -> dict:
-    args = cli.parse_config(Args, argv, __doc__)
-    if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
-        return memory_plan.print_plan(args, args.objective, "train_direct.py")
-    dist = script.begin(args)
+    args, dist = script.start(Args, argv, __doc__, "train_direct.py")
+    if dist is None:  # --plan: bytes per GPU for these flags, from a model on the meta device
+        return args.plan_printed
     if args.eval_only:
         return eval_only(args)
     kind = args.objective
@@ -221,7 +200,7 @@ def main(argv=None) -> dict:
     config = args.ava_config()
     pad_id = tokenizer.pad_token_id
     rows, report = load_training_rows(args, tokenizer)  # bad data fails before the model loads
-    eval_items, eval_report = load_eval_pairs(args, tokenizer)
+    eval_items, eval_report = sources.load_eval_pairs(args, tokenizer)
     prompts = load_prompts(args, tokenizer)
     lean = distributed.lean_loading(args, dist.world_size, kind)  # FSDP2: rank 0 reads the weights, the others build on meta
     lm, _ = models.load_model(args.model, tokenizer=tokenizer, on_meta=lean and not dist.is_main,
@@ -229,7 +208,7 @@ def main(argv=None) -> dict:
     if args.afd:
         rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
-    items = encode_rows(rows, tokenizer, args.max_length, report)
+    items = data.encode_rows(rows, tokenizer, args.max_length, report)
     if dist.is_main:
         print(report)
         if eval_report:

@@ -19,16 +19,15 @@ or a documented choice:
   - EOS: a reply ends at the policy's EOS; the EOS token is part of the action sequence (it gets a
     log-prob, a reward and an advantage), exactly as the reward model saw EOS-terminated replies.
     A reply cut at --max-new-tokens without EOS gets --missing-eos-penalty subtracted at its last token.
-  - Pad != EOS: SmolLM2's pad token *is* its EOS. Masks are built from lengths, never from ids, so an
-    EOS is never mistaken for padding (the purpose of a distinct pad token).
+  - Pad != EOS: SmolLM2's pad token *is* its EOS; masks come from lengths, never from ids.
   - Temperature: logits are divided by --temperature both when sampling and when computing the
     log-probs PPO trains on (old, new and reference alike). --top-p defaults to 1: a nucleus would
     make the sampled policy differ from the one whose log-probs are trained.
   - Value model: a copy of the reward model's backbone with a scalar head initialised from its reward
     head (AVA: the mu row), read at the state (position t) of each transition (--no-value-from-reward: the policy's backbone, zero head).
   - GAE over response tokens with the value after the last token 0; advantages whitened over valid
-    tokens (--no-whiten-advantages); policy ratio clipped at --cliprange, value at --cliprange-value.
-  - Dropout off: every model runs in eval mode, during rollouts and updates.
+    tokens (--no-whiten-advantages); policy ratio clipped at --cliprange, value at --cliprange-value;
+    dropout off (every model in eval mode).
   - --bf16 (a CUDA GPU): bf16 autocast around the rollouts' scoring (policy, reference, value, reward
     model) and the update's forward passes; weights, gradients and AdamW stay fp32, losses are taken
     in fp32 (FSDP2: its bf16 policy instead). --frozen-bf16 holds the frozen reference and reward
@@ -232,7 +231,7 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     replies = [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
     stats = {"proxy/score": score.mean(), "proxy/reward_sum": (model_rewards.sum(1)).mean(), "kl/sum": kl.sum(1).mean(),
              "rollout/length": mask.sum(1).float().mean(), "rollout/eos_rate": finished.float().mean()}
-    if args.prompts.startswith("builtin"):
+    if sources.builtin_default(args.prompts, gold=False):
 
         stats["gold/score"] = torch.tensor(sum(map(gold.gold_score, replies)) / len(replies))
     totals: dict[str, float] = {}
@@ -293,6 +292,8 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
     reward_model.eval().requires_grad_(False)
     dense = (args.reward == "dense" or (args.reward == "auto" and isinstance(reward_model, ava.TQR))
              or (discriminator and args.adversarial_level == "token"))
+    if dist.is_main:
+        print(f"PPO optimises {reward_models.which_reward(reward_model, dense, args.pessimism, discriminator)}")
     value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).to(dist.device).eval()
     reward_model = models.freeze_for_scoring(reward_model, dist.device, args.frozen_bf16)  # after the critic took fp32 copies
     models.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
@@ -332,6 +333,8 @@ def main(argv=None) -> dict:
     if sharded and args.iterations:
         raise SystemExit("--fsdp with --iterations (ML-IRL) is not supported: its reward learning runs train_rm.py "
                          "inside each process; use DDP (drop --fsdp) or run train_rm.py and train_ppo.py in turn")
+    if args.grad_accum > 1:  # PPO's gradient step has its own size: --minibatch
+        raise SystemExit("--grad-accum: not in PPO; lower --minibatch (replies per gradient step) instead")
     if args.rollout_batch % dist.world_size or args.minibatch % dist.world_size:
         raise SystemExit(f"--rollout-batch and --minibatch must divide by the {dist.world_size} processes")
     output_dir = script.output_directory(args)
@@ -339,7 +342,7 @@ def main(argv=None) -> dict:
 
     lm, tokenizer = models.load_model(args.model, device=dist.device)
     train_prompts = sources.load_prompts(args.prompts, args.prompt_split, tokenizer, args.skip_bad_rows, args.limit)
-    eval_source = args.eval_prompts or (args.prompts.split(":gold")[0] if args.prompts.startswith("builtin") else "none")
+    eval_source = args.eval_prompts or sources.builtin_default(args.prompts, gold=False) or "none"
     eval_prompts = sources.load_prompts(eval_source, args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
     if not train_prompts:
         raise SystemExit(f"--prompts {args.prompts!r}: no prompts")

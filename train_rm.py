@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import ava
-from avalib import cli, data, distributed, evaluation, export, frozen_trunk, loop, memory_plan, metrics, models, reward_models, script, sources, viz
+from avalib import cli, data, distributed, evaluation, export, frozen_trunk, loop, metrics, models, reward_models, script, sources, viz
 from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "bt", "bt-var", "pref-trans")
@@ -38,7 +38,13 @@ class Args(cli.AVAFlags, cli.TrainFlags):
     afd: bool = arg(False, "AfD: train on (demonstration, sample of the initial policy) pairs built from demonstrations")
     data: str = arg("builtin", "training data: builtin[:tiny], a local file, or a hub dataset id")
     train_split: str = arg("train", "split of --data (builtin and hub datasets)")
-    eval_data: str = arg("", "preference pairs to evaluate on (default: builtin's dev split when --data is builtin)")
+    eval_data: str = arg("", "preference pairs to evaluate on (default with --data builtin[:SIZE]: its dev split "
+                             "labelled by the gold, builtin[:SIZE]:gold)")
+    # defaults of this script (train_direct.py and train_ppo.py keep TrainFlags'): a budget at which the
+    # built-in task's main command trains in minutes on 2 CPU cores (docs/train_rm.md, "The main command")
+    trainable_layers: int = arg(2, "top decoder layers trained, the rest frozen (-1: train everything)", low=-1)
+    batch_size: int = arg(16, "pairs (or demonstrations) per optimiser step, over all processes", low=1)
+    lr: float = arg(1e-3, "AdamW learning rate (linear decay to 0)", above=0)
     eval_split: str = arg("dev", "split of --eval-data (builtin and hub datasets)")
     output_dir: str = arg("runs/rm", "where the model, metrics and checkpoints go")
     eval_only: bool = arg(False, "only evaluate --load on --eval-data and print accuracy")
@@ -68,30 +74,6 @@ def load_training_rows(args: Args, kind: str, tokenizer):
     wants_demos = kind == "ava-d" or args.afd
     return sources.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
                             args.skip_bad_rows, args.limit or None)
-
-
-def encode_items(rows: list[dict], kind: str, tokenizer, max_length: int, report) -> list[tuple]:
-    """Encoded training items: (chosen, rejected) example pairs, or (demonstration,) for AVA-d."""
-    items = []
-    for row in rows:
-        texts = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
-        examples, cut = data.encode(tokenizer, row["prompt"], texts, max_length)
-        report.cut += cut
-        items.append(tuple(examples[:1]) if kind == "ava-d" else tuple(examples))
-    return items
-
-
-def load_eval_items(args: Args, tokenizer):
-    source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
-    if not source:
-        return [], None
-    rows, report = sources.load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
-    items = []
-    for row in rows:
-        chosen, rejected, cut = data.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], args.max_length)
-        report.cut += cut
-        items.append((chosen, rejected))
-    return items, report
 
 
 # ---- one step, one evaluation ----
@@ -136,7 +118,7 @@ def eval_only(args: Args, dist: distributed.Distributed) -> dict:
     model, tokenizer, meta = reward_models.load_reward_model(args.load, dist.device)
     if not args.eval_data:
         args.eval_data = meta.get("args", {}).get("eval_data") or ""
-    items, report = load_eval_items(args, tokenizer)
+    items, report = sources.load_eval_pairs(args, tokenizer)
     if not items:
         raise SystemExit("--eval-only needs --eval-data (a preference file or dataset)")
     margins: list[float] = []
@@ -170,10 +152,9 @@ def summary(final: dict, args: Args, output_dir: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    args = cli.parse_config(Args, argv, __doc__)
-    if args.plan:  # bytes per GPU for these flags, from a model on the meta device: no data, no weights
-        return memory_plan.print_plan(args, args.objective, "train_rm.py")
-    dist = script.begin(args)
+    args, dist = script.start(Args, argv, __doc__, "train_rm.py")
+    if dist is None:  # --plan: bytes per GPU for these flags, from a model on the meta device
+        return args.plan_printed
     if args.eval_only:
         return eval_only(args, dist)
     if args.objective not in ("ava-p", "ava-d") and args.ablate:
@@ -183,13 +164,13 @@ def main(argv=None) -> dict:
     tokenizer = models.load_tokenizer(args.model)
     kind, config = args.objective, args.ava_config()
     rows, report = load_training_rows(args, kind, tokenizer)  # bad data fails before the model loads
-    eval_items, eval_report = load_eval_items(args, tokenizer)
+    eval_items, eval_report = sources.load_eval_pairs(args, tokenizer)
     lean = distributed.lean_loading(args, dist.world_size, kind)  # FSDP2: rank 0 reads the weights, the others build on meta
     lm, _ = models.load_model(args.model, tokenizer=tokenizer, on_meta=lean and not dist.is_main)
     if args.afd:
         rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.afd_temperature,
                                 top_p=args.afd_top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
-    items = encode_items(rows, kind, tokenizer, args.max_length, report)
+    items = data.encode_rows(rows, tokenizer, args.max_length, report)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     model = reward_models.build_reward_model(lm, kind, config)
     model = model if lean else model.to(dist.device)  # lean: fully_shard puts each rank's shards on its device
@@ -234,7 +215,7 @@ def main(argv=None) -> dict:
             write_margins(Path(args.eval_margins) if args.eval_margins else output_dir / "eval_margins.json",
                           args.eval_data or args.data, margins)
         if args.visualize:  # where the reward is earned (avalib/viz.py); the builtin task adds its gold
-            source = args.eval_data or (args.data if args.data.startswith("builtin") else "")
+            source = args.eval_data or sources.builtin_default(args.data, gold=True)
             shown = sources.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
             viz.write_token_reward_views(distributed.unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
     distributed.end_distributed(dist)

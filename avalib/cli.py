@@ -98,6 +98,9 @@ class TrainFlags:
     max_length: int = arg(512, "tokens per sequence: prompts cut from the left, responses from the right", low=2,
                            why="room for a prompt token and a response token")
     batch_size: int = arg(8, "pairs (or demonstrations) per optimiser step, over all processes", low=1)
+    grad_accum: int = arg(1, "gradient accumulation: each process runs its part of a step in this many micro-batches, "
+                             "synchronising gradients only after the last, so --batch-size no longer ties to the GPU "
+                             "count and memory (a micro-batch is ceil(batch-size / processes / grad-accum) items)", low=1)
     eval_batch_size: int = arg(16, "pairs per evaluation batch, per process", low=1)
     lr: float = arg(1e-4, "AdamW learning rate (linear decay to 0)", above=0)
     weight_decay: float = arg(0.0, "AdamW weight decay", low=0)

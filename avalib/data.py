@@ -119,6 +119,20 @@ def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: 
     return chosen_example, rejected_example, cut
 
 
+def encode_rows(rows: list[dict], tokenizer, max_length: int, report=None) -> list[tuple[dict, ...]]:
+    """Rows -> encoded items, as every script trains on them: (chosen, rejected) for a pair (one shared,
+    identically cut prompt), (response,) for a demonstration. `report.cut` counts the rows that had to
+    be cut to fit max_length."""
+    items = []
+    for row in rows:
+        texts = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
+        examples, cut = encode(tokenizer, row["prompt"], texts, max_length)
+        if report is not None:
+            report.cut += cut
+        items.append(tuple(examples))
+    return items
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad examples into input_ids, attention_mask and response_mask (B, T) tensors."""
     width = max(len(e["input_ids"]) for e in examples)

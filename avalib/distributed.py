@@ -134,6 +134,27 @@ def enable_activation_checkpointing(model) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def gradient_sync(model, enabled: bool):
+    """A context in which the backward pass does (enabled) or does not all-reduce gradients across
+    processes: DDP's no_sync, FSDP2's set_requires_gradient_sync (gradients then accumulate unsharded
+    until the synchronising backward). One process: nothing to do. For gradient accumulation."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+
+        @contextlib.contextmanager
+        def unsynced():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return unsynced()
+    return contextlib.nullcontext()
+
+
 def check_fsdp_averages(mesh) -> None:
     """FSDP2 on gloo has been reported to sum gradients across ranks instead of averaging them
     (pytorch issue 162338). A one-parameter probe, sharded like the model, catches that at start-up:

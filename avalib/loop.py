@@ -62,6 +62,29 @@ def check_finite(step: str, values: dict, args, dist: distributed.Distributed | 
                      f"steps and count them (metric train/skipped_nonfinite)")
 
 
+def accumulate_gradients(model, local: list[int], loss_fn, args, dist: distributed.Distributed, step: int,
+                         batch_items: int):
+    """Forward and backward this rank's part of a global batch in --grad-accum micro-batches, the
+    gradients synchronised across processes only after the last (DDP no_sync; FSDP2
+    set_requires_gradient_sync). Each micro-batch's loss is weighted by its share of the items, so the
+    gradient is the batch's average over items, as without accumulation. Returns (loss, terms), each
+    the same weighted average of the micro-batches' values. Every process runs as many micro-batches
+    (FSDP2's forward is a collective): at most the smallest process's share of the `batch_items`."""
+    count = max(1, min(getattr(args, "grad_accum", 1), batch_items // dist.world_size))
+    parts = [local[i::count] for i in range(count)]
+    loss_sum, term_sums = 0.0, {}
+    for index, part in enumerate(parts):
+        share = len(part) / len(local)
+        with distributed.gradient_sync(model, index == len(parts) - 1), distributed.autocast_context(args, dist):
+            loss, terms = loss_fn(model, part)  # bf16 under DDP or one process (FSDP2 casts by its own policy)
+        loss = inject_nan(loss, args, step)
+        (loss * share).backward()
+        loss_sum = loss_sum + share * loss.detach()
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + share * value.detach()
+    return loss_sum, term_sums
+
+
 def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distributed, output_dir: Path, *,
                evaluate=None, desc: str = "", metric_name=lambda term: term, state: dict | None = None):
     """AdamW with linear decay to 0, gradient clipping, length-grouped batches sharded across ranks,
@@ -72,7 +95,7 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
     or a checkpoint see it, or with --skip-nonfinite is skipped and counted (`check_finite`).
 
     `args` needs: batch_size, lr, weight_decay, max_grad_norm, epochs, max_steps, seed, eval_every,
-    save_every, log_every, resume, crash_at_step, and may set the non-finite flags (skip_nonfinite,
+    save_every, log_every, resume, crash_at_step, and may set grad_accum (`accumulate_gradients`), the non-finite flags (skip_nonfinite,
     inject_nan_at_step) and the scale flags of TrainFlags (fsdp, bf16,
     activation_checkpointing, dump_grads; see `distribute`). `lengths[i]` is item i's token count (batching and
     tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP- or FSDP-wrapped) model
@@ -121,11 +144,8 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
             batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
             while batch_index < len(batches) and step < total_steps:
                 local = distributed.shard(batches[batch_index], dist)
-                with distributed.autocast_context(args, dist):  # bf16 under DDP or one process (FSDP2 casts by its own policy)
-                    loss, terms = loss_fn(model, local)
-                loss = inject_nan(loss, args, step + 1)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, terms = accumulate_gradients(model, local, loss_fn, args, dist, step + 1, len(batches[batch_index]))
                 if getattr(args, "dump_grads", ""):
                     distributed.dump_gradients(args.dump_grads, inner, dumped, dist)
                 norm = gradient_norm(trainable, args.max_grad_norm)

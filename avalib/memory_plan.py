@@ -66,7 +66,7 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
     transient all-gather / reduce-scatter buffers, activations (with and without checkpointing),
     and the full-vocabulary chunks. FSDP2 splits every parameter along dim 0 over the GPUs (padded,
     as fully_shard does); DDP and one GPU keep everything whole. Tokens per GPU: ceil(batch_size /
-    world) pairs (or demonstrations) x sequences per item x max_length, i.e. every sequence padded
+    world / grad_accum) pairs (or demonstrations: one micro-batch) x sequences per item x max_length, i.e. every sequence padded
     to --max-length (an upper bound).
 
     Activations, bytes per token (L' = decoder layers from the lowest trained one up: autograd keeps
@@ -124,7 +124,7 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
         autocast = {"off": 2 * crossed, "on": 2 * (n_trainable + largest)}  # checkpointing: cached trainable copies
     pairwise = objective in ("ava-p", "dpo", "bt", "bt-var", "pref-trans") or getattr(args, "afd", False)
     sequences = 2 if pairwise else 1
-    items = math.ceil(args.batch_size / world)
+    items = math.ceil(args.batch_size / world / max(1, getattr(args, "grad_accum", 1)))  # one micro-batch (--grad-accum)
     tokens = items * sequences * args.max_length
     h, length = config.hidden_size, args.max_length
     per_layer = activation_bytes_per_token_layer(config, precision)

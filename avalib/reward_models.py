@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+import ava
 from avalib import data, models
 
 
@@ -111,3 +112,23 @@ def token_reward_table(tokenizer, input_ids, mu, sigma, mask) -> list[tuple[str,
     for t in mask.nonzero().flatten().tolist():
         rows.append((tokenizer.decode([int(input_ids[t + 1])]), float(mu[t]), float(sigma[t])))
     return rows
+
+
+def which_reward(reward_model, dense: bool, pessimism: float, discriminator: str) -> str:
+    """What the rollouts are scored by, in words (logged once per stage). With Eq. 19 an AVA model's dense
+    reward is mu_t at every token, so PPO maximises the return sum_t mu_t: the score the model was trained
+    to rank pairs by only where its config reads E[R|y] as that return (cer_reading="return-sum"); with
+    the paper's "last", CER ranks by the last mu and the other mu_t are what TD and the prior made them."""
+    if discriminator:
+        return f"the {discriminator} discriminator's {'per-token' if dense else 'sequence'} reward"
+    penalty = f" - {pessimism} * sigma_t" if pessimism else ""
+    if isinstance(reward_model, ava.TQR):
+        reading = reward_model.config.cer_reading
+        if not dense:
+            return f"the AVA model's sequence score E[R|y] ({reading}){penalty} at the last token"
+        agrees = "the same return its CER ranked pairs by" if reading == "return-sum" else (
+            f"a return its CER did not rank pairs by (it read E[R|y] as '{reading}')")
+        return f"the dense reward mu_t{penalty} of Eq. 19 at every token: the return sum_t mu_t, {agrees}"
+    kind = getattr(reward_model, "kind", "reward model")
+    return (f"the {kind} model's per-token reward at every token" if dense
+            else f"the {kind} model's sequence score at the last token")

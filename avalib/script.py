@@ -1,8 +1,7 @@
 """What every script's main() shares: the preamble, and one-line errors instead of tracebacks.
 
-    args = cli.parse_config(Args, argv, __doc__)
-    if args.plan: return memory_plan.print_plan(args, objective, "train_x.py")   # no data, no weights
-    dist = script.begin(args)            # process group (torchrun), device checks, CPU threads
+    args, dist = script.start(Args, argv, __doc__, "train_x.py")   # flags checked; process group, device, threads
+    if dist is None: return args.plan_printed                       # --plan: printed, no data, no weights
     ... the script's own flag checks, --eval-only ...
     output_dir = script.output_directory(args)   # seed, a writable OUTPUT_DIR, --resume's checkpoint, model flags
 """
@@ -15,7 +14,18 @@ from pathlib import Path
 
 import torch
 
-from avalib import checkpoint, data, distributed, models
+from avalib import checkpoint, cli, data, distributed, memory_plan, models
+
+
+def start(cls, argv, description: str, name: str):
+    """A script's first line: parse and check its flags (cli.parse_config), then either --plan (print the
+    memory plan of its objective, loading no data and no weights: returns (args, None), the plan in
+    args.plan_printed) or `begin`: (args, dist)."""
+    args = cli.parse_config(cls, argv, description)
+    if args.plan:
+        args.plan_printed = memory_plan.print_plan(args, args.objective, name)
+        return args, None
+    return args, begin(args)
 
 
 def begin(args) -> distributed.Distributed:

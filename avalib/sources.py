@@ -57,6 +57,25 @@ def parse_source(spec: str) -> Source:
     return Source("hub", base if base and subset else spec, subset if base else "")
 
 
+def builtin_default(spec: str, gold: bool) -> str:
+    """What a script evaluates on by default when its data is the built-in task: the same size, with the
+    gold labels (gold=True: "builtin:SIZE:gold") or as prompts ("builtin:SIZE"); "" for other data."""
+    if not (spec == "builtin" or spec.startswith("builtin:")):
+        return ""
+    source = parse_source(spec)
+    return f"builtin:{source.location}" + (":gold" if gold else "")
+
+
+def load_eval_pairs(args, tokenizer) -> tuple[list[tuple[dict, dict]], LoadReport | None]:
+    """The evaluation pairs of a script's args (eval_data, or the built-in task's gold-labelled size of
+    its data; eval_split, eval_limit, skip_bad_rows, max_length), encoded: ([(chosen, rejected)], report)."""
+    source = args.eval_data or builtin_default(args.data, gold=True)
+    if not source:
+        return [], None
+    rows, report = load_rows(source, "pairs", args.eval_split, tokenizer, args.skip_bad_rows, args.eval_limit or None)
+    return data.encode_rows(rows, tokenizer, args.max_length, report), report
+
+
 def split_files(directory: Path, split: str) -> list[Path]:
     """A dataset directory's files for `split`, as the hub lays them out: SPLIT.EXT, SPLIT-*.EXT or
     SPLIT_*.EXT, directly in it or in its data/ folder. None is a DataError listing what is there."""

@@ -10,7 +10,7 @@ Two versions, each reproducible under its own sizes ("builtin:SIZE" as a --data 
      embedded SmolLM2-135M-Instruct (<= 32 tokens), sampled in turn under a cheerful, a grumpy and the
      default system instruction (task_prompts.STEERING; the reward model sees the plain request), and
      every two replies of a request form a pair (15 per request). Splits 7/1/2 by a hash of the
-     request: about 4,600 / 640 / 1,170 train / dev / test pairs. The sequence gold is the SUM of the
+     request (sizes: bench/results/task.md). The sequence gold is the SUM of the
      per-word valences, i.e. exactly the sum of the token gold (gold.gold_sum), the target of Eq. 19's
      dense reward. Labels: Bradley-Terry on the gold difference at temperature 1.0 (sum units).
   v1 ("v1", "v1-tiny"): 4 replies (<= 48 tokens) per request without steering, paired off (0, 1),

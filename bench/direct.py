@@ -1,6 +1,6 @@
 """The AVA paper's Tables 4 and 5 at CPU scale: direct optimisation, judged by win rate.
 
-SmolLM2-135M-Instruct on the built-in task (task.py), judged by its gold judge (VADER sentiment of
+SmolLM2-135M-Instruct on the built-in task v1 (builtin:v1, avalib/task.py), judged by its gold judge (VADER sentiment of
 the reply). Every row trains the policy with train_direct.py under one budget (CONFIG: the same
 optimiser steps, batch, learning rate and trainable layers: one pass over the first 352 training
 pairs or demonstrations, 44 steps of 8, so the whole benchmark fits in about an hour on 2 CPU
@@ -29,13 +29,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from avalib import evaluation, gold, models, sources  # noqa: E402
+from avalib import data, evaluation, gold, models, sources  # noqa: E402
 from bench import runner  # noqa: E402
 from bench.runner import slug  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "direct"
 CONFIG = {"trainable-layers": 2, "max-length": 128, "batch-size": 8, "lr": 5e-5, "max-steps": 44, "limit": 352, "epochs": 1,
-          "eval-prompts": "builtin", "prompt-split": "test", "samples-per-prompt": 8, "judge": "gold", "opponent": "initial"}
+          "data": "builtin:v1", "eval-prompts": "builtin:v1", "prompt-split": "test", "samples-per-prompt": 8, "judge": "gold", "opponent": "initial"}
 ROWS = {  # name: (train_direct.py arguments, table)
     "AVA-p": ({"objective": "ava-p"}, "preferences"),
     "DPO": ({"objective": "dpo"}, "preferences"),
@@ -101,8 +101,8 @@ def step_time(repeats: int = 10) -> dict:
     import train_direct
 
     lm, tokenizer = models.load_model("smollm2")
-    rows, report = sources.load_rows("builtin", "pairs", "train", tokenizer)
-    items = train_direct.encode_rows(rows[:8], tokenizer, CONFIG["max-length"], report)
+    rows, report = sources.load_rows("builtin:v1", "pairs", "train", tokenizer)
+    items = data.encode_rows(rows[:8], tokenizer, CONFIG["max-length"], report)
     pad = tokenizer.pad_token_id
     references = train_direct.reference_logprobs(lm, items, pad, batch_size=8)
     models.freeze_layers(lm, CONFIG["trainable-layers"])

@@ -1,6 +1,6 @@
 """The AVA paper's Table 3 at CPU scale: PPO with AVA-p's dense rewards vs PPO with Bradley-Terry vs SFT.
 
-SmolLM2-135M-Instruct on the built-in task (task.py), gold judge. The reward models are Table 1's
+SmolLM2-135M-Instruct on the built-in task v1 (builtin:v1, avalib/task.py), gold judge. The reward models are Table 1's
 built-in rows (bench/table1.py --task builtin: AVA-p and BT, main configuration, seed 0; trained
 first if missing). Every PPO row has one budget (CONFIG). After training, 8 replies to each held-out
 test prompt (top-p 0.95, as bench/direct.py samples), judged against the initial model and, head to
@@ -26,7 +26,7 @@ from bench import direct, runner, table1  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ppo"
 CONFIG = {"trainable-layers": 4, "updates": 20, "rollout-batch": 16, "minibatch": 8, "ppo-epochs": 1, "lr": 1e-5,
-          "kl-coef": 0.05, "max-new-tokens": 48, "eval-prompts": "builtin", "eval-split": "test", "samples-per-prompt": 8,
+          "kl-coef": 0.05, "max-new-tokens": 48, "prompts": "builtin:v1", "eval-prompts": "builtin:v1", "eval-split": "test", "samples-per-prompt": 8,
           "judge": "gold"}
 ROWS = {  # name: (reward model row of Table 1 (builtin), extra train_ppo.py flags)
     "PPO w/ AVA-p (dense)": ("AVA-p", {}),

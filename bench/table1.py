@@ -78,8 +78,8 @@ TASKS = ("harmless", "helpful", "builtin")
 
 def run_arguments(task: str, row: str, seed: int) -> list[str]:
     extra, config, _ = ALL[row]
-    if task == "builtin":
-        data = ["--data", "builtin", "--eval-data", "builtin:gold"]  # accuracy against the gold labels
+    if task == "builtin":  # task v1, on which these rows were run (task v2: bench/token_rewards.py)
+        data = ["--data", "builtin:v1", "--eval-data", "builtin:v1:gold"]  # accuracy against the gold labels
     else:
         data = ["--data", str(DATA / f"hh-rlhf-{task}" / "train.jsonl.gz"),
                 "--eval-data", str(DATA / f"hh-rlhf-{task}" / "dev.jsonl.gz"), "--skip-bad-rows"]
@@ -300,7 +300,7 @@ def markdown_rows(table: list[dict]) -> list[str]:
         accuracy = f"{100 * r['accuracy']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["accuracy_std"] is not None else "") + (
             " (TRL's own count: a mean of per-batch accuracies over the pairs it kept; to be recounted)" if r.get("counted_trl_way") else "")
         paired = paired_cell(r["paired_with_bt"])
-        lines.append(f"| {r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
+        lines.append(f"| {'builtin v1' if r['task'] == 'builtin' else r['task']} | {r['row']} | {r['config']} | {len(r['seeds'])} | {accuracy} | "
                      f"{100 * r['wilson95'][0]:.1f}-{100 * r['wilson95'][1]:.1f} | {paired} | {100 * r['ties']:.1f} | "
                      f"{'-' if r['train_margin_last_tenth'] is None else format(r['train_margin_last_tenth'], '.3f')} | "
                      f"{speed(r)} | {other} | "

@@ -32,7 +32,7 @@ from avalib import models  # noqa: E402
 from bench import runner  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "token_rewards"
-CONFIG = {"trainable-layers": 4, "max-length": 160, "batch-size": 16, "lr": 1e-4, "epochs": 3}
+CONFIG = {"trainable-layers": 2, "max-length": 160, "batch-size": 16, "lr": 1e-3, "epochs": 1}  # train_rm.py's defaults, but max-length
 ROWS = {  # name: train_rm.py arguments beyond CONFIG
     "BT": {"objective": "bt"},
     "BT-var": {"objective": "bt-var"},
@@ -56,18 +56,6 @@ def result_path(row: str, seed: int) -> Path:
     return RESULTS / f"{runner.slug(row)}-seed{seed}.json"
 
 
-def test_items(tokenizer, max_length: int):
-    """Task v2's test pairs against the gold labels, encoded as train_rm.py does, and the requests they
-    come from (for the bootstrap over requests)."""
-    import train_rm
-    from avalib import sources
-
-    rows, _ = sources.load_rows("builtin:gold", "pairs", "test", tokenizer)
-    args = train_rm.Args(eval_data="builtin:gold", eval_split="test", max_length=max_length)
-    items, _ = train_rm.load_eval_items(args, tokenizer)
-    return items, [row["prompt"] for row in rows]
-
-
 def bootstrap_over_requests(margins: list[float], requests: list[str], draws: int = 1000, seed: int = 0) -> list[float]:
     """95% interval of the accuracy (ties half) with whole requests resampled: their pairs share replies."""
     import numpy as np
@@ -84,26 +72,47 @@ def bootstrap_over_requests(margins: list[float], requests: list[str], draws: in
     return [float(np.percentile(accuracies, 2.5)), float(np.percentile(accuracies, 97.5))]
 
 
-def test_replies(tokenizer):
-    """Every test request with its replies: [(prompt, [reply, ...])]."""
+def replies_of(split: str):
+    """Every request of a split with its replies: [(prompt, [reply, ...])]."""
     from avalib import task
 
-    return [(r["prompt"], r["responses"]) for r in task.load_task("default", progress=False).records if r["split"] == "test"]
+    return [(r["prompt"], r["responses"]) for r in task.load_task("default", progress=False).records if r["split"] == split]
+
+
+def token_table(model, tokenizer, split: str, max_length: int) -> dict:
+    """token_metrics.agreement of a model's per-token readings on every reply of a split."""
+    from avalib import token_metrics, viz
+
+    return token_metrics.agreement([item for prompt, replies in replies_of(split)
+                                    for item in viz.token_readings(model, tokenizer, prompt, replies, max_length, gold=True)])
 
 
 def evaluate_model(model_dir: Path, max_length: int) -> dict:
-    """Test accuracy against the gold labels and the token table of a saved reward model."""
-    import train_rm
-    from avalib import distributed, reward_models, token_metrics, viz
+    """Test accuracy against the gold labels and the token table of a saved reward model. Each test reply
+    is read once (viz.token_readings: its score and its per-token rewards); a pair's margin is the
+    difference of its two replies' scores (the 1,170 test pairs share 468 replies)."""
+    from avalib import evaluation, reward_models, sources, token_metrics, viz
 
     model, tokenizer, _ = reward_models.load_reward_model(model_dir)
-    items, requests = test_items(tokenizer, max_length)
-    margins: list[float] = []
-    accuracy = train_rm.evaluate(model, items, 32, tokenizer.pad_token_id, distributed.Distributed(), margins)
-    readings = [item for prompt, replies in test_replies(tokenizer)
-                for item in viz.token_readings(model, tokenizer, prompt, replies, max_length, gold=True)]
-    return {"test": {**accuracy, "accuracy_bootstrap_requests95": bootstrap_over_requests(margins, requests)},
-            "test_margins": margins, "tokens": token_metrics.agreement(readings)}
+    readings, score = [], {}
+    for prompt, replies in replies_of("test"):
+        for reply, item in zip(replies, viz.token_readings(model, tokenizer, prompt, replies, max_length, gold=True)):
+            readings.append(item)
+            score[prompt, reply] = item["score"]
+    pairs, _ = sources.load_rows("builtin:gold", "pairs", "test", tokenizer)
+    margins = [score[p["prompt"], p["chosen"]] - score[p["prompt"], p["rejected"]] for p in pairs]
+    accuracy = evaluation.pairwise_accuracy(margins)
+    result = {"test": {**accuracy, "accuracy_bootstrap_requests95": bootstrap_over_requests(margins, [p["prompt"] for p in pairs])},
+              "test_margins": margins, "tokens": token_metrics.agreement(readings)}
+    if readings and readings[0]["deltas"] is not None:  # AVA: how much of mu_t is the TD error delta_t (Eq. 14)
+        import numpy as np
+
+        pairs_md = [(m, d) for item in readings for m, d in zip(item["rewards"], item["deltas"]) if d is not None]
+        mu, delta = np.array(pairs_md).T
+        result["mu_vs_td_error_pearson"] = float(np.corrcoef(mu, delta)[0, 1])
+        result["td_error_vs_gold"] = token_metrics.agreement([dict(item, rewards=[0.0 if d is None else d for d in item["deltas"]])
+                                                              for item in readings], bootstrap=0)["pearson"]
+    return result
 
 
 def dev_curve(output_dir: Path) -> list[dict]:
@@ -215,7 +224,7 @@ def cell(value, interval=None, percent=False) -> str:
 
 def report() -> None:
     table = [s for s in (summarise(row) for row in [*ROWS, *REFERENCES]) if s]
-    lines = ["| model | seeds | test accuracy, gold labels % (Wilson 95%) | dev accuracy by epoch % | token Pearson | "
+    lines = ["| model | seed | test accuracy, gold labels % (Wilson 95%) | dev accuracy by epoch % | token Pearson | "
              "Pearson, gold-bearing tokens | AUC +/- tokens | returns-to-go Pearson | per-word Pearson |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in table:
@@ -233,10 +242,17 @@ def report() -> None:
              f"{tested['tokens']['nonzero_tokens']} carrying a word valence). Intervals: Wilson for accuracy, "
              "bootstrap over replies for token metrics (95%)." if tested else "",
              "Regenerate: `python bench/token_rewards.py --report`; each row's command is in its result file."]
+    notes += [f"{s['row']} seed {r['seed']}: Pearson of mu_t with its TD error delta_t (Eq. 14, which with Eq. 12 is "
+              f"alpha * (pi_t(y_t+1) - pi_t+1(y_t+2)) + O(1/V)) {r['mu_vs_td_error_pearson']:+.2f}; of delta_t with the gold "
+              f"{r['td_error_vs_gold']:+.2f}." for s in table for r in s["runs"] if "mu_vs_td_error_pearson" in r]
     text = "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n"
     (ROOT / "bench" / "results" / "token_rewards.md").write_text(text)
     (ROOT / "bench" / "results" / "token_rewards.json").write_text(
         json.dumps([{k: v for k, v in s.items() if k != "runs"} for s in table], indent=1))
+    runner.update_page("docs/train_rm.md", text, "token_rewards", heading_level=4)
+    runner.update_page("README.md", runner.glance(lines, ["model", "seed", "test accuracy, gold labels % (Wilson 95%)",
+                                                         "token Pearson", "per-word Pearson"]), "token_rewards-glance",
+                       script="token_rewards")
     print(text)
 
 

@@ -42,6 +42,9 @@ def test_plan_of_llama_2_7b_divides_by_world_size_under_fsdp_and_replicates_unde
     on, off = fsdp["checkpointing_on"], fsdp["checkpointing_off"]
     assert on["activations"] < off["activations"] / 5 and on["max_items_per_gpu"] > off["max_items_per_gpu"]
     assert off["activations"] > 32 * 4096 * fsdp["tokens_per_gpu"]  # every layer keeps far more than its input
+    accumulated = memory_plan.memory_plan(plan_args(**base, fsdp=True, plan_world_size=8, grad_accum=2), "dpo")
+    assert accumulated["tokens_per_gpu"] == fsdp["tokens_per_gpu"] // 2  # --grad-accum: one micro-batch's activations
+    assert accumulated["bytes"] == fsdp["bytes"]
 
 
 def test_plan_counts_what_fully_shard_puts_on_each_rank():
@@ -257,7 +260,38 @@ CASES = {  # script, flags
                                                        "--activation-checkpointing", "--eval-prompts", "none"]),
     "direct-ava-p-lora": ("train_direct.py", ["--objective", "ava-p", "--lora-r", "4", "--lr", "1e-2",
                                               "--trainable-layers", "-1", "--eval-prompts", "none"]),
+    # gradient accumulation: no gradient sync until the last micro-batch (the 1-process reference runs
+    # the same micro-batches; test_gradient_accumulation_equals_the_larger_batch ties it to no accumulation)
+    "rm-ava-p-accum": ("train_rm.py", ["--objective", "ava-p", "--trainable-layers", "-1", "--grad-accum", "2"]),
+    "direct-dpo-accum": ("train_direct.py", ["--objective", "dpo", "--trainable-layers", "1", "--eval-prompts", "none",
+                                             "--grad-accum", "2"]),
 }
+
+
+@pytest.mark.parametrize("script,flags", [("train_rm.py", ["--objective", "ava-p", "--trainable-layers", "-1"]),
+                                          ("train_rm.py", ["--objective", "bt", "--trainable-layers", "-1"]),
+                                          ("train_direct.py", ["--objective", "dpo", "--trainable-layers", "1",
+                                                               "--eval-prompts", "none"])])
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir, script, flags, monkeypatch):
+    """--grad-accum 2 (and 4: one item a micro-batch) gives every step the gradient of the whole batch."""
+    import importlib
+
+    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
+    main = importlib.import_module(script[:-3]).main
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", equal_length_pairs())
+    base = ["--model", tiny_model_dir, "--data", pairs, "--max-length", "64", "--batch-size", "4", "--lr", "1e-3",
+            "--max-steps", "2", "--save-every", "0", *flags]
+    grads = {}
+    for accumulation in (1, 2, 4):
+        dump = tmp_path / f"grads-{accumulation}.pt"
+        main([*base, "--grad-accum", str(accumulation), "--dump-grads", str(dump), "--output-dir", str(tmp_path / f"run-{accumulation}")])
+        grads[accumulation] = torch.load(dump)
+    for accumulation in (2, 4):
+        for step, (a, b) in enumerate(zip(grads[1], grads[accumulation])):
+            assert a.keys() == b.keys() and a, step
+            for name in a:
+                scale = a[name].abs().max().clamp(min=1e-8)
+                assert float((a[name] - b[name]).abs().max() / scale) < 1e-4, (accumulation, step, name)
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_dpo_starts_at_log_2_because_its_reference_is_the_initial_policy(tiny_mo
     lm, tokenizer = models.load_model(tiny_model_dir)
     rows = [{"prompt": p["chosen"][:p["chosen"].rindex("Assistant:") + 10], "chosen": " yes", "rejected": " no"} for p in hh_rows(4)]
     report = sources.LoadReport("test")
-    items = train_direct.encode_rows(rows, tokenizer, 64, report)
+    items = data.encode_rows(rows, tokenizer, 64, report)
     references = train_direct.reference_logprobs(lm, items, tokenizer.pad_token_id, batch_size=3)  # 2 batches
     args = train_direct.Args(objective="dpo")
     loss, terms = train_direct.compute_loss(models.Policy(lm), items, references, args, ava.AVAConfig(), tokenizer.pad_token_id)
@@ -90,7 +90,7 @@ def test_reference_batches_by_length_but_returns_rows_in_data_order(tiny_model_d
     lm, tokenizer = models.load_model(tiny_model_dir)
     rows = [{"prompt": "Human: " + "hi " * (1 + 7 * (i % 3)) + "\n\nAssistant:", "chosen": " yes" * (1 + i), "rejected": " no"}
             for i in range(5)]
-    items = train_direct.encode_rows(rows, tokenizer, 64, sources.LoadReport("test"))
+    items = data.encode_rows(rows, tokenizer, 64, sources.LoadReport("test"))
     assert len({max(len(e["input_ids"]) for e in item) for item in items}) == 5  # so sorting reorders them
     one_by_one = torch.cat([train_direct.reference_logprobs(lm, [item], tokenizer.pad_token_id, batch_size=1) for item in items])
     batched = train_direct.reference_logprobs(lm, items, tokenizer.pad_token_id, batch_size=2)

@@ -234,3 +234,30 @@ def test_default_data_is_the_builtin_task(tmp_path, tiny_model_dir):
     gold, _ = run(tmp_path, "--model", tiny_model_dir, "--data", "builtin:tiny", "--eval-data", "builtin:tiny:gold",
                   "--max-steps", "1", name="gold")
     assert gold["eval/pairs"] == len(built.pairs("dev", noise_free=True))
+
+
+def test_a_builtin_source_defaults_to_its_own_size_with_gold_labels():
+    """One rule for every script's default evaluation data (avalib/sources.py: builtin_default)."""
+    assert sources.builtin_default("builtin", gold=True) == "builtin:default:gold"
+    assert sources.builtin_default("builtin:tiny", gold=True) == "builtin:tiny:gold"
+    assert sources.builtin_default("builtin:v1-tiny:gold", gold=False) == "builtin:v1-tiny"
+    assert sources.builtin_default("pairs.jsonl", gold=True) == ""
+    assert train_rm.Args().frozen_trunk_cache and train_rm.Args().trainable_layers == 2
+
+
+def test_the_run_ends_with_a_sentence_naming_accuracy_interval_and_where_the_model_went(tmp_path, tiny_model_dir,
+                                                                                     pairs_file, capsys):
+    final, out = run(tmp_path, "--model", tiny_model_dir, "--data", pairs_file, "--eval-data", pairs_file,
+                     "--objective", "bt", "--max-steps", "1")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    low, high = final["eval/accuracy_wilson95"]
+    assert last.startswith(f"bt: accuracy {100 * final['eval/accuracy']:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f}%)")
+    assert f"model saved to {out / 'model'}" in last
+
+
+def test_demo_runs_on_any_source(tmp_path, tiny_model_dir, pairs_file, capsys):
+    import demo
+
+    demo.main(["--model", tiny_model_dir, "--data", pairs_file, "--pairs", "4", "--steps", "1", "--trainable-layers", "1"])
+    out = capsys.readouterr().out
+    assert "An unseen pair" in out and "E[R|y]" in out and "mu " in out
