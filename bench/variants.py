@@ -40,8 +40,10 @@ def run(preset: str) -> dict:
         return json.loads(path.read_text())
     output_dir = models.cache_dir() / "bench-runs" / "variants" / f"{preset}-{key}"
     if not (output_dir / "final.json").is_file():
-        measured = runner.run_measured([sys.executable, str(ROOT / "train_rm.py"), *args, "--output-dir", str(output_dir),
-                                        "--save-every", "50"])
+        command = [sys.executable, str(ROOT / "train_rm.py"), *args, "--output-dir", str(output_dir), "--save-every", "50"]
+        if (output_dir / "checkpoint.pt").is_file():  # a run cut short (a session's end): continue it
+            command.append("--resume")
+        measured = runner.run_measured(command)
         (output_dir / "measured.json").write_text(json.dumps(measured))
     from avalib import reward_models
 
