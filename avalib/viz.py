@@ -17,7 +17,8 @@ from avalib.gold import gold_token_rewards
 
 
 READING_LABELS = {"ava": "mu_t (Eq. 19)", "pref-trans": "r_t (Pref-Trans)",
-                  "bt": "BT head at each prefix", "bt-var": "BT head at each prefix"}
+                  "bt": "BT head at each prefix", "bt-var": "BT head at each prefix",
+                  "dpo": "beta log pi/pi_ref (DPO)"}
 
 
 @torch.no_grad()
@@ -49,9 +50,38 @@ def token_readings(model, tokenizer, prompt: str, responses: list[str], max_leng
     else:
         kind, rewards, sigmas, deltas, score = model.kind, out.rewards, None, None, out.score
         weights = None if out.weights is None else out.weights * out.mask.sum(dim=1, keepdim=True)  # sum 1 -> mean 1
+    return _reply_items(tokenizer, responses, examples, out.mask, gold, kind=kind, score=score, rewards=rewards,
+                        sigmas=sigmas, weights=weights, deltas=deltas, td_mask=None if deltas is None else td_mask)
+
+
+@torch.no_grad()
+def implicit_token_readings(policy, reference, tokenizer, prompt: str, responses: list[str], beta: float,
+                            max_length: int = 512, gold: bool = False) -> list[dict]:
+    """DPO's implicit reward token by token: r_t = beta * (log pi(y_t) - log pi_ref(y_t)). A DPO policy is a
+    token-level soft-Q function (Rafailov et al. 2024, "From r to Q*"), and these are its per-token rewards
+    (up to a potential-based shaping); "score" is their sum over the response, EOS included: DPO's implicit
+    sequence reward. The same items and alignment as `token_readings` (no sigmas, weights or deltas)."""
+    import ava
+
+    examples, _ = data.encode(tokenizer, prompt, responses, max_length)
+    batch = data.collate(examples, tokenizer.pad_token_id)
+    modes = policy.training, reference.training
+    policy.eval(), reference.eval()
+    try:
+        rewards = beta * (ava.token_logprobs(policy, **batch) - ava.token_logprobs(reference, **batch))  # (B, T-1)
+    finally:
+        policy.train(modes[0]), reference.train(modes[1])
+    return _reply_items(tokenizer, responses, examples, batch["response_mask"][:, 1:], gold, kind="dpo",
+                        score=rewards.sum(dim=1), rewards=rewards)
+
+
+def _reply_items(tokenizer, responses, examples, mask, gold, *, kind, score, rewards, sigmas=None, weights=None,
+                 deltas=None, td_mask=None) -> list[dict]:
+    """One item per response: its values at its response transitions (mask: (B, T-1)), checked to be the
+    response tokenised alone (EOS last unless cut), with the gold on that grid when asked."""
     readings = []
     for row, (response, example) in enumerate(zip(responses, examples)):
-        positions = out.mask[row].nonzero().flatten().tolist()
+        positions = mask[row].nonzero().flatten().tolist()
         ids = example["input_ids"][example["prompt_length"]:]
         text_ids = tokenizer(response, add_special_tokens=False).input_ids
         eos = len(ids) == len(text_ids) + 1  # encode appends EOS; a cut response loses it
@@ -64,9 +94,8 @@ def token_readings(model, tokenizer, prompt: str, responses: list[str], max_leng
 
         item = {"kind": kind, "label": READING_LABELS[kind], "score": float(score[row]), "eos": eos,
                 "tokens": [tokenizer.decode([i]) for i in ids], "rewards": pick(rewards), "sigmas": pick(sigmas),
-                "weights": pick(weights), "deltas": pick(deltas, None if deltas is None else td_mask)}
+                "weights": pick(weights), "deltas": pick(deltas, td_mask)}
         if gold:
-
             item["gold"] = gold_token_rewards(response, tokenizer)[:n_text] + [None] * eos
         readings.append(item)
     return readings

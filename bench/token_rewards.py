@@ -43,14 +43,23 @@ ROWS = {  # name: train_rm.py arguments beyond CONFIG
     # our AVA-p variants (avalib/cli.py PRESETS; ava.py's docstring says what each changes and why)
     **{f"AVA-p {name}": {"objective": "ava-p", "preset": name} for name in
        ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights")},
+    # a DPO policy (train_direct.py); its implicit per-token reward beta * log pi/pi_ref is a token-level
+    # soft-Q reading (Rafailov et al. 2024, "From r to Q*"); lr: train_direct.py's default for a policy
+    "DPO": {"script": "train_direct.py", "objective": "dpo", "lr": 1e-4, "dpo-beta": 0.1},
 }
 REFERENCES = ("probe",)
 
 
 def run_arguments(row: str, seed: int, epochs: int) -> list[str]:
     flags = {**CONFIG, "epochs": epochs, **ROWS[row], "seed": seed}
-    return ["--data", "builtin", "--eval-data", "builtin:gold", "--eval-split", "dev", "--no-export-hf"] + [
+    flags.pop("script", None)
+    own = ["--eval-prompts", "none"] if script_of(row) == "train_direct.py" else ["--no-export-hf"]
+    return ["--data", "builtin", "--eval-data", "builtin:gold", "--eval-split", "dev", *own] + [
         item for k, v in flags.items() for item in (f"--{k}", str(v))]
+
+
+def script_of(row: str) -> str:
+    return ROWS[row].get("script", "train_rm.py")
 
 
 def result_path(row: str, seed: int) -> Path:
@@ -92,19 +101,11 @@ def evaluate_model(model_dir: Path, max_length: int) -> dict:
     """Test accuracy against the gold labels and the token table of a saved reward model. Each test reply
     is read once (viz.token_readings: its score and its per-token rewards); a pair's margin is the
     difference of its two replies' scores (the 1,170 test pairs share 468 replies)."""
-    from avalib import evaluation, reward_models, sources, token_metrics, viz
+    from avalib import reward_models, token_metrics, viz
 
     model, tokenizer, _ = reward_models.load_reward_model(model_dir)
-    readings, score = [], {}
-    for prompt, replies in replies_of("test"):
-        for reply, item in zip(replies, viz.token_readings(model, tokenizer, prompt, replies, max_length, gold=True)):
-            readings.append(item)
-            score[prompt, reply] = item["score"]
-    pairs, _ = sources.load_rows("builtin:gold", "pairs", "test", tokenizer)
-    margins = [score[p["prompt"], p["chosen"]] - score[p["prompt"], p["rejected"]] for p in pairs]
-    accuracy = evaluation.pairwise_accuracy(margins)
-    result = {"test": {**accuracy, "accuracy_bootstrap_requests95": bootstrap_over_requests(margins, [p["prompt"] for p in pairs])},
-              "test_margins": margins, "tokens": token_metrics.agreement(readings)}
+    result = test_scores(lambda prompt, replies: viz.token_readings(model, tokenizer, prompt, replies, max_length, gold=True), tokenizer)
+    readings = result.pop("readings")
     if readings and readings[0]["deltas"] is not None:  # AVA: how much of mu_t is the TD error delta_t (Eq. 14)
         import numpy as np
 
@@ -113,6 +114,36 @@ def evaluate_model(model_dir: Path, max_length: int) -> dict:
         result["mu_vs_td_error_pearson"] = float(np.corrcoef(mu, delta)[0, 1])
         result["td_error_vs_gold"] = token_metrics.agreement([dict(item, rewards=[0.0 if d is None else d for d in item["deltas"]])
                                                               for item in readings], bootstrap=0)["pearson"]
+    return result
+
+
+def test_scores(readings_of, tokenizer) -> dict:
+    """Test accuracy against the gold labels from per-reply readings: readings_of(prompt, replies) -> items
+    with "score" (the sequence reward) and token readings; a pair's margin is its replies' score difference."""
+    from avalib import evaluation, sources, token_metrics
+
+    readings, score = [], {}
+    for prompt, replies in replies_of("test"):
+        for reply, item in zip(replies, readings_of(prompt, replies)):
+            readings.append(item)
+            score[prompt, reply] = item["score"]
+    pairs, _ = sources.load_rows("builtin:gold", "pairs", "test", tokenizer)
+    margins = [score[p["prompt"], p["chosen"]] - score[p["prompt"], p["rejected"]] for p in pairs]
+    accuracy = evaluation.pairwise_accuracy(margins)
+    return {"test": {**accuracy, "accuracy_bootstrap_requests95": bootstrap_over_requests(margins, [p["prompt"] for p in pairs])},
+            "test_margins": margins, "tokens": token_metrics.agreement(readings), "readings": readings}
+
+
+def evaluate_dpo(policy_dir: Path, beta: float, max_length: int) -> dict:
+    """DPO's implicit reward token by token (viz.implicit_token_readings: beta * log pi/pi_ref, the initial
+    SmolLM2 as pi_ref), a reply's score their sum (DPO's implicit sequence reward)."""
+    from avalib import viz
+
+    policy, tokenizer = models.load_model(str(policy_dir))
+    reference, _ = models.load_model("smollm2", tokenizer=tokenizer)
+    result = test_scores(lambda prompt, replies: viz.implicit_token_readings(
+        policy, reference, tokenizer, prompt, replies, beta, max_length, gold=True), tokenizer)
+    result.pop("readings")
     return result
 
 
@@ -136,7 +167,7 @@ def run_row(row: str, seed: int, epochs: int) -> dict:
 
         pairs = len(task.load_task("default", progress=False).pairs("train"))
         steps_per_epoch = -(-pairs // CONFIG["batch-size"])
-        command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, "--output-dir", str(output_dir),
+        command = [sys.executable, str(ROOT / script_of(row)), *arguments, "--output-dir", str(output_dir),
                    "--eval-every", str(steps_per_epoch), "--save-every", "50"]
         if (output_dir / "checkpoint.pt").is_file():
             command.append("--resume")
@@ -144,10 +175,12 @@ def run_row(row: str, seed: int, epochs: int) -> dict:
         (output_dir / "measured.json").write_text(json.dumps(measured))
     final = json.loads((output_dir / "final.json").read_text())
     measured = json.loads((output_dir / "measured.json").read_text())
-    result = {"row": row, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(arguments),
-              **measured, "steps": final["steps"], "train_tokens_per_second": final["train_tokens_per_second"],
+    evaluated = (evaluate_dpo(output_dir / "policy", ROWS[row]["dpo-beta"], CONFIG["max-length"]) if ROWS[row]["objective"] == "dpo"
+                 else evaluate_model(output_dir / "model", CONFIG["max-length"]))
+    result = {"row": row, "seed": seed, "key": key, "command": f"python {script_of(row)} " + " ".join(arguments),
+              **measured, "steps": final["steps"], "train_tokens_per_second": final.get("train_tokens_per_second"),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")}, "dev_curve": dev_curve(output_dir),
-              **evaluate_model(output_dir / "model", CONFIG["max-length"])}
+              **evaluated}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result

@@ -102,6 +102,30 @@ def test_token_readings_align_with_the_reply_and_its_gold(tiny_models):
     assert len(golds) == 3 and all(g > 0 for g in golds)  # lovely, happy, "not bad"
 
 
+def test_dpo_implicit_token_rewards_are_beta_log_ratios_of_the_reply_tokens(tiny_model_dir):
+    reference, tokenizer = models.load_model(tiny_model_dir)
+    policy, _ = models.load_model(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    beta = 0.3
+    readings = viz.implicit_token_readings(policy, reference, tokenizer, PROMPT, REPLIES, beta, max_length=128, gold=True)
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False).input_ids
+    for reply, item in zip(REPLIES, readings):
+        reply_ids = tokenizer(reply, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt_ids + reply_ids])
+        with torch.no_grad():  # log p of each reply token, straight from the two models' logits
+            logp = [lm(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0] for lm in (policy, reference)]
+        expected = (beta * (logp[0] - logp[1]))[len(prompt_ids) - 1:]
+        assert item["kind"] == "dpo" and item["eos"] and item["tokens"] == [tokenizer.decode([i]) for i in reply_ids]
+        assert item["rewards"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert item["score"] == pytest.approx(float(expected.sum()), abs=1e-4)  # DPO's implicit sequence reward
+        assert item["gold"] == gold.gold_token_rewards(reply, tokenizer) + [None]
+    same = viz.implicit_token_readings(reference, reference, tokenizer, PROMPT, REPLIES, beta, max_length=128)
+    assert all(r == 0 for item in same for r in item["rewards"])
+
+
 def test_token_readings_of_a_cut_reply_have_no_eos(tiny_models):
     models, tokenizer = tiny_models
     reply = " ".join(REPLIES * 8)  # ~150 tokens: cut from the right to fit 64 with the (~17-token) prompt
