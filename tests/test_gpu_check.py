@@ -66,3 +66,19 @@ def test_synthetic_pairs_fill_max_length_for_the_plan(tiny_model_dir):
     for row in gpu_check.synthetic_pairs(16, 1, False, 128):  # throughput: every pair fits uncut, as TRL keeps them
         chosen, rejected, cut = data.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], 10**6)
         assert max(len(chosen["input_ids"]), len(rejected["input_ids"])) <= 128
+
+
+@pytest.mark.slow
+def test_gpu_profile_dry_run_times_and_profiles_every_step_with_and_without_prompt_sharing(tmp_path):
+    import gpu_profile
+
+    result = gpu_profile.main(["--dry-run", "--out", str(tmp_path)])
+    assert [(r["kind"], r["share_prompts"]) for r in result["rows"]] == [
+        (kind, share) for kind in ("bt", "ava-p", "dpo") for share in (True, False)]
+    for row in result["rows"]:
+        assert row["tokens_per_second"] > 0 and row["timed_steps"] >= 1 and row["top_self_cpu_ms"], row["kind"]
+    by = {(r["kind"], r["share_prompts"]): r for r in result["rows"]}
+    # prompt sharing runs a prompt, then its replies, per group: more, smaller matmuls (what a GPU pays for per launch)
+    for kind in ("bt", "ava-p", "dpo"):
+        assert by[kind, True]["matmul_calls_per_epoch"] > by[kind, False]["matmul_calls_per_epoch"], kind
+    assert "DRY RUN" in (tmp_path / "gpu_profile.md").read_text()
