@@ -71,6 +71,8 @@ TUNING = {  # AVA-p's hyper-parameters and SPEC.md's flagged variants, chosen on
     "AVA-p lam=0.1": ({"objective": "ava-p", "lam": 0.1}, ABLATION, 1),  # the TD density takes most of the objective
     "AVA-p negative=unlikelihood": ({"objective": "ava-p", "negative": "unlikelihood"}, ABLATION, 1),
     "AVA-p kl-td-on=chosen": ({"objective": "ava-p", "kl-td-on": "chosen"}, ABLATION, 1),
+    # our variants (avalib/cli.py PRESETS), screened on task v2 dev by bench/variants.py
+    "AVA-p return-cer": ({"objective": "ava-p", "preset": "return-cer"}, ABLATION, 1),
 }
 ALL = {**ROWS, **TUNING}
 TASKS = ("harmless", "helpful", "builtin")

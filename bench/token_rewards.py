@@ -154,13 +154,28 @@ def dev_curve(output_dir: Path) -> list[dict]:
             if "eval/accuracy" in r and not r.get("final")]
 
 
+def run_directory(row: str, seed: int, epochs: int) -> Path:
+    """Where a row's run lives (checkpoints, metrics, the model): $AVA_CACHE/bench-runs/token_rewards/."""
+    key = hashlib.sha256(json.dumps(run_arguments(row, seed, epochs)).encode()).hexdigest()[:12]
+    return models.cache_dir() / "bench-runs" / "token_rewards" / f"{result_path(row, seed).stem}-{key}"
+
+
+def committed_epochs(row: str, seed: int = 0) -> int:
+    """The epochs of a row's committed result (the notebooks load the same models), else CONFIG's."""
+    path = result_path(row, seed)
+    if not path.is_file():
+        return CONFIG["epochs"]
+    command = json.loads(path.read_text())["command"].split()
+    return int(command[command.index("--epochs") + 1])
+
+
 def run_row(row: str, seed: int, epochs: int) -> dict:
     arguments = run_arguments(row, seed, epochs)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
     path = result_path(row, seed)
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
-    output_dir = models.cache_dir() / "bench-runs" / "token_rewards" / f"{path.stem}-{key}"
+    output_dir = run_directory(row, seed, epochs)
     steps_per_epoch = None
     if not (output_dir / "final.json").is_file():
         from avalib import task
