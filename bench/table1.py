@@ -73,6 +73,7 @@ TUNING = {  # AVA-p's hyper-parameters and SPEC.md's flagged variants, chosen on
     "AVA-p kl-td-on=chosen": ({"objective": "ava-p", "kl-td-on": "chosen"}, ABLATION, 1),
     # our variants (avalib/cli.py PRESETS), screened on task v2 dev by bench/variants.py
     "AVA-p return-cer": ({"objective": "ava-p", "preset": "return-cer"}, ABLATION, 1),
+    "AVA-p mu-weights": ({"objective": "ava-p", "preset": "mu-weights"}, ABLATION, 1),
 }
 ALL = {**ROWS, **TUNING}
 TASKS = ("harmless", "helpful", "builtin")

@@ -4,9 +4,12 @@ Each row trains AVA-p with train_rm.py under one short budget (SCREEN: bench/tok
 configuration cut at --max-steps), then is scored on the dev split only (the test split is for the
 finalists, bench/token_rewards.py): accuracy against the gold labels (Wilson 95%), paired with the
 faithful AVA-p on the same pairs (exact McNemar test), and its token rewards against the gold
-(avalib/token_metrics.py, bootstrap intervals over replies). One seed: a screen, not a verdict.
+(avalib/token_metrics.py, bootstrap intervals over replies). Seed 0 screens every variant; the
+finalists (and the faithful AVA-p beside them) run seeds 1 and 2 too, each paired with the faithful
+AVA-p of the same seed.
 
     python bench/variants.py --rows "paper,return-cer,centred-td-return"   # train what is missing
+    python bench/variants.py --rows "paper,mu-weights" --seeds 1,2          # the finalists' other seeds
     python bench/variants.py --report                                     # rebuild the table only
 """
 from __future__ import annotations
@@ -26,19 +29,23 @@ RESULTS = ROOT / "bench" / "results" / "variants"
 SCREEN = {**token_rewards.CONFIG, "max-steps": 100, "objective": "ava-p", "seed": 0}
 
 
-def arguments(preset: str) -> list[str]:
-    flags = {**SCREEN, "preset": preset}
+def arguments(preset: str, seed: int = 0) -> list[str]:
+    flags = {**SCREEN, "preset": preset, "seed": seed}
     return ["--data", "builtin", "--eval-data", "builtin:gold", "--eval-split", "dev"] + [
         item for k, v in flags.items() for item in (f"--{k}", str(v))]
 
 
-def run(preset: str) -> dict:
-    args = arguments(preset)
+def result_path(preset: str, seed: int) -> Path:
+    return RESULTS / (f"{preset}.json" if seed == 0 else f"{preset}-seed{seed}.json")
+
+
+def run(preset: str, seed: int = 0) -> dict:
+    args = arguments(preset, seed)
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:12]
-    path = RESULTS / f"{preset}.json"
+    path = result_path(preset, seed)
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
-    output_dir = models.cache_dir() / "bench-runs" / "variants" / f"{preset}-{key}"
+    output_dir = models.cache_dir() / "bench-runs" / "variants" / f"{path.stem}-{key}"
     if not (output_dir / "final.json").is_file():
         command = [sys.executable, str(ROOT / "train_rm.py"), *args, "--output-dir", str(output_dir), "--save-every", "50"]
         if (output_dir / "checkpoint.pt").is_file():  # a run cut short (a session's end): continue it
@@ -49,7 +56,7 @@ def run(preset: str) -> dict:
 
     final = json.loads((output_dir / "final.json").read_text())
     model, tokenizer, _ = reward_models.load_reward_model(output_dir / "model")
-    result = {"preset": preset, "config": cli.PRESETS[preset], "key": key,
+    result = {"preset": preset, "seed": seed, "config": cli.PRESETS[preset], "key": key,
               "command": "python train_rm.py " + " ".join(args), **json.loads((output_dir / "measured.json").read_text()),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
@@ -60,7 +67,8 @@ def run(preset: str) -> dict:
 
 
 def report() -> None:
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    every = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    results = {r["preset"]: r for r in every if r.get("seed", 0) == 0}
     paper = results.get("paper")
     cell = token_rewards.cell
     lines = ["| preset | what it changes | dev accuracy % (Wilson 95%) | vs paper, paired: +/- (p) | token Pearson | "
@@ -81,22 +89,55 @@ def report() -> None:
     notes = [f"Task v2's dev split: {any_run['dev']['pairs']} pairs (gold labels), {any_run['tokens_dev']['replies']} replies; "
              f"budget: {SCREEN['max-steps']} steps of {SCREEN['batch-size']} pairs, seed 0, top {SCREEN['trainable-layers']} "
              "layers, lr " + str(SCREEN["lr"]) + ". Regenerate: `python bench/variants.py --report`." if any_run else ""]
-    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + seeds_table(every)
     (ROOT / "bench" / "results" / "variants.md").write_text(text)
     runner.update_page("docs/train_rm.md", text, "variants", heading_level=4)
     print(text)
 
 
+def seeds_table(every: list[dict]) -> str:
+    """The presets run with more than one seed: each seed's dev accuracy and token Pearson, paired with the
+    faithful AVA-p of the same seed (McNemar), and the mean over seeds."""
+    by = {}
+    for r in every:
+        by.setdefault(r["preset"], {})[r.get("seed", 0)] = r
+    several = [name for name, runs in by.items() if len(runs) > 1]
+    if not several:
+        return ""
+    lines = ["", "Seeds (the same budget; each run paired with the faithful AVA-p of its seed):", "",
+             "| preset | seeds | dev accuracy % by seed | mean | vs paper by seed: +/- (p) | token Pearson by seed | mean |",
+             "|---|---|---|---|---|---|---|"]
+    for name in sorted(several, key=lambda n: n != "paper"):
+        runs = by[name]
+        seeds = sorted(runs)
+        accuracy = [100 * runs[s]["dev"]["accuracy"] for s in seeds]
+        pearson = [runs[s]["tokens_dev"]["pearson"] for s in seeds]
+        paired = []
+        for s in seeds:
+            other = by.get("paper", {}).get(s)
+            if name == "paper" or other is None:
+                paired.append("-")
+            else:
+                m = table1.mcnemar(runs[s]["dev_margins"], other["dev_margins"])
+                paired.append(f"+{m['wins']}/-{m['losses']} ({m['p']:.2f})")
+        lines.append(f"| {name} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.1f}' for a in accuracy)} | "
+                     f"{sum(accuracy) / len(accuracy):.1f} | {'; '.join(paired)} | "
+                     f"{', '.join(f'{p:+.2f}' for p in pearson)} | {sum(pearson) / len(pearson):+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="", help=f"comma-separated presets: {', '.join(cli.PRESETS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (seed 0 is the screen)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the results")
     args = parser.parse_args()
     if not args.report:
         for preset in [r.strip() for r in args.rows.split(",") if r.strip()]:
             if preset not in cli.PRESETS:
                 raise SystemExit(f"--rows: unknown preset {preset!r}; choose from {', '.join(cli.PRESETS)}")
-            run(preset)
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                run(preset, seed)
     report()
 
 

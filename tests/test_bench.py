@@ -161,3 +161,23 @@ def test_trl_row_is_counted_pair_by_pair_on_every_dev_pair():
     assert trl_reward.trl_ids(Chars(), "abc", "de", 10) == ([ord(c) for c in "abcde$"], False)  # as TRL: + EOS
     assert trl_reward.trl_ids(Chars(), "abcdefgh", "xy", 5) == ([ord(c) for c in "ghxy$"], True)  # prompt cut left
     assert trl_reward.trl_ids(Chars(), "ab", "wxyzuv", 4) == ([ord(c) for c in "wxyz"], True)  # then response right
+
+
+def test_variant_seeds_are_each_paired_with_the_faithful_run_of_the_same_seed():
+    from bench import variants
+
+    def run(preset, seed, margins, pearson):
+        accuracy = sum(m > 0 for m in margins) / len(margins)
+        return {"preset": preset, "seed": seed, "dev": {"accuracy": accuracy}, "dev_margins": margins,
+                "tokens_dev": {"pearson": pearson}}
+
+    every = [run("paper", 0, [1.0, -1.0, -1.0, 1.0], 0.0), run("paper", 1, [-1.0, -1.0, -1.0, -1.0], -0.1),
+             run("mu-weights", 0, [1.0, 1.0, -1.0, 1.0], 0.3), run("mu-weights", 1, [1.0, 1.0, 1.0, -1.0], 0.2),
+             run("return-cer", 0, [1.0, 1.0, 1.0, 1.0], 0.1)]  # one seed only: not in the seeds table
+    lines = variants.seeds_table(every).strip().splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"preset", "paper", "mu-weights"}
+    # seed 0: one pair only mu-weights ranks right (+1/-0); seed 1: three (+3/-0) against paper's own seed 1
+    assert "+1/-0 (1.00); +3/-0 (0.25)" in rows["mu-weights"]
+    assert "| 75.0, 75.0 | 75.0 |" in rows["mu-weights"] and "+0.30, +0.20 | +0.25 |" in rows["mu-weights"]
+    assert variants.seeds_table(every[:1]) == ""
