@@ -36,7 +36,7 @@ RESULTS = ROOT / "bench" / "results" / "token_rewards"
 CONFIG = {"trainable-layers": 2, "max-length": 160, "batch-size": 16, "lr": 1e-3, "epochs": 1}
 ROWS = {  # name: train_rm.py arguments beyond CONFIG
     "BT": {"objective": "bt"},
-    "BT 4 layers, lr 3e-4": {"objective": "bt", "trainable-layers": 4, "lr": 3e-4},  # bench/budget.md's pick on dev
+    "BT 4 layers at lr 3e-4": {"objective": "bt", "trainable-layers": 4, "lr": 3e-4},  # bench/budget.md's pick on dev
     "BT-var": {"objective": "bt-var"},
     "Pref-Trans": {"objective": "pref-trans"},
     "AVA-p": {"objective": "ava-p"},

@@ -181,3 +181,13 @@ def test_variant_seeds_are_each_paired_with_the_faithful_run_of_the_same_seed():
     assert "+1/-0 (1.00); +3/-0 (0.25)" in rows["mu-weights"]
     assert "| 75.0, 75.0 | 75.0 |" in rows["mu-weights"] and "+0.30, +0.20 | +0.25 |" in rows["mu-weights"]
     assert variants.seeds_table(every[:1]) == ""
+
+
+def test_a_rows_results_include_seeds_run_beyond_its_own_count_and_no_other_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(table1, "RESULTS", tmp_path)
+    (tmp_path / "harmless").mkdir()
+    assert table1.ALL["AVA-p mu-weights"][2] == 1  # a one-seed row, run with --seeds 1,2 as well
+    for row, seed in [("AVA-p mu-weights", 0), ("AVA-p mu-weights", 2), ("AVA-p mu-weights", 1), ("BT", 0), ("BT-var", 0)]:
+        table1.result_path("harmless", row, seed).write_text(json.dumps({"row": row, "seed": seed}))
+    assert [r["seed"] for r in table1.results("harmless", "AVA-p mu-weights")] == [0, 1, 2]
+    assert [r["row"] for r in table1.results("harmless", "BT")] == ["BT"]  # not BT-var's file
