@@ -272,6 +272,47 @@ def cell(value, interval=None, percent=False) -> str:
                    if interval else "")
 
 
+PAIRED_WITH = ("BT", "AVA-p")  # every row run on several seeds is paired with these, seed by seed
+
+
+def seeds_table(table: list[dict]) -> str:
+    """The rows run on more than one seed: test accuracy by seed, mean and standard deviation, each seed
+    paired (exact McNemar on the same test pairs) with BT's and the faithful AVA-p's run of the same seed,
+    and token Pearson by seed."""
+    from bench.table1 import mcnemar
+
+    runs_of = {s["row"]: {r["seed"]: r for r in s["runs"] if "test_margins" in r} for s in table}
+    several = [s["row"] for s in table if len(runs_of[s["row"]]) > 1]
+    if not several:
+        return ""
+    lines = ["", "Seeds (the same budget; test split, gold labels; each seed paired with the same seed of "
+             + " and ".join(PAIRED_WITH) + "):", "",
+             "| model | seeds | test accuracy % by seed | mean (sd) | "
+             + " | ".join(f"vs {other} by seed: +/- (p)" for other in PAIRED_WITH) + " | token Pearson by seed | mean |",
+             "|---|---|---|---|" + "---|" * len(PAIRED_WITH) + "---|---|"]
+    for row in several:
+        runs = runs_of[row]
+        seeds = sorted(runs)
+        accuracy = [100 * runs[s]["test"]["eval/accuracy"] for s in seeds]
+        pearson = [runs[s]["tokens"]["pearson"] for s in seeds]
+        paired = []
+        for other in PAIRED_WITH:
+            cells = []
+            for seed in seeds:
+                theirs = runs_of.get(other, {}).get(seed)
+                if other == row or theirs is None:
+                    cells.append("-")
+                else:
+                    m = mcnemar(runs[seed]["test_margins"], theirs["test_margins"])
+                    cells.append(f"+{m['wins']}/-{m['losses']} ({m['p']:.2g})")
+            paired.append("; ".join(cells))
+        sd = f"{statistics.stdev(accuracy):.1f}"
+        lines.append(f"| {row} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.1f}' for a in accuracy)} | "
+                     f"{statistics.mean(accuracy):.1f} ({sd}) | {' | '.join(paired)} | "
+                     f"{', '.join(f'{p:+.2f}' for p in pearson)} | {statistics.mean(pearson):+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report() -> None:
     table = [s for s in (summarise(row) for row in [*ROWS, *REFERENCES]) if s]
     lines = ["| model | seed | test accuracy, gold labels % (Wilson 95%) | dev accuracy by epoch % | token Pearson | "
@@ -295,7 +336,7 @@ def report() -> None:
     notes += [f"{s['row']} seed {r['seed']}: Pearson of mu_t with its TD error delta_t (Eq. 14, which with Eq. 12 is "
               f"alpha * (pi_t(y_t+1) - pi_t+1(y_t+2)) + O(1/V)) {r['mu_vs_td_error_pearson']:+.2f}; of delta_t with the gold "
               f"{r['td_error_vs_gold']:+.2f}." for s in table for r in s["runs"] if "mu_vs_td_error_pearson" in r]
-    text = "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n" + seeds_table(table)
     (ROOT / "bench" / "results" / "token_rewards.md").write_text(text)
     (ROOT / "bench" / "results" / "token_rewards.json").write_text(
         json.dumps([{k: v for k, v in s.items() if k != "runs"} for s in table], indent=1))

@@ -1,4 +1,4 @@
-"""Screening our AVA-p variants (avalib/cli.py PRESETS) against the faithful AVA-p, on task v2's dev split.
+"""Screening our AVA-p variants (avalib/cli.py PRESETS, and EXTRA below) against the faithful AVA-p, on task v2's dev split.
 
 Each row trains AVA-p with train_rm.py under one short budget (SCREEN: bench/token_rewards.py's
 configuration cut at --max-steps), then is scored on the dev split only (the test split is for the
@@ -10,6 +10,7 @@ AVA-p of the same seed.
 
     python bench/variants.py --rows "paper,return-cer,centred-td-return"   # train what is missing
     python bench/variants.py --rows "paper,mu-weights" --seeds 1,2          # the finalists' other seeds
+    python bench/variants.py --rows "wo-neg-paper,wo-eq12,scaled-alpha10"  # the EXTRA rows
     python bench/variants.py --report                                     # rebuild the table only
 """
 from __future__ import annotations
@@ -27,10 +28,39 @@ from bench import runner, table1, token_rewards  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "variants"
 SCREEN = {**token_rewards.CONFIG, "max-steps": 100, "objective": "ava-p", "seed": 0}
+# rows beyond the presets, screened the same way (train_rm.py flags): the paper's own reading of w/o neg
+# (AVA-d on y+ plus CER), a w/o ptq control that keeps the pretrained head but not Eq. 12's map, and alpha
+# and beta raised together with the prior widened to the TD error's spread (delta_t ~ alpha * (pi_t -
+# pi_t+1), standard deviation ~0.45 at alpha = 1, so ~4.5 at alpha = 10)
+EXTRA = {
+    "wo-neg-paper": {"ablate": "w/o neg (AVA-d + CER)"},
+    "wo-eq12": {"ablate": "w/o eq12"},
+    "scaled-alpha10": {"alpha": 10.0, "beta": 10.0, "prior-sigma": 5.0},
+}
+ROWS = [*cli.PRESETS, *EXTRA]
+
+
+def flags_of(row: str) -> dict:
+    return {"preset": row} if row in cli.PRESETS else EXTRA[row]
+
+
+def config_of(row: str) -> dict:
+    """What a row changes in ava.AVAConfig, as field=value."""
+    if row in cli.PRESETS:
+        return cli.PRESETS[row]
+    import dataclasses
+
+    import ava
+    flags = EXTRA[row]
+    config = ava.AVAConfig(**{k.replace("-", "_"): v for k, v in flags.items() if k != "ablate"})
+    config = ava.ablate(config, *([flags["ablate"]] if "ablate" in flags else []))
+    default = ava.AVAConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
 
 
 def arguments(preset: str, seed: int = 0) -> list[str]:
-    flags = {**SCREEN, "preset": preset, "seed": seed}
+    flags = {**SCREEN, **flags_of(preset), "seed": seed}
     return ["--data", "builtin", "--eval-data", "builtin:gold", "--eval-split", "dev"] + [
         item for k, v in flags.items() for item in (f"--{k}", str(v))]
 
@@ -56,7 +86,7 @@ def run(preset: str, seed: int = 0) -> dict:
 
     final = json.loads((output_dir / "final.json").read_text())
     model, tokenizer, _ = reward_models.load_reward_model(output_dir / "model")
-    result = {"preset": preset, "seed": seed, "config": cli.PRESETS[preset], "key": key,
+    result = {"preset": preset, "seed": seed, "config": config_of(preset), "key": key,
               "command": "python train_rm.py " + " ".join(args), **json.loads((output_dir / "measured.json").read_text()),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
@@ -128,14 +158,14 @@ def seeds_table(every: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="", help=f"comma-separated presets: {', '.join(cli.PRESETS)}")
+    parser.add_argument("--rows", default="", help=f"comma-separated rows: {', '.join(ROWS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (seed 0 is the screen)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the results")
     args = parser.parse_args()
     if not args.report:
         for preset in [r.strip() for r in args.rows.split(",") if r.strip()]:
-            if preset not in cli.PRESETS:
-                raise SystemExit(f"--rows: unknown preset {preset!r}; choose from {', '.join(cli.PRESETS)}")
+            if preset not in ROWS:
+                raise SystemExit(f"--rows: unknown row {preset!r}; choose from {', '.join(ROWS)}")
             for seed in [int(s) for s in args.seeds.split(",")]:
                 run(preset, seed)
     report()

@@ -191,3 +191,25 @@ def test_a_rows_results_include_seeds_run_beyond_its_own_count_and_no_other_rows
         table1.result_path("harmless", row, seed).write_text(json.dumps({"row": row, "seed": seed}))
     assert [r["seed"] for r in table1.results("harmless", "AVA-p mu-weights")] == [0, 1, 2]
     assert [r["row"] for r in table1.results("harmless", "BT")] == ["BT"]  # not BT-var's file
+
+
+def test_token_reward_seeds_are_each_paired_with_bt_and_ava_p_of_the_same_seed():
+    from bench import token_rewards
+
+    def summary(row, *runs):
+        return {"row": row, "runs": [{"seed": seed, "test": {"eval/accuracy": sum(m > 0 for m in margins) / len(margins)},
+                                      "test_margins": margins, "tokens": {"pearson": pearson}}
+                                     for seed, margins, pearson in runs]}
+
+    table = [summary("BT", (0, [1.0, -1.0, -1.0, 1.0], 0.2), (1, [-1.0, -1.0, -1.0, -1.0], 0.1)),
+             summary("AVA-p", (0, [-1.0, -1.0, -1.0, -1.0], 0.0)),  # seed 0 only: seed 1 has nothing to pair
+             summary("AVA-p mu-weights", (0, [1.0, 1.0, -1.0, 1.0], 0.3), (1, [1.0, 1.0, 1.0, -1.0], 0.4)),
+             summary("Pref-Trans", (0, [1.0, 1.0, 1.0, 1.0], 0.2))]  # one seed: not in the seeds table
+    lines = token_rewards.seeds_table(table).strip().splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"model", "BT", "AVA-p mu-weights"}
+    # vs BT: seed 0, one pair only mu-weights ranks right (+1/-0); seed 1, three (+3/-0) against BT's own seed 1
+    assert "| +1/-0 (1); +3/-0 (0.25) | +3/-0 (0.25); - |" in rows["AVA-p mu-weights"]
+    assert "| 75.0, 75.0 | 75.0 (0.0) |" in rows["AVA-p mu-weights"] and "+0.30, +0.40 | +0.35 |" in rows["AVA-p mu-weights"]
+    assert "| 50.0, 0.0 | 25.0 (35.4) | -; - | +2/-0 (0.5); - |" in rows["BT"]
+    assert token_rewards.seeds_table(table[2:3][:1] + table[3:]) != "" and token_rewards.seeds_table(table[3:]) == ""
