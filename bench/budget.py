@@ -64,6 +64,20 @@ def run(row: str) -> dict:
     return result
 
 
+def test_note() -> str:
+    """The dev pick on the test split, where bench/token_rewards.py has run it (seed 0), paired with its BT row."""
+    path, base = token_rewards.RESULTS / "BT-4-layers-at-lr-3e-4-seed0.json", token_rewards.RESULTS / "BT-seed0.json"
+    if not (path.is_file() and base.is_file()):
+        return ""
+    pick, bt = json.loads(path.read_text()), json.loads(base.read_text())
+    m = table1.mcnemar(pick["test_margins"], bt["test_margins"])
+    return (f"\nOn the test split ({pick['test']['eval/pairs']} pairs, bench/token_rewards.md), the dev pick 4@0.0003 scores "
+            f"{token_rewards.cell(pick['test']['eval/accuracy'], pick['test']['eval/accuracy_wilson95'], True)}, against "
+            f"{token_rewards.cell(bt['test']['eval/accuracy'], bt['test']['eval/accuracy_wilson95'], True)} for BT at the "
+            f"defaults (three epochs there), paired +{m['wins']} / -{m['losses']} (p = {m['p']:.2f}): the dev gain is a dev "
+            "gain only.\n")
+
+
 def report() -> None:
     results = {r["row"]: r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")))}
     base = results.get(DEFAULT)
@@ -77,7 +91,7 @@ def report() -> None:
                      f"{r['wall_seconds']:.0f} | {100 * r['other_processes_cpu_share']:.0f}% |")
     text = "\n".join(lines) + "\n\n" + (
         f"BT, one epoch of task v2 (16 pairs a step), seed 0, frozen-trunk cache; dev split, {base['dev']['pairs']} pairs, "
-        "gold labels. Regenerate: `python bench/budget.py --report`.\n" if base else "")
+        "gold labels. Regenerate: `python bench/budget.py --report`.\n" if base else "") + test_note()
     (ROOT / "bench" / "results" / "budget.md").write_text(text)
     print(text)
 
