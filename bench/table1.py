@@ -228,6 +228,19 @@ def mcnemar(ours: list[float], theirs: list[float]) -> dict:
     return {"wins": wins, "losses": losses, "p": p}
 
 
+def paired_by_seed(ours: dict[int, dict], theirs: dict[int, dict], margins: str) -> str:
+    """'+wins/-losses (p); ...': each seed of ours against theirs' run of the same seed ('-' where it has none),
+    on the margins under the key `margins` (the same pairs in the same order)."""
+    cells = []
+    for seed in sorted(ours):
+        if seed not in theirs:
+            cells.append("-")
+            continue
+        m = mcnemar(ours[seed][margins], theirs[seed][margins])
+        cells.append(f"+{m['wins']}/-{m['losses']} ({m['p']:.2f})")
+    return "; ".join(cells)
+
+
 def paired_with_bt(task: str, row: str, runs: list[dict]) -> list[dict] | None:
     """This row against its configuration's BT on the same dev pairs, one comparison per seed of the row whose
     dev margins were kept (from runs, its results already loaded): against BT's run of the same seed, or, if

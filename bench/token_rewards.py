@@ -279,7 +279,7 @@ def seeds_table(table: list[dict]) -> str:
     """The rows run on more than one seed: test accuracy by seed, mean and standard deviation, each seed
     paired (exact McNemar on the same test pairs) with BT's and the faithful AVA-p's run of the same seed,
     and token Pearson by seed."""
-    from bench.table1 import mcnemar
+    from bench.table1 import paired_by_seed
 
     runs_of = {s["row"]: {r["seed"]: r for r in s["runs"] if "test_margins" in r} for s in table}
     several = [s["row"] for s in table if len(runs_of[s["row"]]) > 1]
@@ -295,17 +295,8 @@ def seeds_table(table: list[dict]) -> str:
         seeds = sorted(runs)
         accuracy = [100 * runs[s]["test"]["eval/accuracy"] for s in seeds]
         pearson = [runs[s]["tokens"]["pearson"] for s in seeds]
-        paired = []
-        for other in PAIRED_WITH:
-            cells = []
-            for seed in seeds:
-                theirs = runs_of.get(other, {}).get(seed)
-                if other == row or theirs is None:
-                    cells.append("-")
-                else:
-                    m = mcnemar(runs[seed]["test_margins"], theirs["test_margins"])
-                    cells.append(f"+{m['wins']}/-{m['losses']} ({m['p']:.2g})")
-            paired.append("; ".join(cells))
+        paired = ["; ".join("-" for _ in seeds) if other == row else paired_by_seed(runs, runs_of.get(other, {}), "test_margins")
+                  for other in PAIRED_WITH]
         sd = f"{statistics.stdev(accuracy):.1f}"
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.1f}' for a in accuracy)} | "
                      f"{statistics.mean(accuracy):.1f} ({sd}) | {' | '.join(paired)} | "

@@ -142,16 +142,9 @@ def seeds_table(every: list[dict]) -> str:
         seeds = sorted(runs)
         accuracy = [100 * runs[s]["dev"]["accuracy"] for s in seeds]
         pearson = [runs[s]["tokens_dev"]["pearson"] for s in seeds]
-        paired = []
-        for s in seeds:
-            other = by.get("paper", {}).get(s)
-            if name == "paper" or other is None:
-                paired.append("-")
-            else:
-                m = table1.mcnemar(runs[s]["dev_margins"], other["dev_margins"])
-                paired.append(f"+{m['wins']}/-{m['losses']} ({m['p']:.2f})")
+        paired = "; ".join("-" for _ in seeds) if name == "paper" else table1.paired_by_seed(runs, by.get("paper", {}), "dev_margins")
         lines.append(f"| {name} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.1f}' for a in accuracy)} | "
-                     f"{sum(accuracy) / len(accuracy):.1f} | {'; '.join(paired)} | "
+                     f"{sum(accuracy) / len(accuracy):.1f} | {paired} | "
                      f"{', '.join(f'{p:+.2f}' for p in pearson)} | {sum(pearson) / len(pearson):+.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -209,7 +209,7 @@ def test_token_reward_seeds_are_each_paired_with_bt_and_ava_p_of_the_same_seed()
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"model", "BT", "AVA-p mu-weights"}
     # vs BT: seed 0, one pair only mu-weights ranks right (+1/-0); seed 1, three (+3/-0) against BT's own seed 1
-    assert "| +1/-0 (1); +3/-0 (0.25) | +3/-0 (0.25); - |" in rows["AVA-p mu-weights"]
+    assert "| +1/-0 (1.00); +3/-0 (0.25) | +3/-0 (0.25); - |" in rows["AVA-p mu-weights"]
     assert "| 75.0, 75.0 | 75.0 (0.0) |" in rows["AVA-p mu-weights"] and "+0.30, +0.40 | +0.35 |" in rows["AVA-p mu-weights"]
-    assert "| 50.0, 0.0 | 25.0 (35.4) | -; - | +2/-0 (0.5); - |" in rows["BT"]
+    assert "| 50.0, 0.0 | 25.0 (35.4) | -; - | +2/-0 (0.50); - |" in rows["BT"]
     assert token_rewards.seeds_table(table[2:3][:1] + table[3:]) != "" and token_rewards.seeds_table(table[3:]) == ""
