@@ -43,7 +43,7 @@ ROWS = {  # name: train_rm.py arguments beyond CONFIG
     "AVA-d": {"objective": "ava-d"},
     # our AVA-p variants (avalib/cli.py PRESETS; ava.py's docstring says what each changes and why)
     **{f"AVA-p {name}": {"objective": "ava-p", "preset": name} for name in
-       ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights")},
+       ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights", "mu-weights-floor")},
     # a DPO policy (train_direct.py); its implicit per-token reward beta * log pi/pi_ref is a token-level
     # soft-Q reading (Rafailov et al. 2024, "From r to Q*"); lr: train_direct.py's default for a policy
     "DPO": {"script": "train_direct.py", "objective": "dpo", "lr": 1e-4, "dpo-beta": 0.1},

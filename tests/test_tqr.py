@@ -255,3 +255,28 @@ def test_prompts_are_shared_only_when_their_tokens_are_identical():
     plain = ava.hidden_states(lm, input_ids, attention_mask)
     valid = attention_mask.bool()
     torch.testing.assert_close(shared[valid], plain[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_with_a_zero_td_error_the_td_and_kl_terms_drive_sigma_to_its_floor_and_pin_mu():
+    """Why the mu-weights-floor preset exists (avalib/cli.py PRESETS): where delta_t = 0, log N(0; mu, sigma) - KL
+    has no -log sigma left (the two cancel), grows as sigma shrinks, and then punishes any mu by mu^2 / (2 sigma^2)."""
+    from avalib import cli
+
+    def objective(mu, sigma):
+        mu, sigma = torch.tensor(mu), torch.tensor(sigma)
+        return float(ava.gaussian_log_density(torch.tensor(0.0), mu, sigma) - ava.kl_to_standard_normal(mu, sigma))
+
+    assert objective(0.0, 1.0) < objective(0.0, 0.1) < objective(0.0, 1e-4)  # sigma -> 0 pays, with nothing to stop it
+    assert objective(0.5, 1e-4) < -1e6 < objective(0.5, 0.1)  # at the default floor a reward of 0.5 costs ~1e7
+    floor = ava.AVAConfig(**cli.PRESETS["mu-weights-floor"])
+    assert floor.sigma_min == 0.1 and {k: v for k, v in cli.PRESETS["mu-weights-floor"].items() if k != "sigma_min"} == \
+        cli.PRESETS["mu-weights"]
+    model = ava.TQR(tiny_lm("llama"), floor)
+    with torch.no_grad():  # a reward head that asks for sigma ~ 0 everywhere
+        model.reward_head.weight.zero_()
+        model.reward_head.bias.fill_(-30.0)
+    chosen, _ = pairs()
+    with torch.no_grad():
+        out = model(*chosen)
+    sigma = out.sigma[out.mask.bool()]
+    assert float(sigma.min()) >= 0.1 and float(sigma.max()) < 0.1 + 1e-6
