@@ -207,14 +207,13 @@ PRESETS = {
     "centred-td-return": {"centred_q": True, "td_terminal": True, "cer_reading": "return-sum"},
     "centred-td-discounted": {"centred_q": True, "td_terminal": True, "gamma": 0.9},
     "mu-weights": {"weights_on": "mu", "centred_q": True, "td_terminal": True, "cer_reading": "return-sum"},
-    # mu-weights with sigma kept >= 0.1, tried as a fix and NOT one. Over a full epoch mu-weights collapsed on one seed
-    # of three (test 50.7%): its TD error is ~0 at every token, and with delta = 0 the TD log-density plus the KL
-    # reward sigma -> 0 (their -log sigma cancel), after which mu^2 / (2 sigma^2) pins mu to 0 and CER's margin
-    # vanishes. With the floor, sigma sits at 0.1 and mu is pinned all the same on seed 0 (test 53.1%), while seeds 1
-    # and 2 survived (74.7%, 69.8%): bench/results/token_rewards.md. Kept as that measured negative result.
-    "mu-weights-floor": {"weights_on": "mu", "centred_q": True, "td_terminal": True, "cer_reading": "return-sum",
-                         "sigma_min": 0.1},
 }
+# mu-weights with sigma kept >= 0.1, tried as a fix and NOT one. Over a full epoch mu-weights collapsed on one seed
+# of three (test 50.7%): its TD error is ~0 at every token, and with delta = 0 the TD log-density plus the KL
+# reward sigma -> 0 (their -log sigma cancel), after which mu^2 / (2 sigma^2) pins mu to 0 and CER's margin
+# vanishes. With the floor, sigma sits at 0.1 and mu is pinned all the same on seed 0 (test 53.1%), while seeds 1
+# and 2 survived (74.7%, 69.8%): bench/results/token_rewards.md. Kept as that measured negative result.
+PRESETS["mu-weights-floor"] = {**PRESETS["mu-weights"], "sigma_min": 0.1}
 
 
 def _ablations(ablate: str) -> list[str]:

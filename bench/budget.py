@@ -66,7 +66,7 @@ def run(row: str) -> dict:
 
 def test_note() -> str:
     """The dev pick on the test split, where bench/token_rewards.py has run it (seed 0), paired with its BT row."""
-    path, base = token_rewards.RESULTS / "BT-4-layers-at-lr-3e-4-seed0.json", token_rewards.RESULTS / "BT-seed0.json"
+    path, base = token_rewards.result_path("BT 4 layers at lr 3e-4", 0), token_rewards.result_path("BT", 0)
     if not (path.is_file() and base.is_file()):
         return ""
     pick, bt = json.loads(path.read_text()), json.loads(base.read_text())

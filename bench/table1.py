@@ -262,8 +262,8 @@ def paired_with_bt(task: str, row: str, runs: list[dict]) -> list[dict] | None:
 def results(task: str, row: str) -> list[dict]:
     """A row's committed results, by seed: its own seeds and any more run with --seeds (each file read once per
     version, however many rows pair with it)."""
-    found = {int(p.stem.rsplit("-seed", 1)[1]) for p in (RESULTS / task).glob(f"{runner.slug(row)}-seed*.json")
-             if p.stem.rsplit("-seed", 1)[1].isdigit() and p.stem.rsplit("-seed", 1)[0] == runner.slug(row)}
+    named = (p.stem.rpartition("-seed") for p in (RESULTS / task).glob(f"{runner.slug(row)}-seed*.json"))
+    found = {int(seed) for slug, _, seed in named if slug == runner.slug(row) and seed.isdigit()}
     return [_read_result(p, p.stat().st_mtime_ns) for seed in sorted(found | set(range(ALL[row][2])))
             if (p := result_path(task, row, seed)).is_file()]
 

@@ -295,8 +295,7 @@ def seeds_table(table: list[dict]) -> str:
         seeds = sorted(runs)
         accuracy = [100 * runs[s]["test"]["eval/accuracy"] for s in seeds]
         pearson = [runs[s]["tokens"]["pearson"] for s in seeds]
-        paired = ["; ".join("-" for _ in seeds) if other == row else paired_by_seed(runs, runs_of.get(other, {}), "test_margins")
-                  for other in PAIRED_WITH]
+        paired = [paired_by_seed(runs, {} if other == row else runs_of.get(other, {}), "test_margins") for other in PAIRED_WITH]
         sd = f"{statistics.stdev(accuracy):.1f}"
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.1f}' for a in accuracy)} | "
                      f"{statistics.mean(accuracy):.1f} ({sd}) | {' | '.join(paired)} | "

@@ -45,16 +45,12 @@ def flags_of(row: str) -> dict:
 
 
 def config_of(row: str) -> dict:
-    """What a row changes in ava.AVAConfig, as field=value."""
-    if row in cli.PRESETS:
-        return cli.PRESETS[row]
+    """What a row changes in ava.AVAConfig, as field=value (read through the scripts' own AVAFlags.ava_config)."""
     import dataclasses
 
     import ava
-    flags = EXTRA[row]
-    config = ava.AVAConfig(**{k.replace("-", "_"): v for k, v in flags.items() if k != "ablate"})
-    config = ava.ablate(config, *([flags["ablate"]] if "ablate" in flags else []))
-    default = ava.AVAConfig()
+    argv = [item for k, v in flags_of(row).items() for item in (f"--{k}", str(v))]
+    config, default = cli.parse_config(cli.AVAFlags, argv).ava_config(), ava.AVAConfig()
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
             if getattr(config, f.name) != getattr(default, f.name)}
 
@@ -142,7 +138,7 @@ def seeds_table(every: list[dict]) -> str:
         seeds = sorted(runs)
         accuracy = [100 * runs[s]["dev"]["accuracy"] for s in seeds]
         pearson = [runs[s]["tokens_dev"]["pearson"] for s in seeds]
-        paired = "; ".join("-" for _ in seeds) if name == "paper" else table1.paired_by_seed(runs, by.get("paper", {}), "dev_margins")
+        paired = table1.paired_by_seed(runs, {} if name == "paper" else by.get("paper", {}), "dev_margins")
         lines.append(f"| {name} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.1f}' for a in accuracy)} | "
                      f"{sum(accuracy) / len(accuracy):.1f} | {paired} | "
                      f"{', '.join(f'{p:+.2f}' for p in pearson)} | {sum(pearson) / len(pearson):+.2f} |")
