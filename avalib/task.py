@@ -219,6 +219,15 @@ class Task:
     build_seconds: float  # model load + sampling, when the cache was built
     built_now: bool  # True if this call sampled the replies, False if it read the cache
 
+    def replies_sha256(self) -> str:
+        """A hash of the sampled replies (with their prompts and splits), which the cache key cannot
+        promise: the key hashes what was asked for, and a build on another CPU can round a logit
+        differently, sample another token and diverge from there (two builds of the default size on
+        two machines differed in a few train and dev replies; bench/results/task.md). Results record
+        it, so that figures computed on different builds are never silently compared."""
+        replies = [[r["split"], r["instruction"], r["responses"]] for r in self.records]
+        return hashlib.sha256(json.dumps(replies).encode("utf-8")).hexdigest()[:16]
+
     def _records(self, split: str) -> list[dict]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")

@@ -170,6 +170,10 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']['cpus']} CPU cores, torch {result['machine']['torch']} "
         f"({result['machine']['threads']} threads), {result['date']}.",
         "",
+        f"This build: cache key `{result['key']}`, replies `{result.get('replies_sha256', '-')}` "
+        "(Task.replies_sha256: the key hashes what was asked for; a build on another CPU can sample other "
+        "replies, and results record which build they used).",
+        "",
         "| cost | value |",
         "|---|---|",
         f"| build (model load + sampling + write) | {b['seconds']:.1f} s"
@@ -251,6 +255,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "config": asdict(task.SIZES[args.size]),
         "key": loaded.key,
+        "replies_sha256": loaded.replies_sha256(),
         "bt_temperature": task.SIZES[args.size].bt_temperature,
         "tie_margin": gold.TIE_MARGIN,
         "build": {"seconds": build_share.seconds if args.rebuild else None, "rebuilt_now": built.built_now,

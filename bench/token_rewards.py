@@ -41,6 +41,9 @@ ROWS = {  # name: train_rm.py arguments beyond CONFIG
     "Pref-Trans": {"objective": "pref-trans"},
     "AVA-p": {"objective": "ava-p"},
     "AVA-d": {"objective": "ava-d"},
+    # a second epoch on seed 0: does dev accuracy still improve after the one epoch the seeds use?
+    **{f"{name} 2 epochs": {"objective": objective, "epochs": 2} for name, objective in
+       (("BT-var", "bt-var"), ("Pref-Trans", "pref-trans"), ("AVA-p", "ava-p"))},
     # our AVA-p variants (avalib/cli.py PRESETS; ava.py's docstring says what each changes and why)
     **{f"AVA-p {name}": {"objective": "ava-p", "preset": name} for name in
        ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights", "mu-weights-floor")},
@@ -196,10 +199,36 @@ def run_row(row: str, seed: int, epochs: int) -> dict:
     result = {"row": row, "seed": seed, "key": key, "command": f"python {script_of(row)} " + " ".join(arguments),
               **measured, "steps": final["steps"], "train_tokens_per_second": final.get("train_tokens_per_second"),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")}, "dev_curve": dev_curve(output_dir),
-              **evaluated}
+              **evaluated, "task": task_build()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def task_build() -> dict:
+    """Which build of task v2 a result used: builds with the same cache key can differ in a few replies
+    when sampled on different CPUs (avalib.task.Task.replies_sha256)."""
+    from avalib import task
+
+    built = task.load_task("default", progress=False)
+    return {"key": built.key, "replies_sha256": built.replies_sha256()}
+
+
+def builds_note(table: list[dict]) -> str:
+    """Which task build each result used, so that results from different builds are not silently compared."""
+    by_build = {}
+    for s in table:
+        for r in s["runs"]:
+            by_build.setdefault(r.get("task", {}).get("replies_sha256"), []).append(f"{s['row']} seed {r['seed']}")
+    if len(by_build) < 2:
+        return ""
+    parts = [f"replies `{sha}`: {', '.join(runs)}" for sha, runs in by_build.items() if sha]
+    earlier = by_build.get(None)
+    return ("Task builds: the results come from more than one build of task v2 (the same cache key sampled on "
+            "different machines; such builds differed in a few train and dev replies and at least one test reply, "
+            "bench/results/task.md), so their test pairs are the same prompts and nearly the same replies, and "
+            "the paired comparisons across builds are approximate. " + "; ".join(parts)
+            + (f"; an earlier build, before builds were recorded (2026-12-04/05): {', '.join(earlier)}." if earlier else "."))
 
 
 def probe_row() -> dict:
@@ -247,7 +276,8 @@ def probe_row() -> dict:
     scores = {s: token_metrics.agreement(items(dev, fit(s)), bootstrap=0)["pearson"] for s in (1, 10, 100, 1000, 10000)}
     strength = max(scores, key=scores.get)
     return {"row": "probe", "seed": 0, "ridge_strength": strength, "dev_pearson_by_strength": scores,
-            "train_tokens": int(len(y)), "tokens": token_metrics.agreement(items(test, fit(strength)))}
+            "train_tokens": int(len(y)), "tokens": token_metrics.agreement(items(test, fit(strength))),
+            "task": {"key": built.key, "replies_sha256": built.replies_sha256()}}
 
 
 def summarise(row: str) -> dict | None:
@@ -322,7 +352,8 @@ def report() -> None:
              f"{tested['tokens']['replies']} replies ({tested['tokens']['tokens']} tokens, "
              f"{tested['tokens']['nonzero_tokens']} carrying a word valence). Intervals: Wilson for accuracy, "
              "bootstrap over replies for token metrics (95%)." if tested else "",
-             "Regenerate: `python bench/token_rewards.py --report`; each row's command is in its result file."]
+             "Regenerate: `python bench/token_rewards.py --report`; each row's command is in its result file.",
+             builds_note(table)]
     notes += [f"{s['row']} seed {r['seed']}: Pearson of mu_t with its TD error delta_t (Eq. 14, which with Eq. 12 is "
               f"alpha * (pi_t(y_t+1) - pi_t+1(y_t+2)) + O(1/V)) {r['mu_vs_td_error_pearson']:+.2f}; of delta_t with the gold "
               f"{r['td_error_vs_gold']:+.2f}." for s in table for r in s["runs"] if "mu_vs_td_error_pearson" in r]

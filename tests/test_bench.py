@@ -213,3 +213,25 @@ def test_token_reward_seeds_are_each_paired_with_bt_and_ava_p_of_the_same_seed()
     assert "| 75.0, 75.0 | 75.0 (0.0) |" in rows["AVA-p mu-weights"] and "+0.30, +0.40 | +0.35 |" in rows["AVA-p mu-weights"]
     assert "| 50.0, 0.0 | 25.0 (35.4) | -; - | +2/-0 (0.50); - |" in rows["BT"]
     assert token_rewards.seeds_table(table[2:3][:1] + table[3:]) != "" and token_rewards.seeds_table(table[3:]) == ""
+
+
+def test_token_rewards_says_when_results_come_from_different_task_builds():
+    from bench import token_rewards
+
+    def summary(row, *runs):
+        return {"row": row, "runs": [{"seed": seed, **({"task": {"replies_sha256": sha}} if sha else {})}
+                                     for seed, sha in runs]}
+
+    one_build = [summary("BT", (0, "aaaa"), (1, "aaaa")), summary("AVA-p", (0, "aaaa"))]
+    assert token_rewards.builds_note(one_build) == ""
+    note = token_rewards.builds_note([summary("BT", (0, None), (1, "bbbb")), summary("AVA-p", (0, None), (1, "bbbb"))])
+    assert "replies `bbbb`: BT seed 1, AVA-p seed 1" in note
+    assert "before builds were recorded (2026-12-04/05): BT seed 0, AVA-p seed 0." in note
+    assert "approximate" in note
+
+
+def test_token_reward_rows_can_be_named_on_the_command_line():
+    from bench import token_rewards
+
+    # --rows is comma-separated: a row whose name holds a comma could never be run
+    assert not [row for row in [*token_rewards.ROWS, *token_rewards.REFERENCES] if "," in row]

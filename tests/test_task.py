@@ -305,6 +305,19 @@ def test_cache_key_changes_with_every_input(tmp_path, monkeypatch):
     assert len(set(variants)) == len(variants) and key not in variants
 
 
+def test_replies_sha256_identifies_the_sampled_replies_not_the_gold():
+    golds = [[0.1, 0.7, -0.3, 0.7], [-0.5, -0.1, -0.9, -0.2]]
+    base = fake_task(golds).replies_sha256()
+    assert fake_task([[g + 1 for g in gold] for gold in golds]).replies_sha256() == base  # gold comes from the code
+    one_reply = fake_task(golds)
+    one_reply.records[1]["responses"][3] += "!"  # one reply sampled differently (another CPU)
+    moved = fake_task(golds, split="dev")
+    renamed = fake_task(golds)
+    renamed.records[0]["instruction"] = "prompt 9"
+    hashes = [one_reply.replies_sha256(), moved.replies_sha256(), renamed.replies_sha256()]
+    assert len(set(hashes)) == 3 and base not in hashes
+
+
 class FakeTokenizer:
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return f"<user>{messages[0]['content']}</user><assistant>"
