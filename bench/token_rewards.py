@@ -205,12 +205,12 @@ def run_row(row: str, seed: int, epochs: int) -> dict:
     return result
 
 
-def task_build() -> dict:
-    """Which build of task v2 a result used: builds with the same cache key can differ in a few replies
-    when sampled on different CPUs (avalib.task.Task.replies_sha256)."""
+def task_build(built=None) -> dict:
+    """Which build of task v2 a result used (built: a loaded Task, else it is loaded): builds with the same
+    cache key can differ in a few replies when sampled on different CPUs (avalib.task.Task.replies_sha256)."""
     from avalib import task
 
-    built = task.load_task("default", progress=False)
+    built = built or task.load_task("default", progress=False)
     return {"key": built.key, "replies_sha256": built.replies_sha256()}
 
 
@@ -277,7 +277,7 @@ def probe_row() -> dict:
     strength = max(scores, key=scores.get)
     return {"row": "probe", "seed": 0, "ridge_strength": strength, "dev_pearson_by_strength": scores,
             "train_tokens": int(len(y)), "tokens": token_metrics.agreement(items(test, fit(strength))),
-            "task": {"key": built.key, "replies_sha256": built.replies_sha256()}}
+            "task": task_build(built)}
 
 
 def summarise(row: str) -> dict | None:
