@@ -1,12 +1,16 @@
-"""The main command's budget: Bradley-Terry on task v2 under a few learning rates and trainable depths,
-scored on the dev split against the gold labels (issue: train_rm.py's defaults should be the setting at
-which BT learns the task; the test split is not used here).
+"""The reward models' budget on task v2: learning rates and trainable depths, scored on the dev split
+against the gold labels (the test split is not used here). First for Bradley-Terry (issue: train_rm.py's
+defaults should be the setting at which BT learns the task), then the learning rate of every other
+objective (issue: learning rate chosen on dev).
 
-Each row is `train_rm.py --objective bt` for one epoch of task v2's 4,665 train pairs (16 a step), seed 0,
-with the frozen-trunk cache; dev accuracy (Wilson 95%), paired with the current defaults' row on the same
-645 dev pairs (exact McNemar test), wall time and the other CPU use during the run. One seed: a screen.
+Each row is `train_rm.py --objective OBJECTIVE` for one epoch of task v2's 4,665 train pairs (16 a step),
+with the frozen-trunk cache; dev accuracy (Wilson 95%), paired with the same objective's and seed's
+defaults row (2@1e-3) on the same 645 dev pairs (exact McNemar test), wall time and the other CPU use
+during the run. One seed per objective: a screen. An objective's defaults row at a seed that
+bench/token_rewards.py has already trained is read from that run (the same arguments), not trained again.
 
-    python bench/budget.py --rows "2@1e-3,2@3e-3,4@1e-3,4@3e-4"   # LAYERS@LR; trains what is missing
+    python bench/budget.py --rows "2@1e-3,2@3e-3,4@1e-3,4@3e-4"                        # BT, seed 0
+    python bench/budget.py --objective pref-trans --seed 1 --rows "2@3e-4,2@1e-3,2@3e-3"
     python bench/budget.py --report
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from bench import runner, table1, token_rewards  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "budget"
 BASE = {**token_rewards.CONFIG, "objective": "bt", "seed": 0}
 DEFAULT = f"{BASE['trainable-layers']}@{BASE['lr']:g}"  # train_rm.py's defaults
+ROW_OF = {"bt": "BT", "bt-var": "BT-var", "pref-trans": "Pref-Trans", "ava-p": "AVA-p", "ava-d": "AVA-d"}  # token_rewards' rows
 
 
 def canonical(row: str) -> str:
@@ -33,20 +38,36 @@ def canonical(row: str) -> str:
     return f"{int(layers)}@{float(lr):g}"
 
 
-def arguments(row: str) -> list[str]:
+def arguments(row: str, objective: str = "bt", seed: int = 0) -> list[str]:
     layers, lr = row.split("@")
-    flags = {**BASE, "trainable-layers": int(layers), "lr": float(lr)}
+    flags = {**BASE, "objective": objective, "seed": seed, "trainable-layers": int(layers), "lr": float(lr)}
     return ["--data", "builtin", "--eval-data", "builtin:gold", "--eval-split", "dev", "--no-export-hf"] + [
         item for k, v in flags.items() for item in (f"--{k}", str(v))]
 
 
-def run(row: str) -> dict:
-    args = arguments(row)
+def result_path(row: str, objective: str = "bt", seed: int = 0) -> Path:
+    """BT at seed 0 keeps the screen's first names (2-at-0.001.json); the others say objective and seed."""
+    name = row.replace("@", "-at-")
+    return RESULTS / (f"{name}.json" if (objective, seed) == ("bt", 0) else f"{objective}-{name}-seed{seed}.json")
+
+
+def trained_by_token_rewards(args: list[str], objective: str, seed: int) -> Path | None:
+    """The run of bench/token_rewards.py with exactly these arguments (its one-epoch row of the objective), if trained."""
+    row = ROW_OF.get(objective)
+    if row is None or token_rewards.run_arguments(row, seed, 1) != args:
+        return None
+    directory = token_rewards.run_directory(row, seed, 1)
+    return directory if (directory / "final.json").is_file() and (directory / "measured.json").is_file() else None
+
+
+def run(row: str, objective: str = "bt", seed: int = 0) -> dict:
+    args = arguments(row, objective, seed)
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:12]
-    path = RESULTS / f"{row.replace('@', '-at-')}.json"
+    path = result_path(row, objective, seed)
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
-    output_dir = models.cache_dir() / "bench-runs" / "budget" / f"{path.stem}-{key}"
+    output_dir = (trained_by_token_rewards(args, objective, seed)
+                  or models.cache_dir() / "bench-runs" / "budget" / f"{path.stem}-{key}")
     if not (output_dir / "final.json").is_file():
         command = [sys.executable, str(ROOT / "train_rm.py"), *args, "--output-dir", str(output_dir), "--save-every", "50"]
         if (output_dir / "checkpoint.pt").is_file():  # a run cut short: continue it
@@ -54,11 +75,12 @@ def run(row: str) -> dict:
         measured = runner.run_measured(command)
         (output_dir / "measured.json").write_text(json.dumps(measured))
     final = json.loads((output_dir / "final.json").read_text())
-    result = {"row": row, "key": key, "command": "python train_rm.py " + " ".join(args),
+    result = {"row": row, "objective": objective, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(args),
               **json.loads((output_dir / "measured.json").read_text()), "steps": final["steps"],
               "trunk_seconds": (final.get("frozen_trunk") or {}).get("seconds"),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
-              "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"]}
+              "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
+              "task": token_rewards.task_build()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -78,20 +100,44 @@ def test_note() -> str:
             "gain only.\n")
 
 
+def paired_with(r: dict, base: dict | None) -> str:
+    if base is None or base is r:
+        return "-"
+    m = table1.mcnemar(r["dev_margins"], base["dev_margins"])
+    return f"+{m['wins']} / -{m['losses']} (p = {m['p']:.2f})"
+
+
 def report() -> None:
-    results = {r["row"]: r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")))}
-    base = results.get(DEFAULT)
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    screens: dict[tuple[str, int], dict[str, dict]] = {}  # (objective, seed) -> row -> result
+    for r in results:  # the first BT results predate the objective and seed fields: BT, seed 0
+        screens.setdefault((r.get("objective", "bt"), r.get("seed", 0)), {})[r["row"]] = r
+    by_bt = screens.pop(("bt", 0), {})
+    base = by_bt.get(DEFAULT)
     lines = ["| trainable layers @ lr | dev accuracy % (Wilson 95%) | vs the defaults, paired: +/- (p) | wall s | "
              "other CPU use |", "|---|---|---|---|---|"]
-    for row, r in sorted(results.items(), key=lambda item: item[0] != DEFAULT):
-        paired = "-" if base is None or row == DEFAULT else (lambda m: f"+{m['wins']} / -{m['losses']} (p = {m['p']:.2f})")(
-            table1.mcnemar(r["dev_margins"], base["dev_margins"]))
+    for row, r in sorted(by_bt.items(), key=lambda item: item[0] != DEFAULT):
         lines.append(f"| {row}{' (defaults)' if row == DEFAULT else ''} | "
-                     f"{token_rewards.cell(r['dev']['accuracy'], r['dev']['accuracy_wilson95'], True)} | {paired} | "
-                     f"{r['wall_seconds']:.0f} | {100 * r['other_processes_cpu_share']:.0f}% |")
+                     f"{token_rewards.cell(r['dev']['accuracy'], r['dev']['accuracy_wilson95'], True)} | "
+                     f"{paired_with(r, base)} | {r['wall_seconds']:.0f} | {100 * r['other_processes_cpu_share']:.0f}% |")
     text = "\n".join(lines) + "\n\n" + (
         f"BT, one epoch of task v2 (16 pairs a step), seed 0, frozen-trunk cache; dev split, {base['dev']['pairs']} pairs, "
         "gold labels. Regenerate: `python bench/budget.py --report`.\n" if base else "") + test_note()
+    if screens:
+        order = list(ROW_OF)
+        lines = ["| objective | seed | trainable layers @ lr | dev accuracy % (Wilson 95%) | vs 2@0.001 (the defaults), "
+                 "paired: +/- (p) | wall s | other CPU use |", "|---|---|---|---|---|---|---|"]
+        for (objective, seed), rows in sorted(screens.items(), key=lambda item: (order.index(item[0][0]) if item[0][0] in order
+                                                                                 else len(order), item[0])):
+            for row, r in sorted(rows.items(), key=lambda item: float(item[0].split("@")[1])):
+                lines.append(f"| {ROW_OF.get(objective, objective)} | {seed} | {row}{' (defaults)' if row == DEFAULT else ''} | "
+                             f"{token_rewards.cell(r['dev']['accuracy'], r['dev']['accuracy_wilson95'], True)} | "
+                             f"{paired_with(r, rows.get(DEFAULT))} | {r['wall_seconds']:.0f} | "
+                             f"{100 * r['other_processes_cpu_share']:.0f}% |")
+        text += ("\n## The learning rate of the other objectives\n\n" + "\n".join(lines) + "\n\n"
+                 "One epoch of task v2 each, the top 2 layers; dev split, gold labels; each row paired with its objective's "
+                 "defaults row at the same seed (that row is bench/token_rewards.py's run of the objective at that seed, "
+                 "read from its run, where it exists). A screen: one seed, one epoch.\n")
     (ROOT / "bench" / "results" / "budget.md").write_text(text)
     print(text)
 
@@ -99,11 +145,17 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="", help="comma-separated LAYERS@LR, e.g. 2@1e-3,4@3e-4")
+    parser.add_argument("--objective", default="bt", choices=sorted(ROW_OF), help="train_rm.py's --objective (default bt)")
+    parser.add_argument("--seed", type=int, default=0, help="train_rm.py's --seed (default 0)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the results")
     args = parser.parse_args()
     if not args.report:
         for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
-            run(canonical(row))
+            try:
+                row = canonical(row)
+            except ValueError:
+                raise SystemExit(f"--rows: {row!r} is not LAYERS@LR (e.g. 2@1e-3)") from None
+            run(row, args.objective, args.seed)
     report()
 
 

@@ -234,7 +234,10 @@ def builds_note(table: list[dict]) -> str:
 def probe_row() -> dict:
     """The linear-probe ceiling: ridge regression from the frozen SmolLM2's last hidden state at the
     position of each reply token (where a reward head reads transition t: position t+1) to its gold,
-    fit on the train replies, the ridge strength chosen on dev, scored on test like every model."""
+    fit on the train replies, the ridge strength chosen on dev, scored on test like every model. As a
+    sequence reward it is the sum of its token predictions (task v2's gold is the sum of the token golds),
+    so its test accuracy is what a linear read-out of the frozen states reaches when taught the gold itself
+    rather than noisy pair labels: a reference for the reward models' accuracy."""
     import numpy as np
     import torch
 
@@ -257,12 +260,13 @@ def probe_row() -> dict:
                 n_text = min(len(text_ids), n - start)
                 golds = gold.gold_token_rewards(reply, tokenizer)[:n_text]
                 tokens = [tokenizer.decode([i]) for i in example["input_ids"][start:n]]
-                rows.append((hidden[row, start:start + n_text].numpy(), np.array(golds), tokens[:n_text]))
+                rows.append((hidden[row, start:start + n_text].numpy(), np.array(golds), tokens[:n_text],
+                             (record["prompt"], reply)))
         return rows
 
     train, dev, test = features("train"), features("dev"), features("test")
-    x = np.concatenate([f for f, _, _ in train])
-    y = np.concatenate([g for _, g, _ in train])
+    x = np.concatenate([f for f, _, _, _ in train])
+    y = np.concatenate([g for _, g, _, _ in train])
     mean_x, mean_y = x.mean(0), y.mean()
     gram, moment = (x - mean_x).T @ (x - mean_x), (x - mean_x).T @ (y - mean_y)
 
@@ -271,13 +275,15 @@ def probe_row() -> dict:
         return lambda f: (f - mean_x) @ weight + mean_y
 
     def items(rows, predict):
-        return [{"rewards": list(predict(f)), "gold": list(g), "tokens": t} for f, g, t in rows]
+        return [{"rewards": list(map(float, predict(f))), "gold": list(g), "tokens": t} for f, g, t, _ in rows]
 
     scores = {s: token_metrics.agreement(items(dev, fit(s)), bootstrap=0)["pearson"] for s in (1, 10, 100, 1000, 10000)}
     strength = max(scores, key=scores.get)
+    by_reply = {key: dict(item, score=sum(item["rewards"])) for (*_, key), item in zip(test, items(test, fit(strength)))}
+    scored = test_scores(lambda prompt, replies: [by_reply[prompt, reply] for reply in replies], tokenizer)
+    scored.pop("readings")
     return {"row": "probe", "seed": 0, "ridge_strength": strength, "dev_pearson_by_strength": scores,
-            "train_tokens": int(len(y)), "tokens": token_metrics.agreement(items(test, fit(strength))),
-            "task": task_build(built)}
+            "train_tokens": int(len(y)), **scored, "task": task_build(built)}
 
 
 def summarise(row: str) -> dict | None:

@@ -235,3 +235,38 @@ def test_token_reward_rows_can_be_named_on_the_command_line():
 
     # --rows is comma-separated: a row whose name holds a comma could never be run
     assert not [row for row in [*token_rewards.ROWS, *token_rewards.REFERENCES] if "," in row]
+
+
+def test_budget_screens_pair_each_objective_with_its_own_defaults_at_the_same_seed(tmp_path, monkeypatch):
+    from bench import budget, token_rewards
+
+    (tmp_path / "bench" / "results" / "budget").mkdir(parents=True)
+    monkeypatch.setattr(budget, "ROOT", tmp_path)
+    monkeypatch.setattr(budget, "RESULTS", tmp_path / "bench" / "results" / "budget")
+    monkeypatch.setattr(budget, "test_note", lambda: "")
+
+    def write(row, objective, seed, margins, legacy=False):
+        result = {"row": row, "dev": {"accuracy": sum(m > 0 for m in margins) / len(margins), "accuracy_wilson95": [0.0, 1.0],
+                                      "pairs": len(margins)},
+                  "dev_margins": margins, "wall_seconds": 1.0, "other_processes_cpu_share": 0.0}
+        if not legacy:  # the first BT screen's results carry neither field
+            result.update(objective=objective, seed=seed)
+        budget.result_path(row, objective, seed).write_text(json.dumps(result))
+
+    write("2@0.001", "bt", 0, [1.0, 1.0, -1.0, -1.0], legacy=True)
+    write("4@0.0003", "bt", 0, [1.0, 1.0, 1.0, 1.0], legacy=True)
+    write("2@0.001", "pref-trans", 1, [-1.0, -1.0, -1.0, -1.0])
+    write("2@0.0003", "pref-trans", 1, [1.0, 1.0, 1.0, -1.0])
+    write("2@0.003", "ava-p", 1, [1.0, 1.0, 1.0, 1.0])  # no defaults row at this seed: nothing to pair with
+    assert budget.result_path("2@0.001", "bt", 0).name == "2-at-0.001.json"  # the first screen keeps its names
+    # one file per objective, seed and setting: two objectives' screens at one seed must not overwrite each other
+    assert len({budget.result_path("2@0.001", o, s) for o in budget.ROW_OF for s in (0, 1)}) == 2 * len(budget.ROW_OF)
+    budget.report()
+    text = (tmp_path / "bench" / "results" / "budget.md").read_text()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in text.splitlines() if line.startswith("| ")}
+    assert "+2 / -0 (p = 0.50)" in rows["4@0.0003", "100.0 (0.0, 100.0)", "+2 / -0 (p = 0.50)"]
+    # Pref-Trans 3e-4 paired with Pref-Trans's own defaults at seed 1 (+3 / -0), not with BT's seed-0 defaults (+1 / -0)
+    assert "| +3 / -0 (p = 0.25) |" in rows["Pref-Trans", "1", "2@0.0003"]
+    assert "| - |" in rows["AVA-p", "1", "2@0.003"] and "| - |" in rows["Pref-Trans", "1", "2@0.001 (defaults)"]
+    # an objective's defaults row is bench/token_rewards.py's run of it when the arguments agree
+    assert budget.arguments("2@0.001", "pref-trans", 1) == token_rewards.run_arguments("Pref-Trans", 1, 1)
