@@ -29,7 +29,8 @@ from bench import runner, table1, token_rewards  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "budget"
 BASE = {**token_rewards.CONFIG, "objective": "bt", "seed": 0}
 DEFAULT = f"{BASE['trainable-layers']}@{BASE['lr']:g}"  # train_rm.py's defaults
-ROW_OF = {"bt": "BT", "bt-var": "BT-var", "pref-trans": "Pref-Trans", "ava-p": "AVA-p", "ava-d": "AVA-d"}  # token_rewards' rows
+# objective -> bench/token_rewards.py's row that trains it at the defaults (the rows that set nothing but the objective)
+ROW_OF = {spec["objective"]: name for name, spec in token_rewards.ROWS.items() if set(spec) == {"objective"}}
 
 
 def canonical(row: str) -> str:
@@ -124,13 +125,12 @@ def report() -> None:
         f"BT, one epoch of task v2 (16 pairs a step), seed 0, frozen-trunk cache; dev split, {base['dev']['pairs']} pairs, "
         "gold labels. Regenerate: `python bench/budget.py --report`.\n" if base else "") + test_note()
     if screens:
-        order = list(ROW_OF)
+        order = list(ROW_OF)  # --objective's choices: every screened objective is in it
         lines = ["| objective | seed | trainable layers @ lr | dev accuracy % (Wilson 95%) | vs 2@0.001 (the defaults), "
                  "paired: +/- (p) | wall s | other CPU use |", "|---|---|---|---|---|---|---|"]
-        for (objective, seed), rows in sorted(screens.items(), key=lambda item: (order.index(item[0][0]) if item[0][0] in order
-                                                                                 else len(order), item[0])):
+        for (objective, seed), rows in sorted(screens.items(), key=lambda item: (order.index(item[0][0]), item[0][1])):
             for row, r in sorted(rows.items(), key=lambda item: float(item[0].split("@")[1])):
-                lines.append(f"| {ROW_OF.get(objective, objective)} | {seed} | {row}{' (defaults)' if row == DEFAULT else ''} | "
+                lines.append(f"| {ROW_OF[objective]} | {seed} | {row}{' (defaults)' if row == DEFAULT else ''} | "
                              f"{token_rewards.cell(r['dev']['accuracy'], r['dev']['accuracy_wilson95'], True)} | "
                              f"{paired_with(r, rows.get(DEFAULT))} | {r['wall_seconds']:.0f} | "
                              f"{100 * r['other_processes_cpu_share']:.0f}% |")
