@@ -214,6 +214,12 @@ PRESETS = {
 # vanishes. With the floor, sigma sits at 0.1 and mu is pinned all the same on seed 0 (test 53.1%), while seeds 1
 # and 2 survived (74.7%, 69.8%): bench/results/token_rewards.md. Kept as that measured negative result.
 PRESETS["mu-weights-floor"] = {**PRESETS["mu-weights"], "sigma_min": 0.1}
+# mu-weights with the TD log-density at half weight (lambda = 0.5; Eq. 13's lambda, the paper's 1): the candidate
+# fix the collapse's mechanism points to. Where delta_t = 0, -KL + lambda log N(0; mu, sigma) keeps a
+# (1 - lambda) log sigma that the two -log sigma no longer cancel: the sigma that maximises it is sqrt(1 - lambda)
+# (prior N(0, 1)), not 0, and the pull on mu stays mu^2 (1 + lambda / (1 - lambda)) / 2 instead of growing as
+# 1 / sigma^2 (tests/test_tqr.py).
+PRESETS["mu-weights-half-td"] = {**PRESETS["mu-weights"], "lam": 0.5}
 
 
 def _ablations(ablate: str) -> list[str]:

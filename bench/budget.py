@@ -69,15 +69,10 @@ def run(row: str, objective: str = "bt", seed: int = 0) -> dict:
         return json.loads(path.read_text())
     output_dir = (trained_by_token_rewards(args, objective, seed)
                   or models.cache_dir() / "bench-runs" / "budget" / f"{path.stem}-{key}")
-    if not (output_dir / "final.json").is_file():
-        command = [sys.executable, str(ROOT / "train_rm.py"), *args, "--output-dir", str(output_dir), "--save-every", "50"]
-        if (output_dir / "checkpoint.pt").is_file():  # a run cut short: continue it
-            command.append("--resume")
-        measured = runner.run_measured(command)
-        (output_dir / "measured.json").write_text(json.dumps(measured))
+    measured = runner.train_once([sys.executable, str(ROOT / "train_rm.py"), *args], output_dir, save_every=50)
     final = json.loads((output_dir / "final.json").read_text())
     result = {"row": row, "objective": objective, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(args),
-              **json.loads((output_dir / "measured.json").read_text()), "steps": final["steps"],
+              **measured, "steps": final["steps"],
               "trunk_seconds": (final.get("frozen_trunk") or {}).get("seconds"),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
@@ -97,7 +92,7 @@ def test_note() -> str:
     return (f"\nOn the test split ({pick['test']['eval/pairs']} pairs, bench/token_rewards.md), the dev pick 4@0.0003 scores "
             f"{token_rewards.cell(pick['test']['eval/accuracy'], pick['test']['eval/accuracy_wilson95'], True)}, against "
             f"{token_rewards.cell(bt['test']['eval/accuracy'], bt['test']['eval/accuracy_wilson95'], True)} for BT at the "
-            f"defaults (three epochs there), paired +{m['wins']} / -{m['losses']} (p = {m['p']:.2f}): the dev gain is a dev "
+            f"defaults ({token_rewards.committed_epochs('BT')} epochs there), paired +{m['wins']} / -{m['losses']} (p = {m['p']:.2f}): the dev gain is a dev "
             "gain only.\n")
 
 

@@ -65,10 +65,7 @@ def run_row(row: str) -> dict:
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
     output_dir = models.cache_dir() / "bench-runs" / "direct" / f"{slug(row)}-{key}"
-    command = [sys.executable, str(ROOT / "train_direct.py"), *arguments, "--output-dir", str(output_dir), "--save-every", "20"]
-    if (output_dir / "checkpoint.pt").is_file():
-        command.append("--resume")
-    measured = runner.run_measured(command)
+    measured = runner.train([sys.executable, str(ROOT / "train_direct.py"), *arguments], output_dir, save_every=20)
     final = json.loads((output_dir / "final.json").read_text())
     replies = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
     result = {"row": row, "key": key, "command": "python train_direct.py " + " ".join(arguments),

@@ -54,11 +54,8 @@ def run_row(row: str) -> dict:
         return json.loads(path.read_text())
     model_dir = reward_model_dir(reward_row)
     output_dir = models.cache_dir() / "bench-runs" / "ppo" / f"{runner.slug(row)}-{key}"
-    command = [sys.executable, str(ROOT / "train_ppo.py"), "--reward-model", str(model_dir), *arguments,
-               "--output-dir", str(output_dir), "--save-every", "5"]
-    if (output_dir / "checkpoint.pt").is_file():
-        command.append("--resume")
-    measured = runner.run_measured(command)
+    measured = runner.train([sys.executable, str(ROOT / "train_ppo.py"), "--reward-model", str(model_dir), *arguments],
+                            output_dir, save_every=5)
     final = json.loads((output_dir / "final.json").read_text())
     curve = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     replies = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]

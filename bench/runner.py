@@ -3,6 +3,7 @@ of the machine other processes took, and writing a generated table into a docs p
 README's results at a glance."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -34,6 +35,22 @@ def run_measured(command: list[str]) -> dict:
     own = os.times().children_user + os.times().children_system - own_before
     other = max(0.0, busy_cpu_seconds() - busy_before - own) / (wall * os.cpu_count())
     return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other}
+
+
+def train(command: list[str], output_dir: Path, save_every: int) -> dict:
+    """Run a training script's `command` into output_dir (a checkpoint every save_every steps) under run_measured;
+    a run cut short (its checkpoint.pt is there: a session's end) is continued with --resume."""
+    command = [*command, "--output-dir", str(output_dir), "--save-every", str(save_every)]
+    if (output_dir / "checkpoint.pt").is_file():
+        command.append("--resume")
+    return run_measured(command)
+
+
+def train_once(command: list[str], output_dir: Path, save_every: int) -> dict:
+    """train() unless output_dir holds a finished run (final.json); the measurements either way (measured.json)."""
+    if not (output_dir / "final.json").is_file():
+        (output_dir / "measured.json").write_text(json.dumps(train(command, output_dir, save_every)))
+    return json.loads((output_dir / "measured.json").read_text())
 
 
 def update_page(page: str, block: str, name: str, script: str = "", heading_level: int = 0) -> None:

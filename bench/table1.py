@@ -156,11 +156,7 @@ TRUNK = ["--frozen-trunk-cache"]  # not part of a run's key: the same model, tra
 
 def train(arguments: list[str], output_dir: Path) -> tuple[dict, dict]:
     """Run train_rm.py (resuming its checkpoint if a session was cut) -> (machine measurements, final.json)."""
-    command = [sys.executable, str(ROOT / "train_rm.py"), *arguments, *TRUNK, "--output-dir", str(output_dir),
-               "--save-every", "20"]
-    if (output_dir / "checkpoint.pt").is_file():
-        command.append("--resume")
-    measured = runner.run_measured(command)
+    measured = runner.train([sys.executable, str(ROOT / "train_rm.py"), *arguments, *TRUNK], output_dir, save_every=20)
     return measured, json.loads((output_dir / "final.json").read_text())
 
 

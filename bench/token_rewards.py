@@ -46,7 +46,8 @@ ROWS = {  # name: train_rm.py arguments beyond CONFIG
        (("BT-var", "bt-var"), ("Pref-Trans", "pref-trans"), ("AVA-p", "ava-p"))},
     # our AVA-p variants (avalib/cli.py PRESETS; ava.py's docstring says what each changes and why)
     **{f"AVA-p {name}": {"objective": "ava-p", "preset": name} for name in
-       ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights", "mu-weights-floor")},
+       ("return-cer", "centred-td", "centred-td-return", "centred-td-discounted", "mu-weights", "mu-weights-floor",
+        "mu-weights-half-td")},
     # a DPO policy (train_direct.py); its implicit per-token reward beta * log pi/pi_ref is a token-level
     # soft-Q reading (Rafailov et al. 2024, "From r to Q*"); lr: train_direct.py's default for a policy
     "DPO": {"script": "train_direct.py", "objective": "dpo", "lr": 1e-4, "dpo-beta": 0.1},
@@ -158,6 +159,23 @@ def dev_curve(output_dir: Path) -> list[dict]:
             if "eval/accuracy" in r and not r.get("final")]
 
 
+def training_trace(output_dir: Path, points: int = 5) -> list[dict]:
+    """The training margin (and AVA's mean sigma_t) at `points` evenly spaced logged steps, the last included: a
+    margin stuck at 0 with sigma near 0 is the collapse docs/train_rm.md describes, visible in the committed result."""
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = [r for r in lines if "rewards/margins" in r]
+    picked = sorted({round(i * (len(lines) - 1) / max(points - 1, 1)) for i in range(points)}) if lines else []
+    return [{"step": lines[i]["step"], "margin": lines[i]["rewards/margins"],
+             **({"sigma": lines[i]["ava/sigma"]} if "ava/sigma" in lines[i] else {})} for i in picked]
+
+
+def trace_note(result: dict) -> str:
+    """The training trace of an AVA run as text (step: margin, sigma), or "" for runs made before it was kept."""
+    trace = [t for t in result.get("training_trace", []) if "sigma" in t]
+    return (" Training (step: margin, sigma_t): " + "; ".join(f"{t['step']}: {t['margin']:.2f}, {t['sigma']:.2f}"
+                                                             for t in trace) + "." if trace else "")
+
+
 def run_directory(row: str, seed: int, epochs: int) -> Path:
     """Where a row's run lives (checkpoints, metrics, the model): $AVA_CACHE/bench-runs/token_rewards/."""
     key = hashlib.sha256(json.dumps(run_arguments(row, seed, epochs)).encode()).hexdigest()[:12]
@@ -173,32 +191,34 @@ def committed_epochs(row: str, seed: int = 0) -> int:
     return int(command[command.index("--epochs") + 1])
 
 
-def run_row(row: str, seed: int, epochs: int) -> dict:
+def run_row(row: str, seed: int, epochs: int, need_model: bool = False) -> dict:
+    """The row's result, run now if it is missing (or, with need_model, if its trained model is not on this
+    machine: results are committed, models are not, so a new machine trains it again and rewrites the result)."""
     arguments = run_arguments(row, seed, epochs)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
     path = result_path(row, seed)
-    if path.is_file() and json.loads(path.read_text()).get("key") == key:
-        return json.loads(path.read_text())
     output_dir = run_directory(row, seed, epochs)
-    steps_per_epoch = None
-    if not (output_dir / "final.json").is_file():
+    have_model = (output_dir / "final.json").is_file()
+    if path.is_file() and json.loads(path.read_text()).get("key") == key and (have_model or not need_model):
+        result = json.loads(path.read_text())
+        if "training_trace" not in result and have_model:  # results made before the trace was kept
+            result["training_trace"] = training_trace(output_dir)
+            path.write_text(json.dumps(result, indent=1))
+        return result
+    command = [sys.executable, str(ROOT / script_of(row)), *arguments]
+    if not (output_dir / "final.json").is_file():  # dev accuracy after every epoch: where training stops improving
         from avalib import task
 
         pairs = len(task.load_task("default", progress=False).pairs("train"))
-        steps_per_epoch = -(-pairs // CONFIG["batch-size"])
-        command = [sys.executable, str(ROOT / script_of(row)), *arguments, "--output-dir", str(output_dir),
-                   "--eval-every", str(steps_per_epoch), "--save-every", "50"]
-        if (output_dir / "checkpoint.pt").is_file():
-            command.append("--resume")
-        measured = runner.run_measured(command)
-        (output_dir / "measured.json").write_text(json.dumps(measured))
+        command += ["--eval-every", str(-(-pairs // CONFIG["batch-size"]))]
+    measured = runner.train_once(command, output_dir, save_every=50)
     final = json.loads((output_dir / "final.json").read_text())
-    measured = json.loads((output_dir / "measured.json").read_text())
     evaluated = (evaluate_dpo(output_dir / "policy", ROWS[row]["dpo-beta"], CONFIG["max-length"]) if ROWS[row]["objective"] == "dpo"
                  else evaluate_model(output_dir / "model", CONFIG["max-length"]))
     result = {"row": row, "seed": seed, "key": key, "command": f"python {script_of(row)} " + " ".join(arguments),
               **measured, "steps": final["steps"], "train_tokens_per_second": final.get("train_tokens_per_second"),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")}, "dev_curve": dev_curve(output_dir),
+              "training_trace": training_trace(output_dir),
               **evaluated, "task": task_build()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -362,7 +382,7 @@ def report() -> None:
              builds_note(table)]
     notes += [f"{s['row']} seed {r['seed']}: Pearson of mu_t with its TD error delta_t (Eq. 14, which with Eq. 12 is "
               f"alpha * (pi_t(y_t+1) - pi_t+1(y_t+2)) + O(1/V)) {r['mu_vs_td_error_pearson']:+.2f}; of delta_t with the gold "
-              f"{r['td_error_vs_gold']:+.2f}." for s in table for r in s["runs"] if "mu_vs_td_error_pearson" in r]
+              f"{r['td_error_vs_gold']:+.2f}." + trace_note(r) for s in table for r in s["runs"] if "mu_vs_td_error_pearson" in r]
     text = "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n" + seeds_table(table)
     (ROOT / "bench" / "results" / "token_rewards.md").write_text(text)
     (ROOT / "bench" / "results" / "token_rewards.json").write_text(

@@ -72,18 +72,13 @@ def run(preset: str, seed: int = 0) -> dict:
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
     output_dir = models.cache_dir() / "bench-runs" / "variants" / f"{path.stem}-{key}"
-    if not (output_dir / "final.json").is_file():
-        command = [sys.executable, str(ROOT / "train_rm.py"), *args, "--output-dir", str(output_dir), "--save-every", "50"]
-        if (output_dir / "checkpoint.pt").is_file():  # a run cut short (a session's end): continue it
-            command.append("--resume")
-        measured = runner.run_measured(command)
-        (output_dir / "measured.json").write_text(json.dumps(measured))
+    measured = runner.train_once([sys.executable, str(ROOT / "train_rm.py"), *args], output_dir, save_every=50)
     from avalib import reward_models
 
     final = json.loads((output_dir / "final.json").read_text())
     model, tokenizer, _ = reward_models.load_reward_model(output_dir / "model")
     result = {"preset": preset, "seed": seed, "config": config_of(preset), "key": key,
-              "command": "python train_rm.py " + " ".join(args), **json.loads((output_dir / "measured.json").read_text()),
+              "command": "python train_rm.py " + " ".join(args), **measured,
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
               "tokens_dev": token_rewards.token_table(model, tokenizer, "dev", SCREEN["max-length"])}

@@ -1,6 +1,7 @@
 """The benchmark's own statistics: the paired comparison of two reward models on the same pairs."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +271,44 @@ def test_budget_screens_pair_each_objective_with_its_own_defaults_at_the_same_se
     assert "| - |" in rows["AVA-p", "1", "2@0.003"] and "| - |" in rows["Pref-Trans", "1", "2@0.001 (defaults)"]
     # an objective's defaults row is bench/token_rewards.py's run of it when the arguments agree
     assert budget.arguments("2@0.001", "pref-trans", 1) == token_rewards.run_arguments("Pref-Trans", 1, 1)
+
+
+def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this_machine(tmp_path, monkeypatch):
+    """Results are committed, models are not: the notebook (need_model) must train a missing model, not load a
+    directory that is not there; the benchmark itself (need_model off) keeps the committed result."""
+    import types
+
+    from avalib import task
+    from bench import token_rewards
+
+    monkeypatch.setattr(token_rewards, "result_path", lambda row, seed: tmp_path / f"{row}-{seed}.json")
+    monkeypatch.setattr(token_rewards.models, "cache_dir", lambda: tmp_path / "cache")
+    built = types.SimpleNamespace(key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "sha")
+    monkeypatch.setattr(task, "load_task", lambda *a, **k: built)
+    monkeypatch.setattr(token_rewards, "evaluate_model", lambda model_dir, max_length: {"test": {}})
+    commands = []
+
+    def run_measured(command):  # stands in for a training run: what train_rm.py leaves behind
+        commands.append(command)
+        out = Path(command[command.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "final.json").write_text(json.dumps({"steps": 3}))
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "rewards/margins": 0.1 * s, "ava/sigma": 1 - 0.1 * s})
+                                                   + "\n" for s in range(1, 10)))
+        return {"wall_seconds": 1.0}
+
+    monkeypatch.setattr(token_rewards.runner, "run_measured", run_measured)
+    arguments = token_rewards.run_arguments("AVA-p", 0, 1)
+    key = token_rewards.hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
+    committed = {"row": "AVA-p", "seed": 0, "key": key, "test": {"eval/accuracy": 0.66}}
+    token_rewards.result_path("AVA-p", 0).write_text(json.dumps(committed))
+    assert token_rewards.run_row("AVA-p", 0, 1) == committed and commands == []
+    result = token_rewards.run_row("AVA-p", 0, 1, need_model=True)
+    assert len(commands) == 1 and "--resume" not in commands[0]
+    assert (token_rewards.run_directory("AVA-p", 0, 1) / "final.json").is_file()
+    assert json.loads(token_rewards.result_path("AVA-p", 0).read_text()) == result != committed
+    # the trace: five logged steps, evenly spaced, the first and last included
+    assert [t["step"] for t in result["training_trace"]] == [1, 3, 5, 7, 9]
+    assert result["training_trace"][-1] == {"step": 9, "margin": pytest.approx(0.9), "sigma": pytest.approx(0.1)}
+    assert "9: 0.90, 0.10." in token_rewards.trace_note(result)
+    assert token_rewards.run_row("AVA-p", 0, 1, need_model=True) == result and len(commands) == 1  # now it is here

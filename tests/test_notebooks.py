@@ -60,15 +60,15 @@ def test_intermediate_rewards_notebook_runs_and_reports(tmp_path, monkeypatch):
                           "hh_ava_p_pair.png", "td_consistency.png"])
     report = json.loads((results / "token_reward_correlation.json").read_text())
     assert report["fast_mode"] and report["task"] == "builtin:tiny" and report["replies"] > 0
-    assert list(report["models"]) == ["AVA-p", "AVA-p mu-weights", "Pref-Trans", "BT"]
+    assert list(report["models"]) == ["AVA-p", "AVA-p mu-weights-half-td", "Pref-Trans", "BT"]
     for label, entry in report["models"].items():
         tokens = entry["tokens"]
         assert tokens["replies"] == report["replies"] and tokens["tokens"] > tokens["replies"], label
         assert math.isfinite(tokens["pearson"]) and -1 <= tokens["pearson"] <= 1, label
         assert 0 <= entry["test_accuracy_gold_labels"] <= 1 and entry["off_label"] == (label == "BT"), label
     assert report["models"]["AVA-p"]["preset"] == "paper"
-    assert report["models"]["AVA-p"]["tokens"]["pearson"] != report["models"]["AVA-p mu-weights"]["tokens"]["pearson"]
-    assert "AVA-p mu-weights" in (results / "token_reward_correlation.md").read_text()
+    assert report["models"]["AVA-p"]["tokens"]["pearson"] != report["models"]["AVA-p mu-weights-half-td"]["tokens"]["pearson"]
+    assert "AVA-p mu-weights-half-td" in (results / "token_reward_correlation.md").read_text()
 
 
 # ---- the helpers (quick) ----

@@ -281,3 +281,41 @@ def test_with_a_zero_td_error_the_td_and_kl_terms_drive_sigma_to_its_floor_and_p
         out = model(*chosen)
     sigma = out.sigma[out.mask.bool()]
     assert float(sigma.min()) >= 0.1 and float(sigma.max()) < 0.1 + 1e-6
+
+
+def test_half_td_keeps_a_barrier_on_sigma_where_the_td_error_is_zero():
+    """The mu-weights-half-td preset (lambda = 0.5): with delta_t = 0, -KL + lambda log N(0; mu, sigma) keeps
+    (1 - lambda) log sigma, so the sigma it prefers is sqrt(1 - lambda), not the floor, and the price of a reward
+    mu stays mu^2 (1 + lambda / (1 - lambda)) / 2. And ava_p_loss weights the TD term by lambda: its loss and its
+    gradient on the reward head move by exactly (1 - lambda) times the TD term's."""
+    from avalib import cli
+
+    config = ava.AVAConfig(**cli.PRESETS["mu-weights-half-td"])
+    assert config.lam == 0.5 and {k: v for k, v in cli.PRESETS["mu-weights-half-td"].items() if k != "lam"} == \
+        cli.PRESETS["mu-weights"]
+
+    def objective(mu, sigma, lam):
+        mu, sigma = torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64)
+        return float(lam * ava.gaussian_log_density(torch.tensor(0.0, dtype=torch.float64), mu, sigma)
+                     - ava.kl_to_standard_normal(mu, sigma))
+
+    grid = [10 ** (k / 50) for k in range(-200, 51)]  # sigma from 1e-4 to 10
+    best = max(grid, key=lambda s: objective(0.0, s, config.lam))
+    assert abs(best - (1 - config.lam) ** 0.5) < 0.05  # an interior optimum ...
+    assert objective(0.0, 1e-4, config.lam) < objective(0.0, 0.1, config.lam) < objective(0.0, best, config.lam)
+    assert max(grid, key=lambda s: objective(0.0, s, 1.0)) == grid[0]  # ... where lambda = 1 runs to the floor
+    price = objective(0.0, best, config.lam) - objective(0.5, best, config.lam)
+    assert abs(price - 0.25 * (1 + config.lam / (1 - config.lam)) / 2) < 0.01
+
+    model = ava.TQR(tiny_lm("llama"), config)
+    randomize_heads(model)
+    chosen, rejected = pairs()
+    half_loss, half = ava.ava_p_loss(model(*chosen), model(*rejected), config)
+    full_config = ava.AVAConfig(**{**cli.PRESETS["mu-weights"], "lam": 1.0})
+    full_loss, full = ava.ava_p_loss(model(*chosen), model(*rejected), full_config)
+    torch.testing.assert_close(full_loss - half_loss, -(1 - config.lam) * full["td_logp"])
+    difference = {k: g_full - g_half for (k, g_full), g_half in
+                  zip(grads_of(model, full_loss).items(), grads_of(model, half_loss).values()) if g_full is not None}
+    td = grads_of(model, -(1 - config.lam) * full["td_logp"])
+    torch.testing.assert_close(difference["reward_head.weight"], td["reward_head.weight"], atol=1e-6, rtol=1e-4)
+    assert nonzero(td["reward_head.weight"])
