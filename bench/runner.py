@@ -23,33 +23,38 @@ def busy_cpu_seconds() -> float:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-def run_measured(command: list[str]) -> dict:
+def run_measured(command: list[str], log: Path | None = None) -> dict:
     """Run `command` in the repository (check=True); returns when it started (UTC), its wall seconds and the
     share of the machine's CPU time that *other* processes took meanwhile (timings are comparable only near 0;
-    runs started in different sessions may have had different machines of the same kind)."""
+    runs started in different sessions may have had different machines of the same kind). log: the command's
+    output (progress bars included) goes to this file instead of the terminal."""
     print("running:", " ".join(command[1:]), flush=True)
     started, busy_before = time.time(), busy_cpu_seconds()
     own_before = os.times().children_user + os.times().children_system
-    subprocess.run(command, check=True, cwd=ROOT)
+    if log is None:
+        subprocess.run(command, check=True, cwd=ROOT)
+    else:
+        with open(log, "a") as sink:
+            subprocess.run(command, check=True, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     wall = time.time() - started
     own = os.times().children_user + os.times().children_system - own_before
     other = max(0.0, busy_cpu_seconds() - busy_before - own) / (wall * os.cpu_count())
     return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "wall_seconds": wall, "load_average_at_end": os.getloadavg()[0], "other_processes_cpu_share": other}
 
 
-def train(command: list[str], output_dir: Path, save_every: int) -> dict:
+def train(command: list[str], output_dir: Path, save_every: int, log: Path | None = None) -> dict:
     """Run a training script's `command` into output_dir (a checkpoint every save_every steps) under run_measured;
     a run cut short (its checkpoint.pt is there: a session's end) is continued with --resume."""
     command = [*command, "--output-dir", str(output_dir), "--save-every", str(save_every)]
     if (output_dir / "checkpoint.pt").is_file():
         command.append("--resume")
-    return run_measured(command)
+    return run_measured(command, log)
 
 
-def train_once(command: list[str], output_dir: Path, save_every: int) -> dict:
+def train_once(command: list[str], output_dir: Path, save_every: int, log: Path | None = None) -> dict:
     """train() unless output_dir holds a finished run (final.json); the measurements either way (measured.json)."""
     if not (output_dir / "final.json").is_file():
-        (output_dir / "measured.json").write_text(json.dumps(train(command, output_dir, save_every)))
+        (output_dir / "measured.json").write_text(json.dumps(train(command, output_dir, save_every, log)))
     return json.loads((output_dir / "measured.json").read_text())
 
 

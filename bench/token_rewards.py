@@ -191,9 +191,10 @@ def committed_epochs(row: str, seed: int = 0) -> int:
     return int(command[command.index("--epochs") + 1])
 
 
-def run_row(row: str, seed: int, epochs: int, need_model: bool = False) -> dict:
+def run_row(row: str, seed: int, epochs: int, need_model: bool = False, quiet: bool = False) -> dict:
     """The row's result, run now if it is missing (or, with need_model, if its trained model is not on this
-    machine: results are committed, models are not, so a new machine trains it again and rewrites the result)."""
+    machine: results are committed, models are not, so a new machine trains it again and rewrites the result).
+    quiet: the training's output goes to train.log in its run directory (a notebook keeps its outputs short)."""
     arguments = run_arguments(row, seed, epochs)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
     path = result_path(row, seed)
@@ -211,7 +212,8 @@ def run_row(row: str, seed: int, epochs: int, need_model: bool = False) -> dict:
 
         pairs = len(task.load_task("default", progress=False).pairs("train"))
         command += ["--eval-every", str(-(-pairs // CONFIG["batch-size"]))]
-    measured = runner.train_once(command, output_dir, save_every=50)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    measured = runner.train_once(command, output_dir, save_every=50, log=output_dir / "train.log" if quiet else None)
     final = json.loads((output_dir / "final.json").read_text())
     evaluated = (evaluate_dpo(output_dir / "policy", ROWS[row]["dpo-beta"], CONFIG["max-length"]) if ROWS[row]["objective"] == "dpo"
                  else evaluate_model(output_dir / "model", CONFIG["max-length"]))
@@ -319,6 +321,28 @@ def summarise(row: str) -> dict | None:
                                                                            "return_to_go_pearson", "word_pearson")}}
 
 
+def other_builds_table(main_runs: dict[tuple[str, int], dict]) -> str:
+    """Runs kept from other builds of task v2 (RESULTS/build-REPLIES_SHA/*.json: a machine whose sampling gave
+    other replies trains there), each beside the same row and seed of the main table: how much a result moves
+    with the build. main_runs: (row, seed) -> result."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("build-*/*-seed*.json"))]
+    if not runs:
+        return ""
+    lines = ["", "Other builds of task v2 (the same command on a machine whose sampling gave other replies; result files "
+             "under bench/results/token_rewards/build-*/), beside the same row and seed of the main table (its build above):", "",
+             "| model | seed | replies | test accuracy % | main table | token Pearson | main table | Pearson, gold-bearing tokens | main table |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ours = main_runs.get((r["row"], r["seed"]))
+        pick = lambda run, f: f(run) if run and "test" in run else "-"
+        accuracy = lambda run: f"{100 * run['test']['eval/accuracy']:.1f}"
+        pearson = lambda run: f"{run['tokens']['pearson']:+.2f}"
+        nonzero = lambda run: f"{run['tokens']['pearson_nonzero']:+.2f}"
+        lines.append(f"| {r['row']} | {r['seed']} | `{r.get('task', {}).get('replies_sha256')}` | {accuracy(r)} | "
+                     f"{pick(ours, accuracy)} | {pearson(r)} | {pick(ours, pearson)} | {nonzero(r)} | {pick(ours, nonzero)} |")
+    return "\n".join(lines) + "\n"
+
+
 def cell(value, interval=None, percent=False) -> str:
     if value is None or value != value:
         return "-"
@@ -383,7 +407,8 @@ def report() -> None:
     notes += [f"{s['row']} seed {r['seed']}: Pearson of mu_t with its TD error delta_t (Eq. 14, which with Eq. 12 is "
               f"alpha * (pi_t(y_t+1) - pi_t+1(y_t+2)) + O(1/V)) {r['mu_vs_td_error_pearson']:+.2f}; of delta_t with the gold "
               f"{r['td_error_vs_gold']:+.2f}." + trace_note(r) for s in table for r in s["runs"] if "mu_vs_td_error_pearson" in r]
-    text = "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n" + seeds_table(table)
+    text = ("\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n" + seeds_table(table)
+            + other_builds_table({(s["row"], r["seed"]): r for s in table for r in s["runs"]}))
     (ROOT / "bench" / "results" / "token_rewards.md").write_text(text)
     (ROOT / "bench" / "results" / "token_rewards.json").write_text(
         json.dumps([{k: v for k, v in s.items() if k != "runs"} for s in table], indent=1))

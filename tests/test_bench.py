@@ -1,6 +1,7 @@
 """The benchmark's own statistics: the paired comparison of two reward models on the same pairs."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,26 @@ def test_token_rewards_says_when_results_come_from_different_task_builds():
     assert "approximate" in note
 
 
+def test_token_rewards_sets_results_of_another_task_build_beside_the_main_table(tmp_path, monkeypatch):
+    from bench import token_rewards
+
+    def result(row, seed, sha, accuracy, pearson):
+        return {"row": row, "seed": seed, "task": {"replies_sha256": sha}, "test": {"eval/accuracy": accuracy},
+                "tokens": {"pearson": pearson, "pearson_nonzero": pearson + 0.3}}
+
+    monkeypatch.setattr(token_rewards, "RESULTS", tmp_path)
+    assert token_rewards.other_builds_table({}) == ""
+    (tmp_path / "build-cccc").mkdir()
+    for name, r in {"BT-seed0": result("BT", 0, "cccc", 0.70, 0.10), "AVA-p-seed3": result("AVA-p", 3, "cccc", 0.60, 0.01)}.items():
+        (tmp_path / "build-cccc" / f"{name}.json").write_text(json.dumps(r))
+    (tmp_path / "BT-seed0.json").write_text("{}")  # the main table's own files are not read here
+    table = token_rewards.other_builds_table({("BT", 0): result("BT", 0, "aaaa", 0.75, 0.20),
+                                              ("AVA-p", 0): result("AVA-p", 0, "aaaa", 0.65, 0.02)})  # seed 3 is not seed 0
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| AVA-p | 3 | `cccc` | 60.0 | - | +0.01 | - | +0.31 | - |",
+                    "| BT | 0 | `cccc` | 70.0 | 75.0 | +0.10 | +0.20 | +0.40 | +0.50 |"]
+
+
 def test_token_reward_rows_can_be_named_on_the_command_line():
     from bench import token_rewards
 
@@ -286,12 +307,13 @@ def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this
     built = types.SimpleNamespace(key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "sha")
     monkeypatch.setattr(task, "load_task", lambda *a, **k: built)
     monkeypatch.setattr(token_rewards, "evaluate_model", lambda model_dir, max_length: {"test": {}})
-    commands = []
+    commands, logs = [], []
 
-    def run_measured(command):  # stands in for a training run: what train_rm.py leaves behind
+    def run_measured(command, log=None):  # stands in for a training run: what train_rm.py leaves behind
         commands.append(command)
+        logs.append(log)
         out = Path(command[command.index("--output-dir") + 1])
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "final.json").write_text(json.dumps({"steps": 3}))
         (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "rewards/margins": 0.1 * s, "ava/sigma": 1 - 0.1 * s})
                                                    + "\n" for s in range(1, 10)))
@@ -303,8 +325,9 @@ def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this
     committed = {"row": "AVA-p", "seed": 0, "key": key, "test": {"eval/accuracy": 0.66}}
     token_rewards.result_path("AVA-p", 0).write_text(json.dumps(committed))
     assert token_rewards.run_row("AVA-p", 0, 1) == committed and commands == []
-    result = token_rewards.run_row("AVA-p", 0, 1, need_model=True)
+    result = token_rewards.run_row("AVA-p", 0, 1, need_model=True, quiet=True)
     assert len(commands) == 1 and "--resume" not in commands[0]
+    assert logs == [token_rewards.run_directory("AVA-p", 0, 1) / "train.log"]  # quiet: the output goes to the run's log
     assert (token_rewards.run_directory("AVA-p", 0, 1) / "final.json").is_file()
     assert json.loads(token_rewards.result_path("AVA-p", 0).read_text()) == result != committed
     # the trace: five logged steps, evenly spaced, the first and last included
@@ -312,3 +335,12 @@ def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this
     assert result["training_trace"][-1] == {"step": 9, "margin": pytest.approx(0.9), "sigma": pytest.approx(0.1)}
     assert "9: 0.90, 0.10." in token_rewards.trace_note(result)
     assert token_rewards.run_row("AVA-p", 0, 1, need_model=True) == result and len(commands) == 1  # now it is here
+
+
+def test_a_measured_run_can_send_its_output_to_a_log_file(tmp_path, capfd):
+    from bench import runner
+
+    log = tmp_path / "train.log"
+    runner.run_measured([sys.executable, "-c", "import sys; print('to stdout'); print('to stderr', file=sys.stderr)"], log)
+    assert "to stdout" in log.read_text() and "to stderr" in log.read_text()
+    assert "to stdout" not in capfd.readouterr().out.splitlines()  # only the 'running: ...' line
