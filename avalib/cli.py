@@ -220,7 +220,7 @@ PRESETS["mu-weights-floor"] = {**PRESETS["mu-weights"], "sigma_min": 0.1}
 # fix the collapse's mechanism points to. Where delta_t = 0, -KL + lambda log N(0; mu, sigma) keeps a (1 - lambda)
 # log sigma that the two -log sigma no longer cancel: the sigma that maximises it is sqrt(1 - lambda) (prior
 # N(0, 1)), not 0, and the pull on mu stays mu^2 (1 + lambda / (1 - lambda)) / 2 instead of growing as 1 / sigma^2
-# (tests/test_tqr.py). Measured: none of 3 seeds collapsed (seed 0's ava/sigma settled at ~0.72 ~ sqrt(0.5)), test
+# (tests/test_tqr.py). Measured: none of 5 runs collapsed (3 seeds, and 2 on another task build; sigma ~0.72), test
 # accuracy as mu-weights' surviving seeds, mu_t's Pearson with the gold a little lower (+0.26 vs +0.33 / +0.36) but
 # higher on the gold-bearing tokens (+0.63 vs +0.45 / +0.50).
 PRESETS["mu-weights-half-td"] = {**PRESETS["mu-weights"], "lam": 0.5}
