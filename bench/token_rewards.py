@@ -207,7 +207,7 @@ def run_row(row: str, seed: int, epochs: int, need_model: bool = False, quiet: b
             path.write_text(json.dumps(result, indent=1))
         return result
     command = [sys.executable, str(ROOT / script_of(row)), *arguments]
-    if not (output_dir / "final.json").is_file():  # dev accuracy after every epoch: where training stops improving
+    if not have_model:  # dev accuracy after every epoch: where training stops improving
         from avalib import task
 
         pairs = len(task.load_task("default", progress=False).pairs("train"))
@@ -332,12 +332,12 @@ def other_builds_table(main_runs: dict[tuple[str, int], dict]) -> str:
              "under bench/results/token_rewards/build-*/), beside the same row and seed of the main table (its build above):", "",
              "| model | seed | replies | test accuracy % | main table | token Pearson | main table | Pearson, gold-bearing tokens | main table |",
              "|---|---|---|---|---|---|---|---|---|"]
+    pick = lambda run, f: f(run) if run and "test" in run else "-"
+    accuracy = lambda run: f"{100 * run['test']['eval/accuracy']:.1f}"
+    pearson = lambda run: f"{run['tokens']['pearson']:+.2f}"
+    nonzero = lambda run: f"{run['tokens']['pearson_nonzero']:+.2f}"
     for r in runs:
         ours = main_runs.get((r["row"], r["seed"]))
-        pick = lambda run, f: f(run) if run and "test" in run else "-"
-        accuracy = lambda run: f"{100 * run['test']['eval/accuracy']:.1f}"
-        pearson = lambda run: f"{run['tokens']['pearson']:+.2f}"
-        nonzero = lambda run: f"{run['tokens']['pearson_nonzero']:+.2f}"
         lines.append(f"| {r['row']} | {r['seed']} | `{r.get('task', {}).get('replies_sha256')}` | {accuracy(r)} | "
                      f"{pick(ours, accuracy)} | {pearson(r)} | {pick(ours, pearson)} | {nonzero(r)} | {pick(ours, nonzero)} |")
     return "\n".join(lines) + "\n"
