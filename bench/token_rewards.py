@@ -15,6 +15,8 @@ states to the gold token rewards of the train replies (a ceiling for a linear re
     python bench/token_rewards.py --report                         # rebuild the tables only
 
 Results: bench/results/token_rewards/<row>-seed<k>.json (committed), bench/results/token_rewards.{json,md}.
+A machine whose task build differs from the main table's (bench/results/task.json's replies) writes its runs
+under bench/results/token_rewards/build-<replies>/ instead; the report sets them beside the main table.
 Runs (checkpoints, models) live under $AVA_CACHE/bench-runs/token_rewards/, keyed by their arguments.
 """
 from __future__ import annotations
@@ -191,20 +193,45 @@ def committed_epochs(row: str, seed: int = 0) -> int:
     return int(command[command.index("--epochs") + 1])
 
 
+def main_build() -> str | None:
+    """The task build the main table is on: the replies of bench/results/task.json (bench/task_stats.py's build)."""
+    path = ROOT / "bench" / "results" / "task.json"
+    return json.loads(path.read_text()).get("replies_sha256") if path.is_file() else None
+
+
+def build_result_path(row: str, seed: int, replies_sha256: str) -> Path:
+    """Where a run on this build of task v2 keeps its result: the main table's file when the build is the main
+    table's, else RESULTS/build-REPLIES_SHA/ beside it (other_builds_table), so that a machine whose sampling
+    gave other replies never overwrites the main table with a run on other test pairs."""
+    path = result_path(row, seed)
+    return path if replies_sha256 == main_build() else path.parent / f"build-{replies_sha256}" / path.name
+
+
 def run_row(row: str, seed: int, epochs: int, need_model: bool = False, quiet: bool = False) -> dict:
     """The row's result, run now if it is missing (or, with need_model, if its trained model is not on this
-    machine: results are committed, models are not, so a new machine trains it again and rewrites the result).
-    quiet: the training's output goes to train.log in its run directory (a notebook keeps its outputs short)."""
+    machine: results are committed, models are not, so a new machine trains it again). Without need_model a
+    committed main-table result stands; a run made here is written for this machine's task build
+    (build_result_path). quiet: the training's output goes to train.log in its run directory (a notebook keeps
+    its outputs short)."""
     arguments = run_arguments(row, seed, epochs)
     key = hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
-    path = result_path(row, seed)
     output_dir = run_directory(row, seed, epochs)
     have_model = (output_dir / "final.json").is_file()
-    if path.is_file() and json.loads(path.read_text()).get("key") == key and (have_model or not need_model):
+
+    def stored(path: Path) -> dict | None:
+        if not path.is_file() or json.loads(path.read_text()).get("key") != key:
+            return None
         result = json.loads(path.read_text())
         if "training_trace" not in result and have_model:  # results made before the trace was kept
             result["training_trace"] = training_trace(output_dir)
             path.write_text(json.dumps(result, indent=1))
+        return result
+
+    if not need_model and (result := stored(result_path(row, seed))):
+        return result
+    build = task_build()
+    path = build_result_path(row, seed, build["replies_sha256"])
+    if have_model and (result := stored(path)):
         return result
     command = [sys.executable, str(ROOT / script_of(row)), *arguments]
     if not have_model:  # dev accuracy after every epoch: where training stops improving
@@ -221,7 +248,7 @@ def run_row(row: str, seed: int, epochs: int, need_model: bool = False, quiet: b
               **measured, "steps": final["steps"], "train_tokens_per_second": final.get("train_tokens_per_second"),
               "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")}, "dev_curve": dev_curve(output_dir),
               "training_trace": training_trace(output_dir),
-              **evaluated, "task": task_build()}
+              **evaluated, "task": build}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result

@@ -306,6 +306,7 @@ def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this
     monkeypatch.setattr(token_rewards.models, "cache_dir", lambda: tmp_path / "cache")
     built = types.SimpleNamespace(key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "sha")
     monkeypatch.setattr(task, "load_task", lambda *a, **k: built)
+    monkeypatch.setattr(token_rewards, "main_build", lambda: "sha")  # this machine built the main table's task
     monkeypatch.setattr(token_rewards, "evaluate_model", lambda model_dir, max_length: {"test": {}})
     commands, logs = [], []
 
@@ -335,6 +336,54 @@ def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this
     assert result["training_trace"][-1] == {"step": 9, "margin": pytest.approx(0.9), "sigma": pytest.approx(0.1)}
     assert "9: 0.90, 0.10." in token_rewards.trace_note(result)
     assert token_rewards.run_row("AVA-p", 0, 1, need_model=True) == result and len(commands) == 1  # now it is here
+
+
+def test_a_run_on_another_task_build_is_kept_beside_the_main_table_not_over_it(tmp_path, monkeypatch):
+    """A machine whose sampling built task v2 with other replies (another replies_sha256 than the main table's,
+    bench/results/task.json) writes its run under build-SHA/ and reads it back from there; the main table's
+    committed result is left as it was."""
+    import types
+
+    from avalib import task
+    from bench import token_rewards
+
+    monkeypatch.setattr(token_rewards, "result_path", lambda row, seed: tmp_path / f"{row}-{seed}.json")
+    monkeypatch.setattr(token_rewards.models, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(task, "load_task", lambda *a, **k: types.SimpleNamespace(
+        key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "other"))
+    monkeypatch.setattr(token_rewards, "main_build", lambda: "main")
+    evaluated = []
+    monkeypatch.setattr(token_rewards, "evaluate_model",
+                        lambda model_dir, max_length: evaluated.append(model_dir) or {"test": {"eval/accuracy": 0.7}})
+    commands = []
+
+    def run_measured(command, log=None):
+        commands.append(command)
+        out = Path(command[command.index("--output-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "final.json").write_text(json.dumps({"steps": 3}))
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "rewards/margins": 0.1}) + "\n")
+        return {"wall_seconds": 1.0}
+
+    monkeypatch.setattr(token_rewards.runner, "run_measured", run_measured)
+    arguments = token_rewards.run_arguments("BT", 0, 1)
+    key = token_rewards.hashlib.sha256(json.dumps(arguments).encode()).hexdigest()[:12]
+    committed = {"row": "BT", "seed": 0, "key": key, "test": {"eval/accuracy": 0.74}, "task": {"replies_sha256": "main"}}
+    main = token_rewards.result_path("BT", 0)
+    main.write_text(json.dumps(committed))
+    assert token_rewards.run_row("BT", 0, 1) == committed and commands == []  # the benchmark reads the committed figure
+    result = token_rewards.run_row("BT", 0, 1, need_model=True)  # the notebook, on the other build: trains here
+    assert len(commands) == 1 and result["task"]["replies_sha256"] == "other"
+    assert json.loads(main.read_text()) == committed  # the main table is untouched
+    assert json.loads((tmp_path / "build-other" / main.name).read_text()) == result
+    assert token_rewards.run_row("BT", 0, 1, need_model=True) == result  # read back: not retrained, not re-evaluated
+    assert len(commands) == 1 and len(evaluated) == 1
+    # a row the main table lacks, run on the other build, goes beside it too
+    token_rewards.run_row("Pref-Trans", 0, 1)
+    assert not token_rewards.result_path("Pref-Trans", 0).exists()
+    assert (tmp_path / "build-other" / token_rewards.result_path("Pref-Trans", 0).name).is_file()
+    # on the main table's build the file is the main table's
+    assert token_rewards.build_result_path("BT", 0, "main") == main
 
 
 def test_a_measured_run_can_send_its_output_to_a_log_file(tmp_path, capfd):
