@@ -393,3 +393,75 @@ def test_a_measured_run_can_send_its_output_to_a_log_file(tmp_path, capfd):
     runner.run_measured([sys.executable, "-c", "import sys; print('to stdout'); print('to stderr', file=sys.stderr)"], log)
     assert "to stdout" in log.read_text() and "to stderr" in log.read_text()
     assert "to stdout" not in capfd.readouterr().out.splitlines()  # only the 'running: ...' line
+
+
+def test_learning_curve_subsets_are_nested_keep_whole_requests_and_pair_each_seed_with_all_requests(tmp_path, monkeypatch):
+    from bench import learning_curve
+
+    requests = [f"request {i}" for i in range(16)]
+    order = learning_curve.request_order(list(reversed(requests)))
+    assert set(order) == set(requests) and order == learning_curve.request_order(requests)  # fixed, whatever the input order
+    sizes = learning_curve.counts(16)
+    assert sizes == [2, 4, 8, 16]
+    assert all(set(order[:a]) < set(order[:b]) for a, b in zip(sizes, sizes[1:]))  # nested
+    pairs = [{"prompt": f"p{i % 4}", "chosen": f"a{i}", "rejected": "same" if i == 5 else f"b{i}",
+              "instruction": requests[i % 4], "score_chosen": 1.0} for i in range(12)]
+    pairs[5]["chosen"] = "same"
+    rows, identical = learning_curve.subset_rows(pairs, {requests[1], requests[2]})
+    assert identical == 1 and [r["chosen"] for r in rows] == ["a1", "a2", "a6", "a9", "a10"]  # order kept, pair 5 out
+    assert set(rows[0]) == {"prompt", "chosen", "rejected"}
+
+    monkeypatch.setattr(learning_curve, "RESULTS", tmp_path)
+    monkeypatch.setattr(learning_curve, "ROOT", tmp_path)
+    monkeypatch.setattr(learning_curve, "plot", lambda by, seeds: None)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+
+    def result(requests, seed, margins):
+        right = sum(m > 0 for m in margins)
+        return {"requests": requests, "of_requests": 16, "pairs": 15 * requests, "seed": seed, "wall_seconds": 1.0,
+                "other_processes_cpu_share": 0.01, "task": {"replies_sha256": "abc"},
+                "dev": {"accuracy": 0.7}, "test_margins": margins,
+                "test": {"accuracy": right / len(margins), "accuracy_wilson95": [0.1, 0.9], "pairs": len(margins)}}
+
+    runs = [result(8, 0, [1, 1, -1, -1]), result(16, 0, [1, -1, 1, 1]), result(8, 1, [1, 1, 1, -1]), result(16, 1, [-1, 1, 1, -1])]
+    for r in runs:
+        learning_curve.result_path(r["requests"], r["seed"]).write_text(json.dumps(r))
+    text = learning_curve.report()
+    row = next(line for line in text.splitlines() if line.startswith("| 8 of 16"))
+    # seed 0: 8 requests right where all 16 are wrong once (pair 1), wrong where they are right twice; seed 1: +1 / -0
+    assert "+1 / -2 (1.00); +1 / -0 (1.00)" in row
+    assert "| 62.5 |" in row  # the mean of 50% and 75%
+    # the last doubling: 16 requests against 8 at the same seed, +25 and -25 points
+    assert "added +25.0, -25.0 points on test (seeds 0, 1; paired +2 / -1, p = 1.000; +0 / -1, p = 1.000)" in text
+
+
+def test_learning_curves_second_pass_samples_the_train_requests_once_with_seed_1_and_pairs_within_the_pass(tmp_path, monkeypatch):
+    import dataclasses
+
+    from avalib import task
+    from bench import learning_curve
+
+    config = task.SIZES["tiny"]
+    records = [{"instruction": f"request {i}", "prompt": f"p{i}", "split": "train" if i < 3 else "test",
+                "responses": [f"first {i}.{j}" for j in range(3)]} for i in range(4)]
+    built = task.Task(config=config, key="k", path=tmp_path, records=records, build_seconds=0.0, built_now=False)
+    monkeypatch.setattr(learning_curve.models, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(task.models, "resolve_model_path", lambda model: "model")
+    calls = []
+
+    def build_records(cfg, prompts, model_path, progress):  # stands in for sampling
+        calls.append((cfg.seed, prompts))
+        return [{"instruction": p, "prompt": p, "split": s, "responses": ["good", "nice", "fine"]}  # close golds: noisy labels
+                for p, s in prompts]
+
+    monkeypatch.setattr(task, "_build_records", build_records)
+    pairs = learning_curve.second_pass_pairs(built)
+    assert len(calls) == 1 and calls[0][0] == config.seed + 1  # the second pass samples with another seed
+    assert calls[0][1] == [(f"request {i}", "train") for i in range(3)]  # the train requests only
+    assert len(pairs) == 3 * 3 and all("first" not in p["chosen"] + p["rejected"] for p in pairs)  # within the pass
+    expected_records = [dict(r, gold=[task.gold.gold_sum(x) for x in r["responses"]])
+                        for r in build_records(dataclasses.replace(config, seed=1), calls[0][1], None, False)]
+    expected = dataclasses.replace(built, records=expected_records).pairs("train", seed=1)
+    assert pairs == expected  # labels drawn with label seed 1, not task v2's label seed 0
+    assert pairs != dataclasses.replace(built, records=expected_records).pairs("train", seed=0)
+    assert learning_curve.second_pass_pairs(built) == pairs and len(calls) == 2  # cached: no third sampling

@@ -1,0 +1,270 @@
+"""Bradley-Terry's learning curve on task v2: would more train pairs lift it past 75% on test?
+
+Issue 24 asks the main command's budget to bring BT to >= 75% on task v2's test pairs (gold labels). At
+two epochs of all 4,665 train pairs BT reads 73.7% (3 seeds, bench/results/token_rewards.md); more
+epochs, more trainable layers and other learning rates did not help on test (bench/results/budget.md).
+This asks what data would: BT at bench/token_rewards.py's settings (2 epochs, top 2 layers, lr 1e-3,
+16 pairs a step) on nested random subsets of the train requests (1/8, 1/4, 1/2, all; every pair of a
+kept request, its Bradley-Terry label as in training on `builtin`), scored on the dev and test splits
+against the gold labels; each subset paired with all requests at the same seed (exact McNemar on the
+test pairs). Nothing is chosen on test here: the settings are fixed, the curve only reports.
+
+A subset is written as a TRL prompt/chosen/rejected file (the rows builtin trains on, in the same
+order, a pair whose replies are identical left out and counted: it carries no preference) and trained
+with `train_rm.py --data FILE`; a model is scored on test with `train_rm.py --eval-only`.
+
+    python bench/learning_curve.py --seeds 0,1,2      # train what is missing, then the report
+    python bench/learning_curve.py --seeds 0 --requests 311 --second-pass   # twice the replies, the same steps
+    python bench/learning_curve.py --report
+
+Results: bench/results/learning_curve/<requests>-requests-seed<k>.json, bench/results/learning_curve.{md,png}.
+Runs live under $AVA_CACHE/bench-runs/learning_curve/, keyed by their arguments and the task build.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from avalib import models  # noqa: E402
+from bench import runner, table1, token_rewards  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "learning_curve"
+FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
+FLAGS = {**token_rewards.CONFIG, "epochs": 2, "objective": "bt"}  # bench/token_rewards.py's BT row
+
+
+def request_order(requests: list[str], seed: int = 0) -> list[str]:
+    """The train requests in a fixed random order: the first k of it are the subset of k requests, so the
+    subsets are nested (a larger one holds every request of a smaller one)."""
+    order = sorted(requests)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def subset_rows(pairs: list[dict], kept: set[str]) -> tuple[list[dict], int]:
+    """The pairs of the kept requests (by instruction), in their order, as prompt/chosen/rejected rows; and
+    how many were left out for identical replies (train_rm.py refuses a pair that carries no preference)."""
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs if p["instruction"] in kept]
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    return [r for r in rows if r["chosen"] != r["rejected"]], same
+
+
+def counts(train_requests: int) -> list[int]:
+    return [max(1, round(f * train_requests)) for f in FRACTIONS]
+
+
+def result_path(requests: int, seed: int, second_pass: bool = False) -> Path:
+    return RESULTS / f"{requests}-requests{'-second-pass' if second_pass else ''}-seed{seed}.json"
+
+
+def second_pass_pairs(built) -> list[dict]:
+    """More data than task v2 has: a second sampling pass over the train requests (6 more replies each,
+    under the same steering and settings, sampling seed 1 instead of 0), paired among themselves like the
+    first 6 (15 pairs a request) and labelled by Bradley-Terry with label seed 1 (fresh draws). The replies
+    are cached beside the runs; the first pass's pairs are task v2's own."""
+    import dataclasses
+
+    from avalib import gold, models, task
+
+    cached = models.cache_dir() / "bench-runs" / "learning_curve" / f"second-pass-{built.replies_sha256()}.json"
+    if cached.is_file():
+        records = json.loads(cached.read_text())
+    else:
+        prompts = [(r["instruction"], r["split"]) for r in built.records if r["split"] == "train"]
+        records = task._build_records(dataclasses.replace(built.config, seed=1), prompts, models.resolve_model_path(None), True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(records))
+    for record in records:
+        record["gold"] = [gold.gold_sum(response) for response in record["responses"]]
+    return dataclasses.replace(built, records=records).pairs("train", seed=1)
+
+
+def run(requests: int, seed: int, second_pass: bool = False) -> dict:
+    """BT on the first `requests` train requests of request_order (with second_pass: all of them, with the
+    second sampling pass's pairs after the first's, and one epoch instead of two: the same 584 steps of 16)."""
+    from avalib import evaluation, task
+
+    built = task.load_task("default", progress=False)
+    build = token_rewards.task_build(built)
+    pairs = built.pairs("train")
+    order = request_order(sorted({p["instruction"] for p in pairs}))
+    if second_pass:
+        requests = len(order)
+        pairs = pairs + second_pass_pairs(built)
+    rows, identical = subset_rows(pairs, set(order[:requests]))
+    flags = {**FLAGS, "seed": seed, **({"epochs": 1} if second_pass else {})}
+    arguments = ["--eval-data", "builtin:gold", "--eval-split", "dev", "--no-export-hf"] + [
+        item for k, v in flags.items() for item in (f"--{k}", str(v))]
+    key = hashlib.sha256(json.dumps([requests, build["replies_sha256"], arguments] + (["second pass"] if second_pass else []))
+                         .encode()).hexdigest()[:12]
+    path = result_path(requests, seed, second_pass)
+    if path.is_file() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())
+    home = models.cache_dir() / "bench-runs" / "learning_curve"
+    data_file = home / f"train-{path.stem.rsplit('-seed', 1)[0]}-{build['replies_sha256']}.jsonl"
+    home.mkdir(parents=True, exist_ok=True)
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output_dir = home / f"{path.stem}-{key}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = -(-len(rows) // FLAGS["batch-size"])
+    command = [sys.executable, str(ROOT / "train_rm.py"), "--data", str(data_file), *arguments,
+               "--eval-every", str(steps_per_epoch if not second_pass else steps_per_epoch // 2)]
+    measured = runner.train_once(command, output_dir, save_every=50)
+    test_file = output_dir / "test_margins.json"
+    if not test_file.is_file():
+        runner.run_measured([sys.executable, str(ROOT / "train_rm.py"), "--eval-only", "--load", str(output_dir / "model"),
+                             "--eval-data", "builtin:gold", "--eval-split", "test", "--max-length", str(FLAGS["max-length"]),
+                             "--eval-margins", str(test_file)])
+    final = json.loads((output_dir / "final.json").read_text())
+    test_margins = json.loads(test_file.read_text())["margins"]
+    result = {"requests": requests, "of_requests": len(order), "second_pass": second_pass, "pairs": len(rows),
+              "identical_left_out": identical, "seed": seed, "key": key,
+              "command": f"python train_rm.py --data <the {requests} requests' pairs{', both passes' if second_pass else ''}> "
+                         + " ".join(arguments),
+              **measured, "steps": final["steps"],
+              "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
+              "dev_curve": token_rewards.dev_curve(output_dir),
+              "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
+              "test": {k[5:]: v for k, v in evaluation.pairwise_accuracy(test_margins).items()}, "test_margins": test_margins,
+              "task": build}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def last_doubling(by: dict, seeds: list[int]) -> dict | None:
+    """Test accuracy gained by the largest subset over the next smaller one, per seed (same test pairs,
+    paired): what the last doubling of the data bought, measured, not fitted."""
+    sizes = sorted(by)
+    if len(sizes) < 2:
+        return None
+    small, large = by[sizes[-2]], by[sizes[-1]]
+    both = [s for s in seeds if s in small and s in large]
+    if not both:
+        return None
+    gains = [large[s]["test"]["accuracy"] - small[s]["test"]["accuracy"] for s in both]
+    return {"from": sizes[-2], "to": sizes[-1], "seeds": both, "gains": gains, "mean": statistics.mean(gains),
+            "paired": [table1.mcnemar(large[s]["test_margins"], small[s]["test_margins"]) for s in both]}
+
+
+def report() -> str:
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*-requests*-seed*.json"))]
+    if not results:
+        return ""
+    by, second = {}, {}
+    for r in results:
+        if r.get("second_pass"):
+            second[r["seed"]] = r
+        else:
+            by.setdefault(r["requests"], {})[r["seed"]] = r
+    full = by[max(by)]
+    seeds = sorted({s for runs in by.values() for s in runs})
+    lines = ["| train requests | pairs | " + " | ".join(f"test % seed {s} (Wilson 95%)" for s in seeds)
+             + " | test mean % | dev mean % | vs all requests, test, paired by seed: +/- (p) | wall s (mean) |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+    for requests in sorted(by):
+        runs = by[requests]
+        test = [runs[s]["test"]["accuracy"] for s in seeds if s in runs]
+        dev = [runs[s]["dev"]["accuracy"] for s in seeds if s in runs]
+        paired = []
+        for s in seeds:
+            if s in runs and s in full and requests != max(by):
+                m = table1.mcnemar(runs[s]["test_margins"], full[s]["test_margins"])
+                paired.append(f"+{m['wins']} / -{m['losses']} ({m['p']:.2f})")
+        cells = [token_rewards.cell(runs[s]["test"]["accuracy"], runs[s]["test"]["accuracy_wilson95"], True) if s in runs else "-"
+                 for s in seeds]
+        pairs = statistics.mean(runs[s]["pairs"] for s in runs)
+        lines.append(f"| {requests} of {next(iter(runs.values()))['of_requests']} | {pairs:.0f} | " + " | ".join(cells)
+                     + f" | {100 * statistics.mean(test):.1f} | {100 * statistics.mean(dev):.1f} | {'; '.join(paired) or '-'} | "
+                     f"{statistics.mean(r['wall_seconds'] for r in runs.values()):.0f} |")
+    notes = []
+    if gain := last_doubling(by, seeds):
+        top = statistics.mean(by[gain["to"]][s]["test"]["accuracy"] for s in gain["seeds"])
+        notes.append(f"The last doubling ({gain['from']} to {gain['to']} requests) added "
+                     + ", ".join(f"{100 * g:+.1f}" for g in gain["gains"]) + " points on test (seeds "
+                     + ", ".join(str(s) for s in gain["seeds"]) + "; paired "
+                     + "; ".join(f"+{m['wins']} / -{m['losses']}, p = {m['p']:.3f}" for m in gain["paired"])
+                     + f"). If the next doubling of the train requests added as much, BT would read {100 * (top + gain['mean']):.1f}%: "
+                     "an extrapolation (each doubling so far added less than the one before), not a measurement.")
+    if second:
+        lines += ["", "| more replies, same steps | pairs | steps | seed | test % (Wilson 95%) | dev % | vs all requests' first pass "
+                  "(2 epochs, the same seed), test, paired: +/- (p) | wall s |", "|---|---|---|---|---|---|---|---|"]
+        for s, r in sorted(second.items()):
+            base = full.get(s)
+            m = table1.mcnemar(r["test_margins"], base["test_margins"]) if base else None
+            lines.append(f"| both passes, 1 epoch | {r['pairs']} | {r['steps']} | {s} | "
+                         f"{token_rewards.cell(r['test']['accuracy'], r['test']['accuracy_wilson95'], True)} | "
+                         f"{100 * r['dev']['accuracy']:.1f} | "
+                         + (f"+{m['wins']} / -{m['losses']} (p = {m['p']:.3f})" if m else "-") + f" | {r['wall_seconds']:.0f} |")
+        notes.append("Both passes: task v2's train pairs plus a second sampling pass over the same train requests (6 more "
+                     "replies each, sampling seed 1, paired among themselves, labels drawn with seed 1; "
+                     "bench/learning_curve.py second_pass_pairs), one epoch: as many steps as the two epochs of the "
+                     "first pass alone, each pair seen once.")
+    builds = sorted({r["task"]["replies_sha256"] for r in results})
+    other = max(r["other_processes_cpu_share"] for r in results)
+    text = ("\n".join(lines) + "\n\n" + "\n".join(notes) + ("\n\n" if notes else "") +
+            f"BT at bench/token_rewards.py's settings (2 epochs, top 2 layers, lr 1e-3, 16 pairs a step) on nested random "
+            f"subsets of task v2's train requests (every pair of a kept request, labelled as in training); accuracy against "
+            f"the gold labels on the test split ({full[seeds[0]]['test']['pairs'] if seeds[0] in full else '-'} pairs) and the dev split. "
+            f"Task build(s): replies {', '.join(f'`{b}`' for b in builds)}; the other CPU use during the runs was at most "
+            f"{100 * other:.0f}%. Regenerate: `python bench/learning_curve.py --report`.\n")
+    (ROOT / "bench" / "results" / "learning_curve.md").write_text(text)
+    plot(by, seeds)
+    print(text)
+    return text
+
+
+def plot(by: dict, seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for s in seeds:
+        xs = [by[k][s]["pairs"] for k in sorted(by) if s in by[k]]
+        ax.plot(xs, [100 * by[k][s]["test"]["accuracy"] for k in sorted(by) if s in by[k]], "o-", alpha=0.5, label=f"seed {s}")
+    ax.axhline(75, color="grey", linestyle=":", label="75% (issue 24)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("train pairs")
+    ax.set_ylabel("test accuracy, gold labels (%)")
+    ax.set_title("Bradley-Terry on task v2: more pairs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "bench" / "results" / "learning_curve.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--requests", default="", help="comma-separated subset sizes in train requests (default: "
+                                                      "1/8, 1/4, 1/2 and all of them)")
+    parser.add_argument("--second-pass", action="store_true", help="also (after the curve) BT on all train requests "
+                        "with a second sampling pass's pairs, one epoch (second_pass_pairs)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table from the results")
+    args = parser.parse_args()
+    if not args.report:
+        from avalib import task
+
+        total = len({p["instruction"] for p in task.load_task("default", progress=False).pairs("train")})
+        sizes = [int(k) for k in args.requests.split(",") if k.strip()] or counts(total)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for requests in sorted(sizes):
+                if not 0 < requests <= total:
+                    raise SystemExit(f"--requests: {requests} is not between 1 and the {total} train requests")
+                run(requests, seed)
+            if args.second_pass:
+                run(total, seed, second_pass=True)
+    report()
+
+
+if __name__ == "__main__":
+    main()
