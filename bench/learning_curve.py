@@ -192,7 +192,10 @@ def report() -> str:
                      + ", ".join(str(s) for s in gain["seeds"]) + "; paired "
                      + "; ".join(f"+{m['wins']} / -{m['losses']}, p = {m['p']:.3f}" for m in gain["paired"])
                      + f"). If the next doubling of the train requests added as much, BT would read {100 * (top + gain['mean']):.1f}%: "
-                     "an extrapolation (each doubling so far added less than the one before), not a measurement.")
+                     "an extrapolation, not a measurement (each doubling's gain so far, by seed: "
+                     + "; ".join(f"seed {s} " + ", ".join(f"{100 * (by[b][s]['test']['accuracy'] - by[a][s]['test']['accuracy']):+.1f}"
+                                                          for a, b in zip(sorted(by), sorted(by)[1:]) if s in by[a] and s in by[b])
+                                 for s in seeds) + ").")
     if second:
         lines += ["", "| more replies, same steps | pairs | steps | seed | test % (Wilson 95%) | dev % | vs all requests' first pass "
                   "(2 epochs, the same seed), test, paired: +/- (p) | wall s |", "|---|---|---|---|---|---|---|---|"]
@@ -216,12 +219,12 @@ def report() -> str:
             f"Task build(s): replies {', '.join(f'`{b}`' for b in builds)}; the other CPU use during the runs was at most "
             f"{100 * other:.0f}%. Regenerate: `python bench/learning_curve.py --report`.\n")
     (ROOT / "bench" / "results" / "learning_curve.md").write_text(text)
-    plot(by, seeds)
+    plot(by, seeds, second)
     print(text)
     return text
 
 
-def plot(by: dict, seeds: list[int]) -> None:
+def plot(by: dict, seeds: list[int], second: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +234,9 @@ def plot(by: dict, seeds: list[int]) -> None:
     for s in seeds:
         xs = [by[k][s]["pairs"] for k in sorted(by) if s in by[k]]
         ax.plot(xs, [100 * by[k][s]["test"]["accuracy"] for k in sorted(by) if s in by[k]], "o-", alpha=0.5, label=f"seed {s}")
+    for s, r in sorted(second.items()):
+        ax.plot([r["pairs"]], [100 * r["test"]["accuracy"]], "*", markersize=10, color=f"C{seeds.index(s) if s in seeds else s}",
+                label=f"seed {s}: second sampling pass, same steps")
     ax.axhline(75, color="grey", linestyle=":", label="75% (issue 24)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("train pairs")

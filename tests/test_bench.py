@@ -413,7 +413,7 @@ def test_learning_curve_subsets_are_nested_keep_whole_requests_and_pair_each_see
 
     monkeypatch.setattr(learning_curve, "RESULTS", tmp_path)
     monkeypatch.setattr(learning_curve, "ROOT", tmp_path)
-    monkeypatch.setattr(learning_curve, "plot", lambda by, seeds: None)
+    monkeypatch.setattr(learning_curve, "plot", lambda by, seeds, second: None)
     (tmp_path / "bench" / "results").mkdir(parents=True)
 
     def result(requests, seed, margins):
