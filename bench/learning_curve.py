@@ -71,7 +71,7 @@ def second_pass_pairs(built) -> list[dict]:
     are cached beside the runs; the first pass's pairs are task v2's own."""
     import dataclasses
 
-    from avalib import gold, models, task
+    from avalib import gold, task
 
     cached = models.cache_dir() / "bench-runs" / "learning_curve" / f"second-pass-{built.replies_sha256()}.json"
     if cached.is_file():

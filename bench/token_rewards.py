@@ -219,9 +219,9 @@ def run_row(row: str, seed: int, epochs: int, need_model: bool = False, quiet: b
     have_model = (output_dir / "final.json").is_file()
 
     def stored(path: Path) -> dict | None:
-        if not path.is_file() or json.loads(path.read_text()).get("key") != key:
+        result = json.loads(path.read_text()) if path.is_file() else {}
+        if result.get("key") != key:
             return None
-        result = json.loads(path.read_text())
         if "training_trace" not in result and have_model:  # results made before the trace was kept
             result["training_trace"] = training_trace(output_dir)
             path.write_text(json.dumps(result, indent=1))
@@ -229,16 +229,16 @@ def run_row(row: str, seed: int, epochs: int, need_model: bool = False, quiet: b
 
     if not need_model and (result := stored(result_path(row, seed))):
         return result
-    build = task_build()
+    from avalib import task
+
+    built = task.load_task("default", progress=False)
+    build = task_build(built)
     path = build_result_path(row, seed, build["replies_sha256"])
     if have_model and (result := stored(path)):
         return result
     command = [sys.executable, str(ROOT / script_of(row)), *arguments]
     if not have_model:  # dev accuracy after every epoch: where training stops improving
-        from avalib import task
-
-        pairs = len(task.load_task("default", progress=False).pairs("train"))
-        command += ["--eval-every", str(-(-pairs // CONFIG["batch-size"]))]
+        command += ["--eval-every", str(-(-len(built.pairs("train")) // CONFIG["batch-size"]))]
     output_dir.mkdir(parents=True, exist_ok=True)
     measured = runner.train_once(command, output_dir, save_every=50, log=output_dir / "train.log" if quiet else None)
     final = json.loads((output_dir / "final.json").read_text())
