@@ -206,6 +206,11 @@ def report() -> str:
                          f"{token_rewards.cell(r['test']['accuracy'], r['test']['accuracy_wilson95'], True)} | "
                          f"{100 * r['dev']['accuracy']:.1f} | "
                          + (f"+{m['wins']} / -{m['losses']} (p = {m['p']:.3f})" if m else "-") + f" | {r['wall_seconds']:.0f} |")
+        both = [s for s in sorted(second) if s in full]
+        if len(both) > 1:  # approximate: the seeds share the test pairs, so their pairs are not independent
+            m = table1.mcnemar([x for s in both for x in second[s]["test_margins"]], [x for s in both for x in full[s]["test_margins"]])
+            notes.append(f"Both passes against the first pass, the seeds' test pairs pooled (approximate: the seeds share the "
+                         f"pairs): +{m['wins']} / -{m['losses']} (p = {m['p']:.3f}).")
         notes.append("Both passes: task v2's train pairs plus a second sampling pass over the same train requests (6 more "
                      "replies each, sampling seed 1, paired among themselves, labels drawn with seed 1; "
                      "bench/learning_curve.py second_pass_pairs), one epoch: as many steps as the two epochs of the "

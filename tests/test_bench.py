@@ -426,6 +426,9 @@ def test_learning_curve_subsets_are_nested_keep_whole_requests_and_pair_each_see
     runs = [result(8, 0, [1, 1, -1, -1]), result(16, 0, [1, -1, 1, 1]), result(8, 1, [1, 1, 1, -1]), result(16, 1, [-1, 1, 1, -1])]
     for r in runs:
         learning_curve.result_path(r["requests"], r["seed"]).write_text(json.dumps(r))
+    for seed, margins in ((0, [1, 1, 1, 1]), (1, [1, 1, -1, -1])):  # the second pass, beside all 16 requests
+        r = dict(result(16, seed, margins), second_pass=True, steps=3)
+        learning_curve.result_path(16, seed, second_pass=True).write_text(json.dumps(r))
     text = learning_curve.report()
     row = next(line for line in text.splitlines() if line.startswith("| 8 of 16"))
     # seed 0: 8 requests right where all 16 are wrong once (pair 1), wrong where they are right twice; seed 1: +1 / -0
@@ -433,6 +436,9 @@ def test_learning_curve_subsets_are_nested_keep_whole_requests_and_pair_each_see
     assert "| 62.5 |" in row  # the mean of 50% and 75%
     # the last doubling: 16 requests against 8 at the same seed, +25 and -25 points
     assert "added +25.0, -25.0 points on test (seeds 0, 1; paired +2 / -1, p = 1.000; +0 / -1, p = 1.000)" in text
+    # second pass vs the first at the same seed: seed 0 +1 / -0, seed 1 +1 / -1; pooled +2 / -1
+    assert "| both passes, 1 epoch | 240 | 3 | 0 | " in text and "+1 / -0 (p = 1.000)" in text and "+1 / -1 (p = 1.000)" in text
+    assert "pooled (approximate: the seeds share the pairs): +2 / -1 (p = 1.000)" in text
 
 
 def test_learning_curves_second_pass_samples_the_train_requests_once_with_seed_1_and_pairs_within_the_pass(tmp_path, monkeypatch):
