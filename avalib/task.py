@@ -150,8 +150,10 @@ def cache_key(config: TaskConfig, prompts: list[tuple[str, str]], fingerprint: d
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _build_records(config: TaskConfig, prompts: list[tuple[str, str]], model_path: str, progress: bool) -> list[dict]:
-    """Sample the replies: the slow part (minutes for the default size)."""
+def sample_records(config: TaskConfig, prompts: list[tuple[str, str]], model_path: str, progress: bool) -> list[dict]:
+    """Sample `config.samples_per_prompt` replies to each (instruction, split) of `prompts` with the model at
+    `model_path`, under `config`'s sampling settings and seed: the slow part of a build (minutes for the
+    default size). Records without gold; bench/learning_curve.py calls it for a second pass with another seed."""
     model, tokenizer = models.load_model(model_path)
     k = config.samples_per_prompt
     instructions = [prompt for prompt, _ in prompts]
@@ -312,7 +314,7 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
                                 f"build it with: python -m avalib.task --size {size}")
     if built_now:
         started = time.perf_counter()
-        records = _build_records(config, prompts, model_path, progress)
+        records = sample_records(config, prompts, model_path, progress)
         build_seconds = time.perf_counter() - started
         payload = {"format": TASK_FORMAT_VERSION, "key": key, "config": dataclasses.asdict(config),
                    "model": model_path, "build_seconds": build_seconds, "records": records}

@@ -74,7 +74,7 @@ def run(row: str, objective: str = "bt", seed: int = 0) -> dict:
     result = {"row": row, "objective": objective, "seed": seed, "key": key, "command": "python train_rm.py " + " ".join(args),
               **measured, "steps": final["steps"],
               "trunk_seconds": (final.get("frozen_trunk") or {}).get("seconds"),
-              "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
+              "dev": runner.dev_metrics(final),
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
               "task": token_rewards.task_build()}
     path.parent.mkdir(parents=True, exist_ok=True)

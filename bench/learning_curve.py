@@ -78,7 +78,7 @@ def second_pass_pairs(built) -> list[dict]:
         records = json.loads(cached.read_text())
     else:
         prompts = [(r["instruction"], r["split"]) for r in built.records if r["split"] == "train"]
-        records = task._build_records(dataclasses.replace(built.config, seed=1), prompts, models.resolve_model_path(None), True)
+        records = task.sample_records(dataclasses.replace(built.config, seed=1), prompts, models.resolve_model_path(None), True)
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(records))
     for record in records:
@@ -129,7 +129,7 @@ def run(requests: int, seed: int, second_pass: bool = False) -> dict:
               "command": f"python train_rm.py --data <the {requests} requests' pairs{', both passes' if second_pass else ''}> "
                          + " ".join(arguments),
               **measured, "steps": final["steps"],
-              "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
+              "dev": runner.dev_metrics(final),
               "dev_curve": token_rewards.dev_curve(output_dir),
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
               "test": {k[5:]: v for k, v in evaluation.pairwise_accuracy(test_margins).items()}, "test_margins": test_margins,

@@ -51,6 +51,11 @@ def train(command: list[str], output_dir: Path, save_every: int, log: Path | Non
     return run_measured(command, log)
 
 
+def dev_metrics(final: dict) -> dict:
+    """A run's final.json (or metrics record) reduced to its last dev evaluation: the `eval/` metrics, without the prefix."""
+    return {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}
+
+
 def train_once(command: list[str], output_dir: Path, save_every: int, log: Path | None = None) -> dict:
     """train() unless output_dir holds a finished run (final.json); the measurements either way (measured.json)."""
     if not (output_dir / "final.json").is_file():

@@ -79,7 +79,7 @@ def run(preset: str, seed: int = 0) -> dict:
     model, tokenizer, _ = reward_models.load_reward_model(output_dir / "model")
     result = {"preset": preset, "seed": seed, "config": config_of(preset), "key": key,
               "command": "python train_rm.py " + " ".join(args), **measured,
-              "dev": {k[5:]: v for k, v in final.items() if k.startswith("eval/")},
+              "dev": runner.dev_metrics(final),
               "dev_margins": json.loads((output_dir / "eval_margins.json").read_text())["margins"],
               "tokens_dev": token_rewards.token_table(model, tokenizer, "dev", SCREEN["max-length"])}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -361,7 +361,7 @@ def test_a_run_on_another_task_build_is_kept_beside_the_main_table_not_over_it(t
         commands.append(command)
         out = Path(command[command.index("--output-dir") + 1])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "final.json").write_text(json.dumps({"steps": 3}))
+        (out / "final.json").write_text(json.dumps({"steps": 3, "eval/accuracy": 0.71, "loss": 0.5, "evaluation": 1}))
         (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "rewards/margins": 0.1}) + "\n")
         return {"wall_seconds": 1.0}
 
@@ -374,6 +374,7 @@ def test_a_run_on_another_task_build_is_kept_beside_the_main_table_not_over_it(t
     assert token_rewards.run_row("BT", 0, 1) == committed and commands == []  # the benchmark reads the committed figure
     result = token_rewards.run_row("BT", 0, 1, need_model=True)  # the notebook, on the other build: trains here
     assert len(commands) == 1 and result["task"]["replies_sha256"] == "other"
+    assert result["dev"] == {"accuracy": 0.71}  # the last dev evaluation, its eval/ prefix dropped, nothing else
     assert json.loads(main.read_text()) == committed  # the main table is untouched
     assert json.loads((tmp_path / "build-other" / main.name).read_text()) == result
     assert token_rewards.run_row("BT", 0, 1, need_model=True) == result  # read back: not retrained, not re-evaluated
@@ -460,7 +461,7 @@ def test_learning_curves_second_pass_samples_the_train_requests_once_with_seed_1
         return [{"instruction": p, "prompt": p, "split": s, "responses": ["good", "nice", "fine"]}  # close golds: noisy labels
                 for p, s in prompts]
 
-    monkeypatch.setattr(task, "_build_records", build_records)
+    monkeypatch.setattr(task, "sample_records", build_records)
     pairs = learning_curve.second_pass_pairs(built)
     assert len(calls) == 1 and calls[0][0] == config.seed + 1  # the second pass samples with another seed
     assert calls[0][1] == [(f"request {i}", "train") for i in range(3)]  # the train requests only
