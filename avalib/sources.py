@@ -27,7 +27,8 @@ class Source:
 
 def parse_source(spec: str) -> Source:
     """The one parser of data sources:
-      builtin[:SIZE][:gold]   the offline task (task.py): SIZE "default" or "tiny"; gold = noise-free labels
+      builtin[:SIZE][:gold]   the offline task (task.py): SIZE "default", "large" (default with twice the
+                              train replies) or "tiny"; gold = noise-free labels
       PATH                    a local .json, .jsonl, .jsonl.gz or .parquet file
       DIR[:SUBSET]            a local directory laid out as a hub dataset: DIR/SUBSET/SPLIT.jsonl.gz (or
                               .jsonl, .json, .parquet, SPLIT-00000-of-00001.parquet, data/SPLIT-*...)
@@ -42,8 +43,8 @@ def parse_source(spec: str) -> Source:
 
         parts = spec.split(":")[1:]
         sizes = [p for p in parts if p != "gold"]
-        if len(sizes) > 1 or any(size not in task.SIZES for size in sizes):
-            raise data.DataError(spec, "<source>", f"expected builtin[:SIZE][:gold] with SIZE one of {sorted(task.SIZES)}")
+        if len(sizes) > 1 or any(size not in task.SIZE_NAMES for size in sizes):
+            raise data.DataError(spec, "<source>", f"expected builtin[:SIZE][:gold] with SIZE one of {sorted(task.SIZE_NAMES)}")
         return Source("builtin", sizes[0] if sizes else "default", gold="gold" in parts)
     path = Path(spec).expanduser()
     if path.exists():

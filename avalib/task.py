@@ -13,6 +13,8 @@ Two versions, each reproducible under its own sizes ("builtin:SIZE" as a --data 
      request (sizes: bench/results/task.md). The sequence gold is the SUM of the
      per-word valences, i.e. exactly the sum of the token gold (gold.gold_sum), the target of Eq. 19's
      dense reward. Labels: Bradley-Terry on the gold difference at temperature 1.0 (sum units).
+     "large" (MORE_PASSES): "default" with its train requests sampled a second time (seed 1), 9,330
+     train pairs instead of 4,665, the same dev and test.
   v1 ("v1", "v1-tiny"): 4 replies (<= 48 tokens) per request without steering, paired off (0, 1),
      (2, 3); splits 8/1/1; gold = VADER's compound S / sqrt(S^2 + 15) of the summed valences S (a
      monotone function of the token gold's sum); Bradley-Terry labels at temperature 0.1.
@@ -110,6 +112,13 @@ SIZES = {
     "v1-tiny": TaskConfig("v1-tiny", (8, 2, 2), samples_per_prompt=2, max_new_tokens=12, batch_size=8),
 }
 LABEL_FIELDS = ("pairing", "gold", "bt_temperature")  # not in the cache key: applied on load
+# Sizes that sample a base size's train requests again (dev and test stay the base's, reply for reply):
+# name -> (base size, passes). Pass p samples with seed base.seed + p under the same settings; its
+# replies are paired among themselves (not with another pass's), labelled with label seed `seed + p`,
+# so pass 0 is the base's train split pair for pair. "large": task v2 with twice the train replies
+# (9,330 pairs), where Bradley-Terry reaches ~75% on test (bench/results/learning_curve.md).
+MORE_PASSES = {"large": ("default", 2)}
+SIZE_NAMES = (*SIZES, *MORE_PASSES)
 
 
 def select_prompts(config: TaskConfig) -> list[tuple[str, str]]:
@@ -220,6 +229,7 @@ class Task:
     records: list[dict]  # one per prompt: instruction, prompt, split, responses, n_tokens, finished, gold
     build_seconds: float  # model load + sampling, when the cache was built
     built_now: bool  # True if this call sampled the replies, False if it read the cache
+    train_passes: int = 1  # MORE_PASSES: a train record holds passes x samples_per_prompt replies
 
     def replies_sha256(self) -> str:
         """A hash of the sampled replies (with their prompts and splits), which the cache key cannot
@@ -241,21 +251,26 @@ class Task:
 
     def pairs(self, split: str, *, bt_temperature: float | None = None, seed: int = 0,
               noise_free: bool = False) -> list[dict]:
-        """Preference pairs (TRL standard format) with Bradley-Terry labels, see the module docstring."""
+        """Preference pairs (TRL standard format) with Bradley-Terry labels, see the module docstring. With
+        several train passes (MORE_PASSES): every pass's pairs in record order, pass after pass, each
+        pass paired within itself and labelled with label seed `seed + pass`."""
         temperature = 0.0 if noise_free else (self.config.bt_temperature if bt_temperature is None else bt_temperature)
+        passes, k = (self.train_passes if split == "train" else 1), self.config.samples_per_prompt
         pairs = []
-        for record in self._records(split):
-            responses, gold = record["responses"], record["gold"]
-            n = len(responses)
-            indices = ([(2 * i, 2 * i + 1) for i in range(n // 2)] if self.config.pairing == "disjoint"
-                       else [(a, b) for a in range(n) for b in range(a + 1, n)])
-            for pair_index, (a, b) in enumerate(indices):
-                p_a = preference_probability(gold[a], gold[b], temperature)
-                if _uniform(seed, record["instruction"], pair_index) >= p_a:
-                    a, b = b, a
-                pairs.append({"prompt": record["prompt"], "chosen": responses[a], "rejected": responses[b],
-                              "score_chosen": gold[a], "score_rejected": gold[b],
-                              "instruction": record["instruction"]})
+        for p in range(passes):
+            for record in self._records(split):
+                span = slice(p * k, (p + 1) * k) if passes > 1 else slice(None)
+                responses, gold = record["responses"][span], record["gold"][span]
+                n = len(responses)
+                indices = ([(2 * i, 2 * i + 1) for i in range(n // 2)] if self.config.pairing == "disjoint"
+                           else [(a, b) for a in range(n) for b in range(a + 1, n)])
+                for pair_index, (a, b) in enumerate(indices):
+                    p_a = preference_probability(gold[a], gold[b], temperature)
+                    if _uniform(seed + p, record["instruction"], pair_index) >= p_a:
+                        a, b = b, a
+                    pairs.append({"prompt": record["prompt"], "chosen": responses[a], "rejected": responses[b],
+                                  "score_chosen": gold[a], "score_rejected": gold[b],
+                                  "instruction": record["instruction"]})
         return pairs
 
     def demonstrations(self, split: str) -> list[dict]:
@@ -295,12 +310,15 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
     """Load the task from the cache, sampling it first if the cache has no entry for these inputs.
 
     size: a key of SIZES ("default" and "tiny": task v2; "v1" and "v1-tiny": task v1; see the module
-    docstring); the tiny ones have 12 prompts and <= 12 tokens, for tests. model: a local model directory, or None for
+    docstring; the tiny ones have 12 prompts and <= 12 tokens, for tests) or of MORE_PASSES ("large":
+    "default" with a second pass over its train requests). model: a local model directory, or None for
     the embedded SmolLM2-135M-Instruct. rebuild: sample again even if cached. build_if_missing=False
     raises FileNotFoundError instead of sampling when nothing is cached.
     """
+    if size in MORE_PASSES:
+        return _with_more_passes(size, model=model, rebuild=rebuild, build_if_missing=build_if_missing, progress=progress)
     if size not in SIZES:
-        raise ValueError(f"unknown task size {size!r}; choose from {sorted(SIZES)}")
+        raise ValueError(f"unknown task size {size!r}; choose from {sorted(SIZE_NAMES)}")
     config = SIZES[size]
     prompts = select_prompts(config)
     model_path = models.resolve_model_path(model)
@@ -335,9 +353,52 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
                 built_now=built_now)
 
 
+def _with_more_passes(size: str, *, model: str | None, rebuild: bool, build_if_missing: bool, progress: bool) -> Task:
+    """MORE_PASSES[size]: the base size loaded (or built) as usual, then its train requests sampled again,
+    once per further pass, cached under <size>-<key> where <key> hashes the base build's key and the passes."""
+    base_size, passes = MORE_PASSES[size]
+    base = load_task(base_size, model=model, rebuild=rebuild, build_if_missing=build_if_missing, progress=progress)
+    payload = {"format": TASK_FORMAT_VERSION, "base": base.key, "passes": passes}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    directory = models.cache_dir() / "task" / f"{size}-{key}"
+    cached = directory / "task.json"
+    train = [record for record in base.records if record["split"] == "train"]
+    built_now = rebuild or not cached.is_file()
+    if built_now and not build_if_missing and not rebuild:
+        raise FileNotFoundError(f"no cached task {size!r} for these inputs at {directory}; "
+                                f"build it with: python -m avalib.task --size {size}")
+    if built_now:
+        started = time.perf_counter()
+        prompts = [(record["instruction"], "train") for record in train]
+        more = [sample_records(dataclasses.replace(base.config, seed=base.config.seed + p), prompts,
+                               models.resolve_model_path(model), progress) for p in range(1, passes)]
+        seconds = time.perf_counter() - started
+        _write_atomically(directory, {**payload, "key": key, "build_seconds": seconds, "passes_records": more})
+    else:
+        try:
+            stored = json.loads(cached.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise RuntimeError(f"{cached}: unreadable task cache ({error}); delete it or pass rebuild=True") from error
+        if stored.get("key") != key:
+            raise RuntimeError(f"{cached}: holds key {stored.get('key')!r}, expected {key!r}; delete it")
+        more, seconds = stored["passes_records"], stored["build_seconds"]
+    records = [dict(record) for record in base.records]
+    by_instruction = {record["instruction"]: record for record in records if record["split"] == "train"}
+    for pass_records in more:
+        for extra in pass_records:
+            record = by_instruction[extra["instruction"]]
+            for field in ("responses", "n_tokens", "finished", "steering"):
+                record[field] = record[field] + extra[field]
+    score = gold.gold_sum if base.config.gold == "sum" else gold.gold_score
+    for record in records:
+        record["gold"] = [score(response) for response in record["responses"]]
+    return Task(config=dataclasses.replace(base.config, size=size), key=key, path=directory, records=records,
+                build_seconds=base.build_seconds + seconds, built_now=built_now or base.built_now, train_passes=passes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build (or load) the offline sentiment task and print its stats.")
-    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="task size")
+    parser.add_argument("--size", choices=sorted(SIZE_NAMES), default="default", help="task size")
     parser.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--rebuild", action="store_true", help="sample again even if cached")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

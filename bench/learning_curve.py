@@ -64,28 +64,6 @@ def result_path(requests: int, seed: int, second_pass: bool = False) -> Path:
     return RESULTS / f"{requests}-requests{'-second-pass' if second_pass else ''}-seed{seed}.json"
 
 
-def second_pass_pairs(built) -> list[dict]:
-    """More data than task v2 has: a second sampling pass over the train requests (6 more replies each,
-    under the same steering and settings, sampling seed 1 instead of 0), paired among themselves like the
-    first 6 (15 pairs a request) and labelled by Bradley-Terry with label seed 1 (fresh draws). The replies
-    are cached beside the runs; the first pass's pairs are task v2's own."""
-    import dataclasses
-
-    from avalib import gold, task
-
-    cached = models.cache_dir() / "bench-runs" / "learning_curve" / f"second-pass-{built.replies_sha256()}.json"
-    if cached.is_file():
-        records = json.loads(cached.read_text())
-    else:
-        prompts = [(r["instruction"], r["split"]) for r in built.records if r["split"] == "train"]
-        records = task.sample_records(dataclasses.replace(built.config, seed=1), prompts, models.resolve_model_path(None), True)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(records))
-    for record in records:
-        record["gold"] = [gold.gold_sum(response) for response in record["responses"]]
-    return dataclasses.replace(built, records=records).pairs("train", seed=1)
-
-
 def run(requests: int, seed: int, second_pass: bool = False) -> dict:
     """BT on the first `requests` train requests of request_order (with second_pass: all of them, with the
     second sampling pass's pairs after the first's, and one epoch instead of two: the same 584 steps of 16)."""
@@ -95,9 +73,9 @@ def run(requests: int, seed: int, second_pass: bool = False) -> dict:
     build = token_rewards.task_build(built)
     pairs = built.pairs("train")
     order = request_order(sorted({p["instruction"] for p in pairs}))
-    if second_pass:
+    if second_pass:  # task v2 "large": the default's train pairs, then those of a second sampling pass
         requests = len(order)
-        pairs = pairs + second_pass_pairs(built)
+        pairs = task.load_task("large", progress=False).pairs("train")
     rows, identical = subset_rows(pairs, set(order[:requests]))
     flags = {**FLAGS, "seed": seed, **({"epochs": 1} if second_pass else {})}
     arguments = ["--eval-data", "builtin:gold", "--eval-split", "dev", "--no-export-hf"] + [
@@ -213,7 +191,7 @@ def report() -> str:
                          f"pairs): +{m['wins']} / -{m['losses']} (p = {m['p']:.3f}).")
         notes.append("Both passes: task v2's train pairs plus a second sampling pass over the same train requests (6 more "
                      "replies each, sampling seed 1, paired among themselves, labels drawn with seed 1; "
-                     "bench/learning_curve.py second_pass_pairs), one epoch: as many steps as the two epochs of the "
+                     "task v2's size 'large', `--data builtin:large`), one epoch: as many steps as the two epochs of the "
                      "first pass alone, each pair seen once.")
     builds = sorted({r["task"]["replies_sha256"] for r in results})
     other = max(r["other_processes_cpu_share"] for r in results)
@@ -259,7 +237,7 @@ def main() -> None:
     parser.add_argument("--requests", default="", help="comma-separated subset sizes in train requests (default: "
                                                       "1/8, 1/4, 1/2 and all of them)")
     parser.add_argument("--second-pass", action="store_true", help="also (after the curve) BT on all train requests "
-                        "with a second sampling pass's pairs, one epoch (second_pass_pairs)")
+                        "with a second sampling pass's pairs (task v2 'large'), one epoch")
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the results")
     args = parser.parse_args()
     if not args.report:

@@ -440,35 +440,3 @@ def test_learning_curve_subsets_are_nested_keep_whole_requests_and_pair_each_see
     # second pass vs the first at the same seed: seed 0 +1 / -0, seed 1 +1 / -1; pooled +2 / -1
     assert "| both passes, 1 epoch | 240 | 3 | 0 | " in text and "+1 / -0 (p = 1.000)" in text and "+1 / -1 (p = 1.000)" in text
     assert "pooled (approximate: the seeds share the pairs): +2 / -1 (p = 1.000)" in text
-
-
-def test_learning_curves_second_pass_samples_the_train_requests_once_with_seed_1_and_pairs_within_the_pass(tmp_path, monkeypatch):
-    import dataclasses
-
-    from avalib import task
-    from bench import learning_curve
-
-    config = task.SIZES["tiny"]
-    records = [{"instruction": f"request {i}", "prompt": f"p{i}", "split": "train" if i < 3 else "test",
-                "responses": [f"first {i}.{j}" for j in range(3)]} for i in range(4)]
-    built = task.Task(config=config, key="k", path=tmp_path, records=records, build_seconds=0.0, built_now=False)
-    monkeypatch.setattr(learning_curve.models, "cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(task.models, "resolve_model_path", lambda model: "model")
-    calls = []
-
-    def build_records(cfg, prompts, model_path, progress):  # stands in for sampling
-        calls.append((cfg.seed, prompts))
-        return [{"instruction": p, "prompt": p, "split": s, "responses": ["good", "nice", "fine"]}  # close golds: noisy labels
-                for p, s in prompts]
-
-    monkeypatch.setattr(task, "sample_records", build_records)
-    pairs = learning_curve.second_pass_pairs(built)
-    assert len(calls) == 1 and calls[0][0] == config.seed + 1  # the second pass samples with another seed
-    assert calls[0][1] == [(f"request {i}", "train") for i in range(3)]  # the train requests only
-    assert len(pairs) == 3 * 3 and all("first" not in p["chosen"] + p["rejected"] for p in pairs)  # within the pass
-    expected_records = [dict(r, gold=[task.gold.gold_sum(x) for x in r["responses"]])
-                        for r in build_records(dataclasses.replace(config, seed=1), calls[0][1], None, False)]
-    expected = dataclasses.replace(built, records=expected_records).pairs("train", seed=1)
-    assert pairs == expected  # labels drawn with label seed 1, not task v2's label seed 0
-    assert pairs != dataclasses.replace(built, records=expected_records).pairs("train", seed=0)
-    assert learning_curve.second_pass_pairs(built) == pairs and len(calls) == 2  # cached: no third sampling

@@ -372,6 +372,44 @@ def test_cache_is_built_once_then_reused(fake_sampler):
         [first.path.name, third.path.name])  # no staging leftovers
 
 
+def test_a_size_with_more_passes_samples_the_train_requests_again_and_keeps_the_base_pair_for_pair(fake_sampler, monkeypatch):
+    """"large" is "default" with its train requests sampled a second time: shown on "tiny". Pass 0 is the
+    base's train split pair for pair; pass 1 samples with seed + 1, pairs within itself and draws its labels
+    with label seed + 1; dev and test are the base's; the extra pass is cached under a key of the base build."""
+    model_dir, calls = fake_sampler
+    monkeypatch.setitem(task.MORE_PASSES, "tiny-large", ("tiny", 2))
+    base = task.load_task("tiny", model=str(model_dir), progress=False)
+    assert calls == [12 * 3]
+    seeds, sampling_seeds = [], []
+    uniform, generate_ids = task._uniform, generation.generate_ids
+    monkeypatch.setattr(task, "_uniform", lambda *parts: seeds.append(parts[0]) or uniform(*parts))
+    monkeypatch.setattr(generation, "generate_ids", lambda *a, **kw: sampling_seeds.append(kw["seed"]) or generate_ids(*a, **kw))
+    large = task.load_task("tiny-large", model=str(model_dir), progress=False)
+    assert calls == [12 * 3, 8 * 3] and large.built_now and large.train_passes == 2  # the 8 train requests, once
+    assert sampling_seeds == [base.config.seed + 1]  # the second pass samples with the next seed
+    assert large.config.size == "tiny-large" and large.path.name.startswith("tiny-large-")
+    k = base.config.samples_per_prompt
+    for mine, theirs in zip(large.records, base.records):
+        assert mine["instruction"] == theirs["instruction"] and mine["split"] == theirs["split"]
+        if mine["split"] == "train":
+            assert mine["responses"][:k] == theirs["responses"] and len(mine["responses"]) == 2 * k
+            assert len(mine["gold"]) == len(mine["n_tokens"]) == len(mine["steering"]) == 2 * k
+        else:
+            assert mine == theirs
+    seeds.clear()
+    pairs, first = large.pairs("train"), base.pairs("train")
+    assert pairs[:len(first)] == first and len(pairs) == 2 * len(first)  # pass 0: the base's pairs, in order
+    assert seeds == [0] * len(first) + [1] * len(first) + [0] * len(first)  # large: pass 0, then pass 1 with seed 1; then the base
+    second = {r["instruction"]: r["responses"][k:] for r in large.records}
+    assert all({p["chosen"], p["rejected"]} <= set(second[p["instruction"]]) for p in pairs[len(first):])  # within the pass
+    assert large.pairs("test") == base.pairs("test") and large.pairs("dev", noise_free=True) == base.pairs("dev", noise_free=True)
+    again = task.load_task("tiny-large", model=str(model_dir), build_if_missing=False)  # cached: no sampling
+    assert len(calls) == 2 and not again.built_now and again.records == large.records
+    (model_dir / "model.safetensors").write_bytes(b"new weights")  # a new base build: a new key for the pass too
+    with pytest.raises(FileNotFoundError, match="python -m avalib.task --size tiny"):
+        task.load_task("tiny-large", model=str(model_dir), build_if_missing=False)
+
+
 def test_cache_write_is_atomic(fake_sampler, monkeypatch):
     model_dir, calls = fake_sampler
     real_dump = json.dump
