@@ -112,11 +112,9 @@ SIZES = {
     "v1-tiny": TaskConfig("v1-tiny", (8, 2, 2), samples_per_prompt=2, max_new_tokens=12, batch_size=8),
 }
 LABEL_FIELDS = ("pairing", "gold", "bt_temperature")  # not in the cache key: applied on load
-# Sizes that sample a base size's train requests again (dev and test stay the base's, reply for reply):
-# name -> (base size, passes). Pass p samples with seed base.seed + p under the same settings; its
-# replies are paired among themselves (not with another pass's), labelled with label seed `seed + p`,
-# so pass 0 is the base's train split pair for pair. "large": task v2 with twice the train replies
-# (9,330 pairs), where Bradley-Terry reaches ~75% on test (bench/results/learning_curve.md).
+# name -> (base size, passes): the base's train requests sampled again, pass p with seed base.seed + p, paired
+# within the pass and labelled with label seed `seed + p` (pass 0 is the base's train split, pair for pair;
+# dev and test are the base's). "large": 9,330 train pairs, BT ~75% on test (bench/results/learning_curve.md).
 MORE_PASSES = {"large": ("default", 2)}
 SIZE_NAMES = (*SIZES, *MORE_PASSES)
 
@@ -251,9 +249,8 @@ class Task:
 
     def pairs(self, split: str, *, bt_temperature: float | None = None, seed: int = 0,
               noise_free: bool = False) -> list[dict]:
-        """Preference pairs (TRL standard format) with Bradley-Terry labels, see the module docstring. With
-        several train passes (MORE_PASSES): every pass's pairs in record order, pass after pass, each
-        pass paired within itself and labelled with label seed `seed + pass`."""
+        """Preference pairs (TRL standard format) with Bradley-Terry labels, see the module docstring; with
+        train passes (MORE_PASSES) pass after pass, each paired within itself, with label seed `seed + pass`."""
         temperature = 0.0 if noise_free else (self.config.bt_temperature if bt_temperature is None else bt_temperature)
         passes, k = (self.train_passes if split == "train" else 1), self.config.samples_per_prompt
         pairs = []
@@ -338,19 +335,28 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
                    "model": model_path, "build_seconds": build_seconds, "records": records}
         _write_atomically(directory, payload)
     else:
-        try:
-            payload = json.loads(cached.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise RuntimeError(f"{cached}: unreadable task cache ({error}); delete it or pass rebuild=True") from error
-        if payload.get("key") != key:
-            raise RuntimeError(f"{cached}: holds key {payload.get('key')!r}, expected {key!r}; delete it")
+        payload = _read_cache(cached, key)
         records, build_seconds = payload["records"], payload["build_seconds"]
 
-    score = gold.gold_sum if config.gold == "sum" else gold.gold_score
-    for record in records:  # the gold always comes from the code, never from the cache
-        record["gold"] = [score(response) for response in record["responses"]]
+    _score(records, config)
     return Task(config=config, key=key, path=directory, records=records, build_seconds=build_seconds,
                 built_now=built_now)
+
+
+def _read_cache(cached: Path, key: str) -> dict:  # a cached task.json, checked against its key
+    try:
+        payload = json.loads(cached.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise RuntimeError(f"{cached}: unreadable task cache ({error}); delete it or pass rebuild=True") from error
+    if payload.get("key") != key:
+        raise RuntimeError(f"{cached}: holds key {payload.get('key')!r}, expected {key!r}; delete it")
+    return payload
+
+
+def _score(records: list[dict], config: TaskConfig) -> None:  # every reply's gold: from the code, never the cache
+    score = gold.gold_sum if config.gold == "sum" else gold.gold_score
+    for record in records:
+        record["gold"] = [score(response) for response in record["responses"]]
 
 
 def _with_more_passes(size: str, *, model: str | None, rebuild: bool, build_if_missing: bool, progress: bool) -> Task:
@@ -360,39 +366,28 @@ def _with_more_passes(size: str, *, model: str | None, rebuild: bool, build_if_m
     base = load_task(base_size, model=model, rebuild=rebuild, build_if_missing=build_if_missing, progress=progress)
     payload = {"format": TASK_FORMAT_VERSION, "base": base.key, "passes": passes}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-    directory = models.cache_dir() / "task" / f"{size}-{key}"
-    cached = directory / "task.json"
-    train = [record for record in base.records if record["split"] == "train"]
+    cached = models.cache_dir() / "task" / f"{size}-{key}" / "task.json"
     built_now = rebuild or not cached.is_file()
     if built_now and not build_if_missing and not rebuild:
-        raise FileNotFoundError(f"no cached task {size!r} for these inputs at {directory}; "
+        raise FileNotFoundError(f"no cached task {size!r} for these inputs at {cached.parent}; "
                                 f"build it with: python -m avalib.task --size {size}")
     if built_now:
         started = time.perf_counter()
-        prompts = [(record["instruction"], "train") for record in train]
+        prompts = [(record["instruction"], "train") for record in base.records if record["split"] == "train"]
         more = [sample_records(dataclasses.replace(base.config, seed=base.config.seed + p), prompts,
                                models.resolve_model_path(model), progress) for p in range(1, passes)]
-        seconds = time.perf_counter() - started
-        _write_atomically(directory, {**payload, "key": key, "build_seconds": seconds, "passes_records": more})
+        _write_atomically(cached.parent, {**payload, "key": key, "build_seconds": (seconds := time.perf_counter() - started),
+                                          "passes_records": more})
     else:
-        try:
-            stored = json.loads(cached.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise RuntimeError(f"{cached}: unreadable task cache ({error}); delete it or pass rebuild=True") from error
-        if stored.get("key") != key:
-            raise RuntimeError(f"{cached}: holds key {stored.get('key')!r}, expected {key!r}; delete it")
+        stored = _read_cache(cached, key)
         more, seconds = stored["passes_records"], stored["build_seconds"]
     records = [dict(record) for record in base.records]
     by_instruction = {record["instruction"]: record for record in records if record["split"] == "train"}
-    for pass_records in more:
-        for extra in pass_records:
-            record = by_instruction[extra["instruction"]]
-            for field in ("responses", "n_tokens", "finished", "steering"):
-                record[field] = record[field] + extra[field]
-    score = gold.gold_sum if base.config.gold == "sum" else gold.gold_score
-    for record in records:
-        record["gold"] = [score(response) for response in record["responses"]]
-    return Task(config=dataclasses.replace(base.config, size=size), key=key, path=directory, records=records,
+    for extra in (record for pass_records in more for record in pass_records):  # a train request's replies of pass p
+        record = by_instruction[extra["instruction"]]
+        record.update({f: record[f] + extra[f] for f in ("responses", "n_tokens", "finished", "steering")})
+    _score(records, base.config)
+    return Task(config=dataclasses.replace(base.config, size=size), key=key, path=cached.parent, records=records,
                 build_seconds=base.build_seconds + seconds, built_now=built_now or base.built_now, train_passes=passes)
 
 
