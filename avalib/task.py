@@ -320,27 +320,30 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
     prompts = select_prompts(config)
     model_path = models.resolve_model_path(model)
     key = cache_key(config, prompts, model_fingerprint(model_path))
-    directory = models.cache_dir() / "task" / f"{size}-{key}"
-    cached = directory / "task.json"
-
-    built_now = rebuild or not cached.is_file()
-    if built_now and not build_if_missing and not rebuild:
-        raise FileNotFoundError(f"no cached task {size!r} for these inputs at {directory}; "
-                                f"build it with: python -m avalib.task --size {size}")
+    cached = models.cache_dir() / "task" / f"{size}-{key}" / "task.json"
+    built_now = _needs_build(cached, size, rebuild, build_if_missing)
     if built_now:
         started = time.perf_counter()
         records = sample_records(config, prompts, model_path, progress)
         build_seconds = time.perf_counter() - started
         payload = {"format": TASK_FORMAT_VERSION, "key": key, "config": dataclasses.asdict(config),
                    "model": model_path, "build_seconds": build_seconds, "records": records}
-        _write_atomically(directory, payload)
+        _write_atomically(cached.parent, payload)
     else:
         payload = _read_cache(cached, key)
         records, build_seconds = payload["records"], payload["build_seconds"]
 
     _score(records, config)
-    return Task(config=config, key=key, path=directory, records=records, build_seconds=build_seconds,
+    return Task(config=config, key=key, path=cached.parent, records=records, build_seconds=build_seconds,
                 built_now=built_now)
+
+
+def _needs_build(cached: Path, size: str, rebuild: bool, build_if_missing: bool) -> bool:
+    """Sample now? (rebuild, or nothing cached); nothing cached and build_if_missing=False: FileNotFoundError."""
+    if not rebuild and not cached.is_file() and not build_if_missing:
+        raise FileNotFoundError(f"no cached task {size!r} for these inputs at {cached.parent}; "
+                                f"build it with: python -m avalib.task --size {size}")
+    return rebuild or not cached.is_file()
 
 
 def _read_cache(cached: Path, key: str) -> dict:  # a cached task.json, checked against its key
@@ -367,10 +370,7 @@ def _with_more_passes(size: str, *, model: str | None, rebuild: bool, build_if_m
     payload = {"format": TASK_FORMAT_VERSION, "base": base.key, "passes": passes}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     cached = models.cache_dir() / "task" / f"{size}-{key}" / "task.json"
-    built_now = rebuild or not cached.is_file()
-    if built_now and not build_if_missing and not rebuild:
-        raise FileNotFoundError(f"no cached task {size!r} for these inputs at {cached.parent}; "
-                                f"build it with: python -m avalib.task --size {size}")
+    built_now = _needs_build(cached, size, rebuild, build_if_missing)
     if built_now:
         started = time.perf_counter()
         prompts = [(record["instruction"], "train") for record in base.records if record["split"] == "train"]
