@@ -160,7 +160,7 @@ def cache_key(config: TaskConfig, prompts: list[tuple[str, str]], fingerprint: d
 def sample_records(config: TaskConfig, prompts: list[tuple[str, str]], model_path: str, progress: bool) -> list[dict]:
     """Sample `config.samples_per_prompt` replies to each (instruction, split) of `prompts` with the model at
     `model_path`, under `config`'s sampling settings and seed: the slow part of a build (minutes for the
-    default size). Records without gold; bench/learning_curve.py calls it for a second pass with another seed."""
+    default size). Records without gold; a MORE_PASSES size calls it again with the next seed."""
     model, tokenizer = models.load_model(model_path)
     k = config.samples_per_prompt
     instructions = [prompt for prompt, _ in prompts]
@@ -255,8 +255,8 @@ class Task:
         passes, k = (self.train_passes if split == "train" else 1), self.config.samples_per_prompt
         pairs = []
         for p in range(passes):
+            span = slice(p * k, (p + 1) * k) if passes > 1 else slice(None)
             for record in self._records(split):
-                span = slice(p * k, (p + 1) * k) if passes > 1 else slice(None)
                 responses, gold = record["responses"][span], record["gold"][span]
                 n = len(responses)
                 indices = ([(2 * i, 2 * i + 1) for i in range(n // 2)] if self.config.pairing == "disjoint"
