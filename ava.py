@@ -42,7 +42,9 @@ reads only the last mu, which TD never reaches (SPEC.md, last section): the pref
 intermediate mu_t only through pi. `cer_reading` puts CER (and the score) on the weighted return of
 Eq. 19; `centred_q` / `td_terminal` remove Eq. 12's -log V offset from delta_t and add a TD step into a
 terminal state of value 0; `prior_sigma` scales the prior to delta's spread; `weights_on="mu"` keeps
-Eq. 11's weights off Q (a side channel); `q_map="logits"` is a w/o ptq control (same head, no map).
+Eq. 11's weights off Q (a side channel); `q_map="logits"` is a w/o ptq control (same head, no map);
+`kl_weight` weighs the KL term on its own (0 ablates it; `lam` does the same for the TD term). PRESETS
+names the variants we measured (docs/train_rm.md says what each showed).
 
 Layout: config; masks, hidden states; Eq. 11; Eq. 3/12; TQR (Eq. 8-10); terms (Eq. 6, 13, 14); AVA-d,
 AVA-p, CER (Eq. 13, 17, 18); Eq. 19; baselines; the exact speed-ups.
@@ -51,10 +53,12 @@ Only torch and einops; nothing here reads files or parses arguments.
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -67,37 +71,63 @@ from torch.utils.checkpoint import checkpoint
 class AVAConfig:
     """Hyper-parameters and switches of one AVA objective. alpha has no precedent in the paper's text
     (chosen on dev); AVRIL's code uses beta = gamma = lambda = 1. Fields after `vocab_chunk` are our
-    extensions (module docstring), off by default."""
-    alpha: float = 1.0          # Eq. 12 temperature mapping probabilities to Q-values
+    extensions (module docstring), off by default. Each field's comment is its --help in the scripts,
+    its Literal type its choices, RANGES its bounds (the scripts build their flags from them)."""
+    alpha: float = 1.0          # Eq. 12 temperature mapping probabilities to Q-values; at 0 every Q-value is equal
     beta: float = 1.0           # weight of the likelihood term (Eq. 13) / Boltzmann temperature (Eq. 3)
     gamma: float = 1.0          # discount in the TD error (Eq. 14); AVRIL uses 1
     lam: float = 1.0            # lambda, weight of the TD log-density term (Eq. 13)
-    cer_weight: float = 1.0     # weight of F_c; Algorithm 1 adds F_p + F_c with weight 1
-    reward_weighting: str = "mean-one"  # "mean-one" | "literal" | "off" (= w/o rwt)
-    pretrained_q: bool = True   # False = w/o ptq: a fresh Linear(d, V) Q head
-    negative: str = "literal"   # "literal" (Eq. 17) | "unlikelihood" (Eq. 16) | "off" (= w/o neg)
-    irl: bool = True            # False = w/o irl: no KL, no TD (contrastive SFT + CER)
-    cer: str = "sigmoid"        # "sigmoid" (Eq. 18) | "logsigmoid" | "off" (= w/o cer)
-    kl_td_on: str = "both"      # "both" | "chosen": which sequences of a pair get KL and TD
+    cer_weight: float = 1.0     # weight of F_c (Eq. 18); Algorithm 1 adds F_p + F_c with weight 1
+    reward_weighting: Literal["mean-one", "literal", "off"] = "mean-one"  # Eq. 11 weights ("off" = w/o rwt)
+    pretrained_q: bool = True   # Q from the pretrained LM head via Eq. 12 (False = w/o ptq: a fresh Linear(d, V))
+    negative: Literal["literal", "unlikelihood", "off"] = "literal"  # rejected term: Eq. 17, Eq. 16's bound, or w/o neg
+    irl: bool = True            # the KL and TD terms (False = w/o irl: contrastive SFT + CER)
+    cer: Literal["sigmoid", "logsigmoid", "off"] = "sigmoid"  # CER form: Eq. 18, its log, or w/o cer
+    kl_td_on: Literal["both", "chosen"] = "both"  # which sequences of a pair get the KL and TD terms
     sigma_min: float = 1e-4     # floor on sigma
     vocab_chunk: int = 512      # transitions per chunk of the full-vocabulary computation
     # -- our extensions (not in the paper) --
-    cer_reading: str = "last"   # E[R|y] for CER and scoring: "last" mu (paper) | "return-sum" | "return-mean" of w_t mu_t
+    cer_reading: Literal["last", "return-sum", "return-mean"] = "last"  # E[R|y]: last mu (paper), sum/mean of w_t mu_t
     centred_q: bool = False     # TD on Q + w log V: removes Eq. 12's -log V offset from delta_t
     td_terminal: bool = False   # one more TD step, from the last transition into a terminal state of value 0
     prior_sigma: float = 1.0    # the reward prior N(0, prior_sigma^2) (paper: N(0, 1))
-    weights_on: str = "all"     # Eq. 11 weights multiply "all" heads (paper) | "mu" (reward head only)
-    q_map: str = "eq12"         # pretrained Q: "eq12" log softmax(alpha pi) | "logits" (Q = the LM head's logits)
+    weights_on: Literal["all", "mu"] = "all"  # Eq. 11 weights multiply every head (paper) or the reward head only
+    q_map: Literal["eq12", "logits"] = "eq12"  # pretrained Q: Eq. 12, or the LM head's logits (a w/o ptq control)
+    kl_weight: float = 1.0      # weight of the KL term (Eq. 6 in Eq. 13; paper: 1); 0 ablates the KL alone
+
+    RANGES: ClassVar[dict] = {"alpha": "> 0", "beta": "> 0", "gamma": "[0, 1]", "lam": ">= 0", "cer_weight": ">= 0",
+                              "sigma_min": "> 0", "vocab_chunk": ">= 1", "prior_sigma": "> 0", "kl_weight": ">= 0"}
+
+    @property
+    def eq12(self) -> bool:
+        """Q is Eq. 12's map of the pretrained LM head (not a fresh head, not our raw-logits control)."""
+        return self.pretrained_q and self.q_map == "eq12"
+
+    @classmethod
+    def field_problem(cls, name: str, value) -> str | None:
+        """What is wrong with `value` for field `name` ("must be one of ...", "must be > 0"), or None."""
+        hint = typing.get_type_hints(cls)[name]
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            return f"must be one of {typing.get_args(hint)}, got {value!r}"
+        rule = cls.RANGES.get(name)
+        if rule and not (isinstance(value, (int, float)) and math.isfinite(value) and _within(value, rule)):
+            return f"must be a finite number {'in ' if rule[0] == '[' else ''}{rule}, got {value}"
+        return None
 
     def __post_init__(self):
-        choices = {"reward_weighting": ("mean-one", "literal", "off"), "negative": ("literal", "unlikelihood", "off"),
-                   "cer": ("sigmoid", "logsigmoid", "off"), "kl_td_on": ("both", "chosen"), "q_map": ("eq12", "logits"),
-                   "cer_reading": ("last", "return-sum", "return-mean"), "weights_on": ("all", "mu")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"AVAConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.sigma_min <= 0 or self.vocab_chunk < 1 or self.prior_sigma <= 0:
-            raise ValueError("AVAConfig: sigma_min and prior_sigma must be > 0 and vocab_chunk >= 1")
+        problems = [f"{f.name}: {p}" for f in dataclasses.fields(self)
+                    if (p := self.field_problem(f.name, getattr(self, f.name)))]
+        if problems:
+            raise ValueError("AVAConfig: " + "; ".join(problems))
+
+
+def _within(value: float, rule: str) -> bool:
+    """value against '> 0', '>= 1' or '[0, 1]'."""
+    if rule.startswith("["):
+        low, high = (float(x) for x in rule.strip("[]").split(","))
+        return low <= value <= high
+    operator, bound = rule.split()
+    return value > float(bound) if operator == ">" else value >= float(bound)
 
 
 ABLATIONS = {  # the Table 1 ablations: each a switch of the one objective, never a copy of it
@@ -110,6 +140,28 @@ ABLATIONS = {  # the Table 1 ablations: each a switch of the one objective, neve
     "w/o neg (AVA-d + CER)": dict(negative="off", kl_td_on="chosen"),
     "w/o eq12": dict(q_map="logits"),
 }
+
+# Named AVAConfigs (--preset): "paper" is the faithful objective; the others are our variants (docs/train_rm.md,
+# "Presets", says what each changes, why, and what it measured on task v2).
+_MU_WEIGHTS = dict(weights_on="mu", centred_q=True, td_terminal=True, cer_reading="return-sum")
+PRESETS = {
+    "paper": {},
+    "return-cer": dict(cer_reading="return-sum"),
+    "centred-td": dict(centred_q=True, td_terminal=True),
+    "centred-td-return": dict(centred_q=True, td_terminal=True, cer_reading="return-sum"),
+    "centred-td-discounted": dict(centred_q=True, td_terminal=True, gamma=0.9),
+    "mu-weights": _MU_WEIGHTS,
+    # a measured negative result: the floor does not stop the collapse
+    "mu-weights-floor": {**_MU_WEIGHTS, "sigma_min": 0.1},
+    "mu-weights-half-td": {**_MU_WEIGHTS, "lam": 0.5},  # recommended for token rewards
+}
+
+
+def preset(name: str, **changes) -> AVAConfig:
+    """`preset("mu-weights-half-td", lam=1.0)` -> that named AVAConfig with `changes` on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: expected one of {list(PRESETS)}")
+    return AVAConfig(**{**PRESETS[name], **changes})
 
 
 def ablate(config: AVAConfig, *names: str) -> AVAConfig:
@@ -134,7 +186,8 @@ def check_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_
     if (response & ~attention).any():
         raise ValueError("response_mask marks padding positions (outside attention_mask)")
     if response[:, 0].any():
-        raise ValueError("response_mask[:, 0] is set: the first token has no state before it; put BOS or the prompt first")
+        raise ValueError("response_mask[:, 0] is set: the first token has no state before it; "
+                         "put BOS or the prompt first")
     if (attention[:, 1:] & ~attention[:, :-1]).any():
         raise ValueError("attention_mask is not right-padded (a valid token follows padding)")
     empty = (~response.any(dim=1)).nonzero().flatten().tolist()
@@ -172,18 +225,31 @@ def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 class LMWithHeads(nn.Module):
     """TQR's and the baselines' shared base: a causal LM `lm` whose last hidden states feed heads.
-    `features` is a method so that an exact, faster equivalent can stand in for it on an instance
-    (the frozen-trunk cache, avalib/frozen_trunk.py)."""
-    share_prompts: bool = True
+
+    share_prompts: rows with the same prompt share one pass over it (`hidden_states`); build with False
+    where the KV cache is unavailable (activation checkpointing recomputes layers without it).
+    trunk: what computes those states, if not `hidden_states(lm, ...)`: any callable
+    `trunk(input_ids, attention_mask, response_mask, share_prompts=...) -> (B, T, d)` that gives the same
+    states, e.g. one that reads the frozen bottom layers' outputs from a cache and runs only the top
+    layers of `lm`. It is held, not registered as a submodule: it runs `lm`'s own layers, whose
+    parameters are `lm`'s (in the state dict once, under "lm.")."""
+
+    def __init__(self, lm: nn.Module, *, trunk=None, share_prompts: bool = True):
+        super().__init__()
+        self.lm, self.share_prompts = lm, share_prompts
+        self.__dict__["trunk"] = trunk  # not a submodule (see above), whatever its type
 
     def features(self, input_ids, attention_mask, response_mask) -> torch.Tensor:
-        return hidden_states(self.lm, input_ids, attention_mask, response_mask, share_prompts=self.share_prompts)
+        """The last hidden states (B, T, d) the heads read."""
+        compute = self.trunk or partial(hidden_states, self.lm)
+        return compute(input_ids, attention_mask, response_mask, share_prompts=self.share_prompts)
 
 
 # ----------------------------------------------------------------------------------------------
 # Reward weighting (Eq. 11)
 
-def preference_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, literal: bool = False) -> torch.Tensor:
+def preference_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
+                       literal: bool = False) -> torch.Tensor:
     """Eq. 11: w_t = 1/|y| * sum_i softmax_{t'}(q_i . k_{t'} / sqrt(d_k))_t over the valid positions.
 
     query, key: (B, T, d_k); mask: (B, T) bool. Returns (B, T), zero off the mask. Literal weights sum
@@ -316,11 +382,12 @@ class TQROutput:
 
 
 class TQR(LMWithHeads):
-    """Any Hugging Face causal LM plus a Q-value head, a Gaussian reward head and reward weighting."""
+    """Any Hugging Face causal LM plus a Q-value head, a Gaussian reward head and reward weighting.
+    `trunk` and `share_prompts`: how the hidden states are computed (LMWithHeads)."""
 
-    def __init__(self, lm: nn.Module, config: AVAConfig = AVAConfig()):
-        super().__init__()
-        self.lm, self.config = lm, config
+    def __init__(self, lm: nn.Module, config: AVAConfig = AVAConfig(), *, trunk=None, share_prompts: bool = True):
+        super().__init__(lm, trunk=trunk, share_prompts=share_prompts)
+        self.config = config
         lm_head = lm.get_output_embeddings()
         hidden_size, vocab_size = lm_head.in_features, lm_head.out_features
         # Eq. 8: Q head. Default: the pretrained LM head, mapped to Q by Eq. 12 (no new parameters).
@@ -353,7 +420,7 @@ class TQR(LMWithHeads):
         head = self.q_head or self.lm.get_output_embeddings()
         selected = hidden[:, :-1][mask]  # (N, d): only trained transitions reach the vocabulary
         q_weights = weights if cfg.weights_on == "all" else torch.ones_like(weights)  # ours: "mu" leaves Q unweighted
-        eq12 = self.q_head is None and cfg.q_map == "eq12"  # else Q = logits of a fresh head or (ours) the LM head
+        eq12 = cfg.eq12  # else Q = logits of a fresh head or (ours) the LM head
         terms = gather_token_terms(selected, head.weight, head.bias, input_ids[:, 1:][mask], q_weights[:, :-1][mask],
                                    alpha=cfg.alpha, beta=cfg.beta, pretrained=eq12,
                                    with_logp=with_logp, chunk=cfg.vocab_chunk)  # (N, 3)
@@ -404,19 +471,20 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def likelihood_term(out: TQROutput, config: AVAConfig) -> torch.Tensor:
     """Per-transition likelihood term (B, T-1): Eq. 13's beta * Q with a pretrained Q head, the
     Boltzmann log B of Eq. 5 with a fresh one (beta already inside; deviation 6)."""
-    return config.beta * out.q_logprob if config.pretrained_q and config.q_map == "eq12" else out.q_logprob
+    return config.beta * out.q_logprob if config.eq12 else out.q_logprob
 
 
 def negative_term(out: TQROutput, config: AVAConfig) -> torch.Tensor:
     """What F_p adds for the rejected sequence, per transition: Eq. 17's -loglik, or the unlikelihood
     log(1 - p) of Eq. 16's bound log(1 - p(y- | R)), taken per transition."""
-    scale = config.beta if config.pretrained_q and config.q_map == "eq12" else 1.0
+    scale = config.beta if config.eq12 else 1.0
     if config.negative == "unlikelihood":
         return scale * log1mexp(out.q_logprob)
     return -likelihood_term(out, config)
 
 
-def contrastive_expected_return(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, form: str = "sigmoid") -> torch.Tensor:
+def contrastive_expected_return(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
+                                form: str = "sigmoid") -> torch.Tensor:
     """F_c (Eq. 18), per pair, maximised: sigmoid(E[R|y+] - E[R|y-]) (or its log)."""
     margin = reward_chosen - reward_rejected
     return F.logsigmoid(margin) if form == "logsigmoid" else torch.sigmoid(margin)
@@ -431,32 +499,34 @@ def irl_terms(out: TQROutput, config: AVAConfig) -> dict[str, torch.Tensor]:
 
 def ava_d_loss(out: TQROutput, config: AVAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-F_d (Eq. 5 / Eq. 13), averaged over valid transitions; returns (loss, terms)."""
+    zero = out.mu.new_zeros(())
     terms = {"loglik": masked_mean(likelihood_term(out, config), out.mask)}
-    objective = terms["loglik"]
-    if config.irl:
+    if config.irl:  # w/o irl: the likelihood alone
         terms.update(irl_terms(out, config))
-        objective = objective - terms["kl"] + config.lam * terms["td_logp"]
+    # Eq. 13
+    objective = terms["loglik"] - config.kl_weight * terms.get("kl", zero) + config.lam * terms.get("td_logp", zero)
     terms["loss"] = -objective
     return -objective, terms
 
 
-def ava_p_loss(chosen: TQROutput, rejected: TQROutput, config: AVAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-(F_p + cer_weight * F_c) (Eq. 17 + Eq. 18, Algorithm 1 line 6-7); returns (loss, terms)."""
+def ava_p_loss(chosen: TQROutput, rejected: TQROutput,
+               config: AVAConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-(F_p + cer_weight * F_c) (Eq. 17 + Eq. 18, Algorithm 1 line 6-7); returns (loss, terms). Each term is
+    computed where its switch leaves it on (the ablations of Table 1: w/o neg, w/o irl, w/o cer), then the
+    objective is their weighted sum."""
+    zero = chosen.mu.new_zeros(())
+    reward_chosen, reward_rejected = chosen.sequence_reward(), rejected.sequence_reward()
     terms = {"loglik_chosen": masked_mean(likelihood_term(chosen, config), chosen.mask)}
-    objective = terms["loglik_chosen"]
     if config.negative != "off":
         terms["negative"] = masked_mean(negative_term(rejected, config), rejected.mask)
-        objective = objective + terms["negative"]
     if config.irl:
-        sequences = [chosen, rejected] if config.kl_td_on == "both" else [chosen]
-        parts = [irl_terms(out, config) for out in sequences]
-        terms["kl"] = sum(p["kl"] for p in parts)
-        terms["td_logp"] = sum(p["td_logp"] for p in parts)
-        objective = objective - terms["kl"] + config.lam * terms["td_logp"]
-    reward_chosen, reward_rejected = chosen.sequence_reward(), rejected.sequence_reward()
+        parts = [irl_terms(out, config) for out in ([chosen, rejected] if config.kl_td_on == "both" else [chosen])]
+        terms["kl"], terms["td_logp"] = sum(p["kl"] for p in parts), sum(p["td_logp"] for p in parts)
     if config.cer != "off":
         terms["cer"] = contrastive_expected_return(reward_chosen, reward_rejected, config.cer).mean()
-        objective = objective + config.cer_weight * terms["cer"]
+    term = lambda name: terms.get(name, zero)
+    objective = (term("loglik_chosen") + term("negative") - config.kl_weight * term("kl") + config.lam * term("td_logp")
+                 + config.cer_weight * term("cer"))  # Eq. 17 + Eq. 18
     terms["loss"] = -objective
     terms.update(preference_metrics(reward_chosen, reward_rejected))
     terms["sigma"] = masked_mean(chosen.sigma, chosen.mask).detach()
@@ -524,6 +594,7 @@ class RewardOutput:
     mask: torch.Tensor              # (B, T-1) valid response transitions
     spread: torch.Tensor | None = None   # (B,) v of Eq. 26 (bt-var)
     weights: torch.Tensor | None = None  # (B, T-1) Preference Transformer weights
+    levels: torch.Tensor | None = None   # (B, T) the head at every position (bt, bt-var): the reward of each prefix
 
 
 class ScalarRewardModel(LMWithHeads):
@@ -532,11 +603,11 @@ class ScalarRewardModel(LMWithHeads):
 
     KINDS = ("bt", "bt-var", "pref-trans")
 
-    def __init__(self, lm: nn.Module, kind: str = "bt"):
-        super().__init__()
+    def __init__(self, lm: nn.Module, kind: str = "bt", *, trunk=None, share_prompts: bool = True):
         if kind not in self.KINDS:
             raise ValueError(f"ScalarRewardModel kind={kind!r}: expected one of {self.KINDS}")
-        self.lm, self.kind = lm, kind
+        super().__init__(lm, trunk=trunk, share_prompts=share_prompts)
+        self.kind = kind
         hidden_size = lm.get_output_embeddings().in_features
         # No bias: these losses only see reward differences, so a bias would never get a gradient.
         self.reward_head = nn.Linear(hidden_size, 1, bias=False)
@@ -548,7 +619,8 @@ class ScalarRewardModel(LMWithHeads):
         check_masks(input_ids, attention_mask, response_mask)
         hidden = self.features(input_ids, attention_mask, response_mask)
         mask = response_mask[:, 1:].bool()
-        rewards = self.reward_head(hidden[:, 1:]).float()[..., 0] * mask  # (B, T-1): transition t read at t+1
+        levels = self.reward_head(hidden).float()[..., 0]  # (B, T)
+        rewards = levels[:, 1:] * mask  # (B, T-1): transition t read at t+1
         last = last_index(mask)[:, None]
         if self.kind == "pref-trans":
             weights = self.weighting(hidden[:, 1:], mask, literal=True)  # sums to 1 over the response
@@ -557,7 +629,7 @@ class ScalarRewardModel(LMWithHeads):
         if self.spread_head is not None:
             last_hidden = hidden[:, 1:].gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 1, d)
             spread = F.softplus(self.spread_head(last_hidden).float()[:, 0, 0]) + 1e-4
-        return RewardOutput(rewards.gather(1, last).squeeze(1), rewards, mask, spread=spread)
+        return RewardOutput(rewards.gather(1, last).squeeze(1), rewards, mask, spread=spread, levels=levels)
 
     def loss(self, chosen: RewardOutput, rejected: RewardOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.kind == "bt-var":
@@ -605,7 +677,7 @@ class _PretrainedQ(torch.autograd.Function):
 
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:
-    """Every row is its tokens, then padding (as avalib.data.collate builds batches)."""
+    """Every row is its tokens, then padding (right-padded, as the scripts build their batches)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return bool((attention_mask.bool() == (positions < attention_mask.sum(dim=1, keepdim=True))).all())
 

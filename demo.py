@@ -49,7 +49,8 @@ def main(argv=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{terms['accuracy'].item():.2f}", margin=f"{terms['margin'].item():.2f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{terms['accuracy'].item():.2f}",
+                        margin=f"{terms['margin'].item():.2f}")
 
     model.eval()
     held_out = "test" if source.startswith(("builtin", "Anthropic/")) else "dev"  # the hub's HH has train/test
@@ -61,7 +62,9 @@ def main(argv=None):
             out = model(**batch)
             print(f"\n{name}: E[R|y] = {out.sequence_reward()[0]:+.3f} (sigma {out.sequence_sigma()[0]:.3f})")
             rewards, sigma = ava.dense_rewards(out)  # Eq. 19: the reward of every response token
-            for token, mu, s in reward_models.token_reward_table(tokenizer, batch["input_ids"][0], rewards[0], sigma[0], out.mask[0]):
+            ids = batch["input_ids"][0]
+            table = reward_models.token_reward_table(tokenizer, ids, rewards[0], sigma[0], out.mask[0])
+            for token, mu, s in table:
                 print(f"  {token!r:>18}  mu {mu:+.3f}  sigma {s:.3f}")
 
 

@@ -48,7 +48,8 @@ class Args(cli.AVAFlags, cli.LoRAFlags, cli.TrainFlags):
     chosen_half: bool = arg(False, "demonstrations (sft, ava-d, AfD) are the chosen responses of --data's pairs")
     data: str = arg("builtin", "training data: builtin[:tiny], a local file, or a hub dataset id")
     train_split: str = arg("train", "split of --data (builtin and hub datasets)")
-    eval_data: str = arg("", "held-out pairs for the implicit-reward accuracy (default: builtin:gold dev when --data is builtin)")
+    eval_data: str = arg("", "held-out pairs for the implicit-reward accuracy (default: builtin:gold dev when --data "
+                             "is builtin)")
     eval_split: str = arg("dev", "split of --eval-data")
     eval_prompts: str = arg("", "held-out prompts to sample and judge: builtin[:tiny] or a pairs/demonstrations file "
                                 "(default: builtin when --data is builtin; 'none' skips the win rate)")
@@ -76,7 +77,8 @@ def load_training_rows(args: Args, tokenizer):
     """Pairs for ava-p / dpo; demonstrations for sft / ava-d and for AfD (to be paired with samples)."""
     wants_demos = args.objective not in PAIRWISE or args.afd
     if wants_demos and args.chosen_half:
-        pairs, report = sources.load_rows(args.data, "pairs", args.train_split, tokenizer, args.skip_bad_rows, args.limit or None)
+        pairs, report = sources.load_rows(args.data, "pairs", args.train_split, tokenizer, args.skip_bad_rows,
+                                          args.limit or None)
         return [{"prompt": p["prompt"], "response": p["chosen"], "where": p["where"]} for p in pairs], report
     return sources.load_rows(args.data, "demos" if wants_demos else "pairs", args.train_split, tokenizer,
                             args.skip_bad_rows, args.limit or None)
@@ -94,7 +96,7 @@ def sequence_logprobs(model, items: list[tuple], pad_id: int) -> torch.Tensor:
     """sum_t log pi(y_{t+1} | y_{1:t}) over the response, (rows,), for every sequence of `items`,
     chosen ones first (one forward for the whole batch)."""
     columns = len(items[0])
-    batch = data.collate([item[c] for c in range(columns) for item in items], pad_id)
+    batch = data.collate([item[c] for c in range(columns) for item in items], pad_id, device=models.device_of(model))
     return model(**batch).sum(dim=1)
 
 
@@ -115,18 +117,19 @@ def reference_logprobs(lm, items: list[tuple], pad_id: int, batch_size: int) -> 
 
 
 def compute_loss(model, items, references, args: Args, config: ava.AVAConfig, pad_id: int):
-    kind, n = args.objective, len(items)
+    kind, n, device = args.objective, len(items), models.device_of(model)
     if kind == "sft":
-        batch = data.collate([item[0] for item in items], pad_id)
+        batch = data.collate([item[0] for item in items], pad_id, device=device)
         loss = ava.sft_loss(model(**batch), batch["response_mask"][:, 1:].bool())
         return loss, {"loss": loss}
     if kind == "dpo":
         logp = sequence_logprobs(model, items, pad_id)
-        loss, reward_chosen, reward_rejected = ava.dpo_loss(logp[:n], logp[n:], references[:, 0], references[:, 1], args.dpo_beta)
+        loss, reward_chosen, reward_rejected = ava.dpo_loss(logp[:n], logp[n:], references[:, 0], references[:, 1],
+                                                            beta=args.dpo_beta)
         return loss, {"loss": loss, **ava.preference_metrics(reward_chosen, reward_rejected)}
     if kind == "ava-d":
-        return ava.ava_d_loss(model(**data.collate([item[0] for item in items], pad_id)), config)
-    out = model(**data.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
+        return ava.ava_d_loss(model(**data.collate([item[0] for item in items], pad_id, device=device)), config)
+    out = model(**data.collate([item[0] for item in items] + [item[1] for item in items], pad_id, device=device))
     return ava.ava_p_loss(ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n)), config)
 
 
@@ -147,7 +150,8 @@ def implicit_reward_accuracy(model, kind: str, items: list[tuple], references, a
             reference = references[start:start + n]
             differences.append(args.dpo_beta * ((logp[:n] - reference[:, 0]) - (logp[n:] - reference[:, 1])))
         else:
-            out = model(**data.collate([p[0] for p in part] + [p[1] for p in part], pad_id))
+            out = model(**data.collate([p[0] for p in part] + [p[1] for p in part], pad_id,
+                                       device=models.device_of(model)))
             score = out.sequence_reward()
             differences.append(score[:n] - score[n:])
     model.train(was_training)
@@ -187,9 +191,11 @@ def main(argv=None) -> dict:
     kind = args.objective
     if args.afd and kind not in PAIRWISE:
         raise SystemExit(f"--afd builds preference pairs: use it with {' or '.join(PAIRWISE)}, not {kind}")
-    if kind in ("ava-p", "ava-d") and not args.pretrained_q:
+    # (the resolved config: the flag is None unless given)
+    if kind in ("ava-p", "ava-d") and not args.ava_config().pretrained_q:
         raise SystemExit("direct optimisation trains the LM through Eq. 12's pretrained Q (a fresh Q head would "
-                         "leave the policy's own head out of the likelihood): drop --no-pretrained-q, or use train_rm.py")
+                         "leave the policy's own head out of the likelihood): drop --no-pretrained-q, or use "
+                         "train_rm.py")
     if kind not in ("ava-p", "ava-d") and args.ablate:
         raise SystemExit("--ablate applies to ava-p and ava-d only")
     if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
@@ -202,7 +208,8 @@ def main(argv=None) -> dict:
     rows, report = load_training_rows(args, tokenizer)  # bad data fails before the model loads
     eval_items, eval_report = sources.load_eval_pairs(args, tokenizer)
     prompts = load_prompts(args, tokenizer)
-    lean = distributed.lean_loading(args, dist.world_size, kind)  # FSDP2: rank 0 reads the weights, the others build on meta
+    # FSDP2: rank 0 reads the weights, the others build on meta
+    lean = distributed.lean_loading(args, dist.world_size, kind)
     lm, _ = models.load_model(args.model, tokenizer=tokenizer, on_meta=lean and not dist.is_main,
                               device=None if lean else dist.device)  # lean: fully_shard puts the shards on the device
     if args.afd:
@@ -227,7 +234,11 @@ def main(argv=None) -> dict:
         references, eval_references = references.to(dist.device), eval_references.to(dist.device)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(lm, args)  # --lora-r: adapters only (the heads below are built after, and train in full)
-    model = ava.TQR(lm, config) if kind in ("ava-p", "ava-d") else models.Policy(lm)
+    share = distributed.share_prompts(args)  # off under --activation-checkpointing
+    if kind in ("ava-p", "ava-d"):
+        model = ava.TQR(lm, config, share_prompts=share)
+    else:
+        model = models.Policy(lm, share_prompts=share)
     model = model if lean else model.to(dist.device)
 
     def loss_fn(model, local):
@@ -239,13 +250,15 @@ def main(argv=None) -> dict:
                                    desc=f"{'AfD w/ ' if args.afd else ''}{kind}")
     final = {"objective": kind, "afd": args.afd, "steps": run["steps"], "train_rows": len(items),
              "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
-             "train_tokens_per_second": run["tokens"] / run["seconds"] if run["seconds"] > 0 and run["tokens"] else None,
+             "train_tokens_per_second": (run["tokens"] / run["seconds"] if run["seconds"] > 0 and run["tokens"]
+                                         else None),
              "train_seconds": run["seconds"]}
     if dist.is_main:
         if eval_items and kind != "sft":
             final.update(implicit_reward_accuracy(model, kind, eval_items, eval_references, args, pad_id))
         lora.merge_lora(model.lm, output_dir / "policy" / "lora")  # --lora-r: adapter saved, then merged for export
-        meta = {"objective": kind, "afd": args.afd, "ava_config": dataclasses.asdict(config) if kind.startswith("ava") else None,
+        meta = {"objective": kind, "afd": args.afd,
+                "ava_config": dataclasses.asdict(config) if kind.startswith("ava") else None,
                 "args": dataclasses.asdict(args)}
         if isinstance(model, ava.TQR):  # the policy and its reward: loadable by load_model and load_reward_model
             reward_models.save_reward_model(output_dir / "policy", model, tokenizer, {"kind": kind, **meta})

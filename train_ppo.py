@@ -24,7 +24,8 @@ or a documented choice:
     log-probs PPO trains on (old, new and reference alike). --top-p defaults to 1: a nucleus would
     make the sampled policy differ from the one whose log-probs are trained.
   - Value model: a copy of the reward model's backbone with a scalar head initialised from its reward
-    head (AVA: the mu row), read at the state (position t) of each transition (--no-value-from-reward: the policy's backbone, zero head).
+    head (AVA: the mu row), read at the state (position t) of each transition (--no-value-from-reward: the policy's
+    backbone, zero head).
   - GAE over response tokens with the value after the last token 0; advantages whitened over valid
     tokens (--no-whiten-advantages); policy ratio clipped at --cliprange, value at --cliprange-value;
     dropout off (every model in eval mode).
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,8 @@ from torch import nn
 from tqdm import tqdm
 
 import ava
-from avalib import checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, metrics, ml_irl, models, reward_models, script, sources, viz
+from avalib import (checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, metrics, ml_irl,
+                    models, reward_models, script, sources, viz)
 from avalib.cli import arg
 
 REWARDS = ("auto", "dense", "sequence")
@@ -62,10 +65,12 @@ class Args(cli.LoRAFlags, cli.TrainFlags):
     reward_model: str = arg("", "a reward model saved by train_rm.py (its OUTPUT_DIR/model)")
     reward: str = arg("auto", "dense: the reward at every token (Eq. 19, AVA's mu_t); sequence: the score at the last "
                               "token; auto: dense for AVA models, sequence otherwise", choices=REWARDS)
-    pessimism: float = arg(0.0, "k of the pessimistic reward mu - k * sigma (AVA models: sigma is the posterior's)", low=0)
+    pessimism: float = arg(0.0,
+                           "k of the pessimistic reward mu - k * sigma (AVA models: sigma is the posterior's)", low=0)
     prompts: str = arg("builtin", "rollout prompts: builtin[:tiny] or a pairs / demonstrations file")
     prompt_split: str = arg("train", "split of --prompts")
-    eval_prompts: str = arg("", "held-out prompts to judge on (default: builtin when --prompts is builtin; 'none' skips)")
+    eval_prompts: str = arg("",
+                            "held-out prompts to judge on (default: builtin when --prompts is builtin; 'none' skips)")
     eval_split: str = arg("test", "split of --eval-prompts")
     prompt_limit: int = arg(0, "use only the first N held-out prompts (0: all)", low=0)
     samples_per_prompt: int = arg(4, "replies per held-out prompt, by each side", low=1)
@@ -89,16 +94,20 @@ class Args(cli.LoRAFlags, cli.TrainFlags):
     max_new_tokens: int = arg(48, "length cap of sampled replies", low=1)
     temperature: float = arg(1.0, "sampling temperature, applied the same way to every log-prob PPO computes", above=0)
     top_p: float = arg(1.0, "nucleus sampling at rollout (1: off, so the trained policy is the sampled one)",
-                         above=0, high=1)
+                       above=0, high=1)
+    eval_top_p: float = arg(0.95, "nucleus sampling of the held-out replies judged at the end, and of Best-of-N's "
+                                  "candidates and plain samples", above=0, high=1)
     sample_seed: int = arg(1234, "seed of the held-out evaluation samples", low=0)
-    best_of_n: int = arg(0, "Best-of-N mode: no training; pick the best of N samples of --model by --reward-model", low=0)
+    best_of_n: int = arg(0,
+                         "Best-of-N mode: no training; pick the best of N samples of --model by --reward-model", low=0)
     bon_against: str = arg("", "Best-of-N: also judge against the best of the same N under this reward model")
-    iterations: int = arg(0, "ML-IRL: alternate reward learning on (demonstration, policy sample) pairs with PPO, K times",
+    iterations: int = arg(0,
+                          "ML-IRL: alternate reward learning on (demonstration, policy sample) pairs with PPO, K times",
                          low=0)
     demos: str = arg("builtin", "ML-IRL: demonstrations (builtin: the task's best-of-4 replies)")
     irl_reward: str = arg("ava-p", "ML-IRL reward learning: a preference objective on (demo, sample) pairs, or a "
-                                   "discriminator (adversarial-rkl: r = log D - log(1-D); adversarial-js: r = -log(1-D))",
-                          choices=IRL_REWARDS)
+                                   "discriminator (adversarial-rkl: r = log D - log(1-D); adversarial-js: "
+                                   "r = -log(1-D))", choices=IRL_REWARDS)
     adversarial_level: str = arg("token", "discriminator at every token (dense reward) or on the whole reply",
                                  choices=("token", "sequence"))
     reward_steps: int = arg(30, "ML-IRL: reward / discriminator steps per iteration", low=1)
@@ -125,7 +134,8 @@ class ValueModel(nn.Module):
 
 
 def value_model_from(reward_model, policy_lm, from_reward: bool) -> ValueModel:
-    """The critic: the reward model's backbone and reward head (AVA: the mu row), or the policy's backbone with a zero head."""
+    """The critic: the reward model's backbone and reward head (AVA: the mu row), or the policy's backbone with a zero
+    head."""
     if not from_reward:
         return ValueModel(copy.deepcopy(policy_lm))
     value = ValueModel(copy.deepcopy(reward_model.lm))
@@ -163,7 +173,8 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ppo_losses(logp, old_logp, advantages, values, old_values, returns, mask, cliprange: float, cliprange_value: float):
     """Clipped surrogate policy loss and clipped value loss (PPO, Schulman et al. 2017), masked means."""
     ratio = torch.exp(logp - old_logp)
-    policy_loss = ava.masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)), mask)
+    policy_loss = ava.masked_mean(torch.max(-advantages * ratio,
+                                            -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)), mask)
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     value_loss = 0.5 * ava.masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
     stats = {"policy/clipfrac": ava.masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
@@ -210,12 +221,16 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     --dump-grads: every minibatch's reduced gradients are appended to `dumped` and written out."""
     eos_id = tokenizer.eos_token_id
     generations = generation.generate_ids(distributed.unwrap(policy), tokenizer, prompts,
-                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                      seed=seed, chat_template=False, progress=False, synced=distributed.is_sharded(args, dist))
-    batch = {k: v.to(dist.device) for k, v in data.collate(rollout_examples(generations, eos_id), tokenizer.pad_token_id).items()}
+                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p,
+                                      seed=seed, chat_template=False, progress=False,
+                                      synced=distributed.is_sharded(args, dist))
+    batch = {k: v.to(dist.device) for k, v in data.collate(rollout_examples(generations, eos_id),
+                                                           tokenizer.pad_token_id).items()}
     mask = batch["response_mask"][:, 1:].bool()
     finished = torch.tensor([g.finished for g in generations], device=dist.device)
-    with torch.no_grad(), distributed.autocast_context(args, dist):  # --bf16: scoring in bf16 autocast (not under FSDP2)
+    # --bf16: scoring in bf16 autocast (not under FSDP2)
+    with torch.no_grad(), distributed.autocast_context(args, dist):
         old_logp = policy(**batch)
         ref_logp = ava.token_logprobs(reference, **batch, temperature=args.temperature)
         old_values = value(**batch)
@@ -232,7 +247,6 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     stats = {"proxy/score": score.mean(), "proxy/reward_sum": (model_rewards.sum(1)).mean(), "kl/sum": kl.sum(1).mean(),
              "rollout/length": mask.sum(1).float().mean(), "rollout/eos_rate": finished.float().mean()}
     if sources.builtin_default(args.prompts, gold=False):
-
         stats["gold/score"] = torch.tensor(sum(map(gold.gold_score, replies)) / len(replies))
     totals: dict[str, float] = {}
     n, steps = len(prompts), 0
@@ -256,7 +270,9 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.dump_grads:
-                distributed.dump_gradients(args.dump_grads, nn.ModuleDict({"policy": distributed.unwrap(policy), "value": distributed.unwrap(value)}),
+                distributed.dump_gradients(args.dump_grads,
+                                           nn.ModuleDict({"policy": distributed.unwrap(policy),
+                                                          "value": distributed.unwrap(value)}),
                                       dumped, dist)
             values = {"loss": loss, "loss/policy": policy_loss, "loss/value": value_loss,
                       "gradient norm": loop.gradient_norm(trainable, args.max_grad_norm)}
@@ -278,12 +294,23 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
 
 # ---- a stage: one reward model, a value model, an optimiser (ML-IRL starts a new one per iteration) ----
 
-def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: Path, dist: distributed.Distributed) -> dict:
+def irl_preference_reward(args: Args, pairs: Path, output_dir: Path, iteration: int) -> dict:
+    """ML-IRL's preference reward of one iteration: train_rm.py's --irl-reward objective on the
+    (demonstration, policy sample) pairs, for --reward-steps steps at --reward-lr."""
+    import train_rm
+
+    return train_rm.train_reward_model(train_rm.Args(
+        model=args.model, objective=args.irl_reward, data=str(pairs), output_dir=str(output_dir),
+        max_steps=args.reward_steps, epochs=1000, batch_size=args.batch_size, lr=args.reward_lr,
+        trainable_layers=args.trainable_layers, max_length=args.max_length, seed=args.seed + iteration, save_every=0))
+
+
+def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: Path,
+                dist: distributed.Distributed) -> dict:
     discriminator = args.irl_reward if args.iterations and args.irl_reward.startswith("adversarial") else ""
     if args.iterations:
-        import train_rm  # ML-IRL's preference rewards train through train_rm.py
-
-        reward_model = ml_irl.learn_reward(args, iteration, lm, tokenizer, output_dir, dist, train_rm.main)
+        train_preference_reward = functools.partial(irl_preference_reward, args)
+        reward_model = ml_irl.learn_reward(args, iteration, lm, tokenizer, output_dir, dist, train_preference_reward)
     else:
         reward_model, reward_tokenizer, _ = reward_models.load_reward_model(args.reward_model, dist.device)
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -295,19 +322,23 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
     if dist.is_main:
         print(f"PPO optimises {reward_models.which_reward(reward_model, dense, args.pessimism, discriminator)}")
     value = value_model_from(reward_model, lm, args.value_from_reward and not discriminator).to(dist.device).eval()
-    reward_model = models.freeze_for_scoring(reward_model, dist.device, args.frozen_bf16)  # after the critic took fp32 copies
+    # after the critic took fp32 copies
+    reward_model = models.freeze_for_scoring(reward_model, dist.device, args.frozen_bf16)
     models.freeze_layers(value.lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(value.lm, args)  # --lora-r: the critic's backbone adapts like the policy's
     value.head.requires_grad_(True)  # its head trains in full
-    if distributed.is_sharded(args, dist):  # the policy was sharded once, in main (in place); the critic is new each stage
+    # the policy was sharded once, in main (in place); the critic is new each stage
+    if distributed.is_sharded(args, dist):
         wrapped_policy, wrapped_value = policy, distributed.distribute(value, args, dist)
     else:  # DDP wrappers (one process: the modules themselves)
-        wrapped_policy, wrapped_value = distributed.distribute(policy, args, dist), distributed.distribute(value, args, dist)
+        wrapped_policy, wrapped_value = distributed.distribute(policy, args,
+                                                               dist), distributed.distribute(value, args, dist)
     trainable = [p for module in (policy, value) for p in module.parameters() if p.requires_grad]  # after sharding
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / args.updates))
     return {"iteration": iteration, "reward_model": reward_model, "discriminator": discriminator, "dense": bool(dense),
-            "policy": wrapped_policy, "value": wrapped_value, "modules": nn.ModuleDict({"policy": policy, "value": value}),
+            "policy": wrapped_policy, "value": wrapped_value,
+            "modules": nn.ModuleDict({"policy": policy, "value": value}),
             "optimizer": optimizer, "scheduler": scheduler}
 
 
@@ -316,17 +347,19 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
 def main(argv=None) -> dict:
     args = cli.parse_config(Args, argv, __doc__)
     if args.plan:
-        raise SystemExit("--plan: train_ppo.py has no memory plan yet (it holds a policy, a value model, a frozen reference "
-                         "and a reward model); plan each model with train_rm.py / train_direct.py --plan")
+        raise SystemExit("--plan: train_ppo.py has no memory plan yet (it holds a policy, a value model, a frozen "
+                         "reference and a reward model); plan each model with train_rm.py / train_direct.py --plan")
     dist = script.begin(args)
     if args.best_of_n:
         if not args.reward_model:
             raise SystemExit("--best-of-n needs --reward-model")
         return evaluation.best_of_n(args)
     if not args.iterations and not args.reward_model:
-        raise SystemExit("train_ppo.py needs --reward-model DIR (a model saved by train_rm.py), or --iterations K for ML-IRL")
+        raise SystemExit("train_ppo.py needs --reward-model DIR (a model saved by train_rm.py), or --iterations K "
+                         "for ML-IRL")
     if args.reward_model and not (Path(args.reward_model) / "reward_model.json").is_file():
-        raise SystemExit(f"--reward-model {args.reward_model!r}: not a reward model saved by train_rm.py (no reward_model.json)")
+        raise SystemExit(f"--reward-model {args.reward_model!r}: not a reward model saved by train_rm.py (no "
+                         "reward_model.json)")
     if args.judge != "gold" and not (Path(args.judge) / "reward_model.json").is_file():
         raise SystemExit(f"--judge {args.judge!r}: neither 'gold' nor a reward model saved by train_rm.py")
     sharded = distributed.is_sharded(args, dist)
@@ -346,7 +379,8 @@ def main(argv=None) -> dict:
     eval_prompts = sources.load_prompts(eval_source, args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
     if not train_prompts:
         raise SystemExit(f"--prompts {args.prompts!r}: no prompts")
-    reference = models.freeze_for_scoring(copy.deepcopy(lm), dist.device, args.frozen_bf16)  # the initial policy, frozen
+    # the initial policy, frozen
+    reference = models.freeze_for_scoring(copy.deepcopy(lm), dist.device, args.frozen_bf16)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(lm, args)  # --lora-r: adapters only; merged into the exported policy
     policy = models.Policy(lm, args.temperature).eval()  # dropout off, always
@@ -359,12 +393,14 @@ def main(argv=None) -> dict:
     total_updates = iterations * args.updates
     update, state = 0, None
     if args.resume:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = checkpoint.load(checkpoint_path)  # checked already (script.output_directory), as are its flags
         update = state["update"]
         if not sharded:  # (sharded: one stage only, whose shards load with it below)
             policy_weights = {k[len("policy."):]: v for k, v in state["model"].items() if k.startswith("policy.")}
             policy.load_state_dict(policy_weights, strict=False)  # the rest of the state loads with its stage below
-    log = metrics.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=update if args.resume else None)
+    log = metrics.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=update if args.resume else None,
+                             report_to=args.report_to, config=dataclasses.asdict(args))
+    loop.record_resume(log, args, update)  # --resume-override over changed flags: said in metrics.jsonl
     bar = tqdm(total=total_updates, initial=update, desc="PPO", disable=not dist.is_main)
     started, stage, dumped = time.perf_counter(), None, []
     while update < total_updates:
@@ -376,7 +412,8 @@ def main(argv=None) -> dict:
             state = None
         # the update's prompts: a seeded draw, so a resumed run sees what the uninterrupted one saw
         generator = torch.Generator().manual_seed(args.seed * 100_003 + update)
-        chosen = [train_prompts[i] for i in torch.randint(len(train_prompts), (args.rollout_batch,), generator=generator).tolist()]
+        chosen = [train_prompts[i] for i in torch.randint(len(train_prompts), (args.rollout_batch,),
+                                                          generator=generator).tolist()]
         stats = ppo_update(stage["policy"], stage["value"], reference, stage["reward_model"], stage["optimizer"],
                            stage["scheduler"], distributed.shard(chosen, dist), tokenizer, args,
                            seed=args.seed * 1_000_003 + update * 101 + dist.rank, dense=stage["dense"], dist=dist,
@@ -388,7 +425,8 @@ def main(argv=None) -> dict:
             log.write({"step": update, "iteration": iteration, "lr": stage["scheduler"].get_last_lr()[0], **stats})
         if (args.save_every and update % args.save_every == 0) or update % args.updates == 0:
             checkpoint.save(checkpoint_path, stage["modules"], stage["optimizer"], stage["scheduler"],
-                            {"step": update, "update": update, "iteration": iteration}, dist, sharded)
+                            {"step": update, "update": update, "iteration": iteration,
+                             "args": dataclasses.asdict(args)}, dist, sharded)
         if args.crash_at_step and update == args.crash_at_step:
             import os
             import signal
@@ -408,7 +446,7 @@ def main(argv=None) -> dict:
             final["win_rate"] = evaluation.judge_policy(
                 lm, tokenizer, eval_prompts, opponent=args.model if args.opponent == "initial" else args.opponent,
                 judge=args.judge, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p, seed=args.sample_seed,
+                temperature=args.temperature, top_p=args.eval_top_p, seed=args.sample_seed,
                 name="PPO policy", samples_path=output_dir / "samples.jsonl")
         viz.plot_proxy_vs_gold(output_dir / "metrics.jsonl", output_dir / "proxy_vs_gold.png")
         metrics.write_final(final, output_dir, log, update)

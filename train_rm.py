@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 import ava
-from avalib import cli, data, distributed, evaluation, export, frozen_trunk, loop, metrics, models, reward_models, script, sources, viz
+from avalib import (cli, data, distributed, evaluation, export, frozen_trunk, loop, metrics, models, reward_models,
+                    script, sources, viz)
 from avalib.cli import arg
 
 OBJECTIVES = ("ava-p", "ava-d", "bt", "bt-var", "pref-trans")
@@ -35,7 +36,8 @@ OBJECTIVES = ("ava-p", "ava-d", "bt", "bt-var", "pref-trans")
 class Args(cli.AVAFlags, cli.TrainFlags):
     """train_rm.py"""
     objective: str = arg("ava-p", "training objective", choices=OBJECTIVES)
-    afd: bool = arg(False, "AfD: train on (demonstration, sample of the initial policy) pairs built from demonstrations")
+    afd: bool = arg(False,
+                    "AfD: train on (demonstration, sample of the initial policy) pairs built from demonstrations")
     data: str = arg("builtin", "training data: builtin[:tiny], a local file, or a hub dataset id")
     train_split: str = arg("train", "split of --data (builtin and hub datasets)")
     eval_data: str = arg("", "preference pairs to evaluate on (default with --data builtin[:SIZE]: its dev split "
@@ -49,22 +51,23 @@ class Args(cli.AVAFlags, cli.TrainFlags):
     output_dir: str = arg("runs/rm", "where the model, metrics and checkpoints go")
     eval_only: bool = arg(False, "only evaluate --load on --eval-data and print accuracy")
     load: str = arg("", "a saved reward model directory (for --eval-only)")
-    eval_margins: str = arg("", "also write each eval pair's margin (chosen - rejected score, in the order of the pairs "
-                                "kept) to this JSON file, for paired comparisons; a training run writes "
+    eval_margins: str = arg("", "also write each eval pair's margin (chosen - rejected score, in the order of the "
+                                "pairs kept) to this JSON file, for paired comparisons; a training run writes "
                                 "OUTPUT_DIR/eval_margins.json anyway")
-    frozen_trunk_cache: bool = arg(True, "compute the frozen bottom layers' outputs once per sequence, keep them on disk "
-                                         "($AVA_CACHE/frozen-trunk, reused by every later run on the same model, "
-                                         "--trainable-layers and sequences) and train the top layers from them: the same "
-                                         "model, without the frozen layers' forward pass at every step. Where it cannot "
-                                         "be exact (GPT-2-like models, --fsdp, no frozen layer) the run says so and "
-                                         "trains the whole model")
-    visualize: bool = arg(False, "at the end, draw the per-token rewards of the first 3 eval pairs (training rows if none): "
-                                 "OUTPUT_DIR/token_rewards.png and .html")
+    frozen_trunk_cache: bool = arg(True, "compute the frozen bottom layers' outputs once per sequence, keep them on "
+                                         "disk ($AVA_CACHE/frozen-trunk, reused by every later run on the same model, "
+                                         "--trainable-layers and sequences) and train the top layers from them: the "
+                                         "same model, without the frozen layers' forward pass at every step. Where it "
+                                         "cannot be exact (GPT-2-like models, --fsdp, no frozen layer) the run says so "
+                                         "and trains the whole model")
+    visualize: bool = arg(False, "at the end, draw the per-token rewards of the first 3 eval pairs (training rows if "
+                                 "none): OUTPUT_DIR/token_rewards.png and .html")
     afd_max_new_tokens: int = arg(128, "AfD: length cap of the initial policy's samples", low=1)
     afd_temperature: float = arg(1.0, "AfD: sampling temperature (0: greedy)", low=0)
     afd_top_p: float = arg(0.95, "AfD: nucleus sampling", above=0, high=1)
     export_hf: bool = arg(True, "bt / bt-var: also write OUTPUT_DIR/model/sequence_classification, a Hugging Face "
-                                "sequence classifier with the same scores (AutoModelForSequenceClassification; avalib/export.py)")
+                                "sequence classifier with the same scores (AutoModelForSequenceClassification; "
+                                "avalib/export.py)")
 
 
 # ---- data ----
@@ -79,11 +82,12 @@ def load_training_rows(args: Args, kind: str, tokenizer):
 # ---- one step, one evaluation ----
 
 def compute_loss(model, items: list[tuple], kind: str, config: ava.AVAConfig, pad_id: int):
-    """Chosen and rejected go through the model as one batch, then are taken apart."""
+    """Chosen and rejected go through the model as one batch (on the model's device), then are taken apart."""
+    device = models.device_of(model)
     if kind == "ava-d":
-        return ava.ava_d_loss(model(**data.collate([item[0] for item in items], pad_id)), config)
+        return ava.ava_d_loss(model(**data.collate([item[0] for item in items], pad_id, device=device)), config)
     n = len(items)
-    out = model(**data.collate([item[0] for item in items] + [item[1] for item in items], pad_id))
+    out = model(**data.collate([item[0] for item in items] + [item[1] for item in items], pad_id, device=device))
     chosen, rejected = ava.take_rows(out, slice(0, n)), ava.take_rows(out, slice(n, 2 * n))
     if kind == "ava-p":
         return ava.ava_p_loss(chosen, rejected, config)
@@ -103,7 +107,8 @@ def evaluate(model, items: list[tuple], batch_size: int, pad_id: int, dist: dist
     for start in range(0, len(mine), batch_size):
         part = mine[start:start + batch_size]
         n = len(part)
-        score = reward_models.reward_forward(model, data.collate([p[0] for p in part] + [p[1] for p in part], pad_id))[0]
+        batch = data.collate([p[0] for p in part] + [p[1] for p in part], pad_id, device=models.device_of(model))
+        score = reward_models.reward_forward(model, batch)[0]
         my_margins += (score[:n] - score[n:]).tolist()
     model.train(was_training)
     every = distributed.gather_strided(my_margins, dist)
@@ -141,9 +146,11 @@ def write_margins(path: Path, eval_data: str, margins: list[float]) -> None:
 
 def summary(final: dict, args: Args, output_dir: Path) -> str:
     """The run's last words: the dev accuracy with its interval, and where the model went."""
-    saved = f"model saved to {output_dir / 'model'} (metrics: {output_dir / 'metrics.jsonl'}, {output_dir / 'final.json'})"
+    saved = (f"model saved to {output_dir / 'model'} (metrics: {output_dir / 'metrics.jsonl'}, "
+             f"{output_dir / 'final.json'})")
     if "eval/accuracy" not in final:
-        return f"{final['objective']}: trained {final['steps']} steps on {final['train_pairs']} rows; no evaluation pairs; {saved}"
+        return (f"{final['objective']}: trained {final['steps']} steps on {final['train_pairs']} rows; "
+                f"no evaluation pairs; {saved}")
     low, high = final["eval/accuracy_wilson95"]
     source = args.eval_data or f"{args.data} [{args.eval_split}]"
     return (f"{final['objective']}: accuracy {100 * final['eval/accuracy']:.1f}% (95% interval {100 * low:.1f}-"
@@ -152,7 +159,19 @@ def summary(final: dict, args: Args, output_dir: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    args, dist = script.start(Args, argv, __doc__, "train_rm.py")
+    """The command line: parse the flags into Args, then train_reward_model."""
+    return train_reward_model(cli.parse_config(Args, argv, __doc__))
+
+
+def train_reward_model(args: Args) -> dict:
+    """Train a reward model as `args` says (or evaluate one, args.eval_only): the function behind the
+    command line, for code that trains reward models (ML-IRL, the notebooks, benchmarks):
+
+        final = train_reward_model(Args(objective="bt", data="pairs.jsonl", output_dir="runs/bt"))
+
+    Args is checked as the command line is (a bad value is a SystemExit naming its flag). Returns the
+    run's final metrics (final.json); the model is in OUTPUT_DIR/model (RewardModel.from_pretrained)."""
+    args, dist = script.prepare(args, "train_rm.py")
     if dist is None:  # --plan: bytes per GPU for these flags, from a model on the meta device
         return args.plan_printed
     if args.eval_only:
@@ -165,22 +184,26 @@ def main(argv=None) -> dict:
     kind, config = args.objective, args.ava_config()
     rows, report = load_training_rows(args, kind, tokenizer)  # bad data fails before the model loads
     eval_items, eval_report = sources.load_eval_pairs(args, tokenizer)
-    lean = distributed.lean_loading(args, dist.world_size, kind)  # FSDP2: rank 0 reads the weights, the others build on meta
+    # FSDP2: rank 0 reads the weights, the others build on meta
+    lean = distributed.lean_loading(args, dist.world_size, kind)
     lm, _ = models.load_model(args.model, tokenizer=tokenizer, on_meta=lean and not dist.is_main)
     if args.afd:
-        rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens, temperature=args.afd_temperature,
+        rows = sources.afd_pairs(rows, args.model, max_new_tokens=args.afd_max_new_tokens,
+                                 temperature=args.afd_temperature,
                                 top_p=args.afd_top_p, seed=args.seed, model=lm, tokenizer=tokenizer, dist=dist)
     items = data.encode_rows(rows, tokenizer, args.max_length, report)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
-    model = reward_models.build_reward_model(lm, kind, config)
-    model = model if lean else model.to(dist.device)  # lean: fully_shard puts each rank's shards on its device
+    lm = lm if lean else lm.to(dist.device)  # lean: fully_shard puts each rank's shards on its device
     trunk = None
     if args.frozen_trunk_cache:  # pairs in order, so that a pair's prompt is computed once (eval pairs too: cheap)
         try:
-            trunk = frozen_trunk.attach_frozen_trunk(model, args, [e for item in items + eval_items for e in item], dist)
+            trunk = frozen_trunk.build_frozen_trunk(lm, args, [e for item in items + eval_items for e in item], dist)
         except frozen_trunk.Refused as refused:
             if dist.is_main:
                 print(f"{refused}; training the whole model instead (the same result, slower)")
+    model = reward_models.build_reward_model(lm, kind, config, trunk=trunk,
+                                             share_prompts=distributed.share_prompts(args))
+    model = model if lean else model.to(dist.device)
     if dist.is_main:
         print(report)
         if eval_report:
@@ -192,24 +215,28 @@ def main(argv=None) -> dict:
     lengths = [sum(len(example["input_ids"]) for example in item) for item in items]
     model, run = loop.train_loop(
         args, model, lengths, loss_fn, dist, output_dir, metric_name=metrics.metric_name,
-        evaluate=(lambda m: evaluate(m, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist)) if eval_items else None,
+        evaluate=(lambda m: evaluate(m, eval_items, args.eval_batch_size, tokenizer.pad_token_id,
+                                     dist)) if eval_items else None,
         desc=f"{kind}{' ' + args.ablate if args.ablate else ''}")
     step, elapsed, total_tokens, log = run["steps"], run["seconds"], run["tokens"], run["metrics"]
 
     final = {"objective": kind, "ablate": args.ablate, "afd": args.afd, "steps": step,
              "resumed_from_step": run["first_step"],  # tokens/s and peak RSS are this process's, from that step on
-             "train_pairs": len(items), "train_rows_cut": report.cut, "train_rows_skipped": sum(report.skipped.values()),
+             "train_pairs": len(items), "train_rows_cut": report.cut,
+             "train_rows_skipped": sum(report.skipped.values()),
              "train_tokens_per_second": total_tokens / elapsed if elapsed > 0 and total_tokens else None,
-             "frozen_trunk": trunk}  # tokens/s count training steps only; the trunk's build time is in here
+             # tokens/s count training steps only; the trunk's build time is in here
+             "train_seconds": elapsed, "frozen_trunk": trunk and trunk.report}
     margins: list[float] = []
     if eval_items:
         final.update(evaluate(model, eval_items, args.eval_batch_size, tokenizer.pad_token_id, dist, margins))
     if dist.is_main:
         meta = {"kind": kind, "ava_config": dataclasses.asdict(config) if kind in ("ava-p", "ava-d") else None,
                 "args": dataclasses.asdict(args)}
-        reward_models.save_reward_model(output_dir / "model", distributed.unwrap(model), tokenizer, meta)
+        reward_models.save_reward_model(output_dir / "model", distributed.unwrap(model), tokenizer, meta, final)
         if args.export_hf and kind in export.EXPORTABLE:  # loadable by AutoModelForSequenceClassification
-            export.export_sequence_classification(distributed.unwrap(model), tokenizer, output_dir / "model" / export.SUBDIRECTORY)
+            export.export_sequence_classification(distributed.unwrap(model), tokenizer,
+                                                  output_dir / "model" / export.SUBDIRECTORY)
         metrics.write_final(final, output_dir, log, step, summary(final, args, output_dir))
         if eval_items:
             write_margins(Path(args.eval_margins) if args.eval_margins else output_dir / "eval_margins.json",
@@ -217,7 +244,8 @@ def main(argv=None) -> dict:
         if args.visualize:  # where the reward is earned (avalib/viz.py); the builtin task adds its gold
             source = args.eval_data or sources.builtin_default(args.data, gold=True)
             shown = sources.load_rows(source, "pairs", args.eval_split, tokenizer, True, 3)[0] if source else rows[:3]
-            viz.write_token_reward_views(distributed.unwrap(model), tokenizer, shown, output_dir, args.max_length, gold=source.startswith("builtin"))
+            viz.write_token_reward_views(distributed.unwrap(model), tokenizer, shown, output_dir, args.max_length,
+                                         gold=source.startswith("builtin"))
     distributed.end_distributed(dist)
     return final
 

@@ -53,7 +53,8 @@ def save(path: Path, model: torch.nn.Module, optimizer, scheduler, state: dict, 
     if dist.world_size > 1:  # also the barrier after rank 0's write: every rank learns whether it failed
         failed = distributed.all_reduce_sum([float(failed)], dist)[0] > 0
     if failed:
-        raise SystemExit(failure or f"rank 0 could not write {path} (see its message); the previous checkpoint is intact")
+        raise SystemExit(failure or f"rank 0 could not write {path} (see its message); "
+                                    "the previous checkpoint is intact")
 
 
 def saved_step(path: Path) -> int | None:
@@ -84,7 +85,8 @@ def load(path: Path, mmap: bool = False) -> dict:
     except Exception as error:  # torch.load of a damaged file: RuntimeError (zip), EOFError, UnpicklingError, ...
         import zipfile
 
-        problem = ("truncated or overwritten: no complete zip archive, as torch.save writes" if not zipfile.is_zipfile(path)
+        problem = ("truncated or overwritten: no complete zip archive, as torch.save writes"
+                   if not zipfile.is_zipfile(path)
                    else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}")
     if problem is None:
         return payload
@@ -150,8 +152,8 @@ def _load_plain(payload: dict, path: Path, model: torch.nn.Module, optimizer, sc
     try:
         missing = model.load_state_dict(payload["model"], strict=False)
         if missing.unexpected_keys or absent:
-            raise ValueError(f"parameters the model does not have: {missing.unexpected_keys[:3]}" if missing.unexpected_keys
-                             else f"no weights for trainable parameters {absent[:3]}")
+            raise ValueError(f"parameters the model does not have: {missing.unexpected_keys[:3]}"
+                             if missing.unexpected_keys else f"no weights for trainable parameters {absent[:3]}")
         optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:  # shapes or parameter groups that do not match
         raise SystemExit(f"--resume: {path} does not fit this run ({str(error).splitlines()[0]}); {other_flags}, "

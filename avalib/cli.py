@@ -9,18 +9,23 @@ from dataclasses import dataclass, field
 from avalib import models
 
 
-def arg(default, help: str, choices=None, *, low=None, high=None, above=None, below=None, check=None, why: str = ""):
+def arg(default, help: str, choices=None, *, low=None, high=None, above=None, below=None, check=None, why: str = "",
+        kind=None, hidden: bool = False):
     """A config field with its --help text (cleanrl style: one dataclass, a real --help) and what its
     value must be: low <= x <= high, above < x < below (each optional), and check(x) -> a problem
-    (str) or None; `why` is said when the value is refused. Floats must be finite as well."""
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
-                                            "above": above, "below": below, "check": check, "why": why})
+    (str) or None; `why` is said when the value is refused. Floats must be finite as well. kind: the
+    value's type where the default (None: "unset") does not tell it. hidden: a testing aid, accepted
+    on the command line but left out of --help (its help text stays here, for readers of the code)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high, "above": above,
+                                            "below": below, "check": check, "why": why, "kind": kind, "hidden": hidden})
 
 
 def _bounds_text(meta) -> str:
     """'> 0', '>= 1', 'in [0, 1]', 'in (0, 1]' from a field's low / above / high / below."""
-    lower = (f"[{meta['low']}" if meta.get("low") is not None else f"({meta['above']}" if meta.get("above") is not None else "")
-    upper = (f"{meta['high']}]" if meta.get("high") is not None else f"{meta['below']})" if meta.get("below") is not None else "")
+    lower = (f"[{meta['low']}" if meta.get("low") is not None
+             else f"({meta['above']}" if meta.get("above") is not None else "")
+    upper = (f"{meta['high']}]" if meta.get("high") is not None
+             else f"{meta['below']})" if meta.get("below") is not None else "")
     if lower and upper:
         return f"in {lower}, {upper}"
     if lower:
@@ -33,7 +38,8 @@ def _bounds_text(meta) -> str:
 def _within(value, meta) -> bool:
     """NaN fails every comparison, so it is never within bounds."""
     return ((meta.get("low") is None or value >= meta["low"]) and (meta.get("high") is None or value <= meta["high"])
-            and (meta.get("above") is None or value > meta["above"]) and (meta.get("below") is None or value < meta["below"]))
+            and (meta.get("above") is None or value > meta["above"])
+            and (meta.get("below") is None or value < meta["below"]))
 
 
 def check_config(config) -> list[str]:
@@ -67,28 +73,46 @@ def parse_config(cls, argv=None, description: str | None = None):
     import dataclasses
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
+        def _get_help_string(self, action):  # an unset flag (None: "as the preset says") shows no "(default: None)"
+            return action.help if action.default is None else super()._get_help_string(action)
 
     parser = argparse.ArgumentParser(description=description, formatter_class=Formatter)
     owners = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]
-    groups = {c: parser.add_argument_group((c.__doc__ or c.__name__).strip().splitlines()[0]) if c is not cls else parser
+    groups = {c: parser if c is cls else parser.add_argument_group((c.__doc__ or c.__name__).strip().splitlines()[0])
               for c in owners}
     for owner in owners:
         own = vars(owner).get("__annotations__", {})
         for f in dataclasses.fields(cls):
-            if f.name not in own or next(c for c in owners if f.name in vars(c).get("__annotations__", {})) is not owner:
+            declared_by = next(c for c in owners if f.name in vars(c).get("__annotations__", {}))
+            if f.name not in own or declared_by is not owner:
                 continue
             flag, meta, group = "--" + f.name.replace("_", "-"), f.metadata, groups[owner]
-            if isinstance(f.default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
+            kind = meta.get("kind") or type(f.default)
+            shown = argparse.SUPPRESS if meta.get("hidden") else meta.get("help")  # testing aids: not in --help
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=shown)
             else:
-                group.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"),
-                                   help=meta.get("help"))
+                group.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"), help=shown)
     config = cls(**vars(parser.parse_args(argv)))
     problems = check_config(config)
     if problems:  # argparse's own usage errors exit 2 too; one line per bad flag, not the whole usage
-        parser.exit(2, "".join(f"{parser.prog}: error: {problem}\n" for problem in problems) + f"(see {parser.prog} --help)\n")
+        said = "".join(f"{parser.prog}: error: {problem}\n" for problem in problems)
+        parser.exit(2, said + f"(see {parser.prog} --help)\n")
     return config
+
+
+def command_line(fields: dict) -> list[str]:
+    """The flags that set these config fields, in their order: {"max_length": 64, "bf16": True, "lr": 0.001}
+    -> ["--max-length", "64", "--bf16", "--lr", "0.001"] (False: --no-x; floats as %g). For showing a
+    config as the command that gives it; code builds the config dataclass itself."""
+    argv = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv
 
 
 @dataclass
@@ -100,7 +124,8 @@ class TrainFlags:
     batch_size: int = arg(8, "pairs (or demonstrations) per optimiser step, over all processes", low=1)
     grad_accum: int = arg(1, "gradient accumulation: each process runs its part of a step in this many micro-batches, "
                              "synchronising gradients only after the last, so --batch-size no longer ties to the GPU "
-                             "count and memory (a micro-batch is ceil(batch-size / processes / grad-accum) items)", low=1)
+                             "count and memory (a micro-batch is ceil(batch-size / processes / grad-accum) items)",
+                             low=1)
     eval_batch_size: int = arg(16, "pairs per evaluation batch, per process", low=1)
     lr: float = arg(1e-4, "AdamW learning rate (linear decay to 0)", above=0)
     weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
@@ -114,116 +139,103 @@ class TrainFlags:
     eval_every: int = arg(0, "evaluate every N steps (0: at the end only)", low=0)
     save_every: int = arg(50, "write a checkpoint every N steps (and at the end; 0: at the end only)", low=0)
     log_every: int = arg(1, "write a metrics line every N steps", low=1)
-    resume: bool = arg(False, "continue from OUTPUT_DIR/checkpoint.pt")
+    resume: bool = arg(False, "continue from OUTPUT_DIR/checkpoint.pt (it says which step; flags that change the "
+                              "optimisation must be the checkpoint's)")
+    resume_override: bool = arg(False, "with --resume: continue even though flags that change the optimisation (the "
+                                       "objective, --lr, --batch-size, --data, --model, the AVA config, ...) differ "
+                                       "from the checkpoint's; they are named, and recorded in metrics.jsonl")
     skip_bad_rows: bool = arg(False, "skip malformed rows and count them, instead of stopping at the first")
     threads: int = arg(0, "torch CPU threads per process (0: torch's default)", low=0)
-    crash_at_step: int = arg(0, "testing aid: SIGKILL this process right after step N (to test --resume)", low=0)
-    skip_nonfinite: bool = arg(False, "a step whose loss, a loss term or the gradient norm is NaN or infinite is skipped (no "
-                                      "optimiser step) and counted (metric train/skipped_nonfinite), instead of stopping the "
-                                      "run with the last checkpoint intact")
-    inject_nan_at_step: int = arg(0, "testing aid: make the loss NaN at step N (PPO: update N), to test the non-finite stop "
-                                     "and --skip-nonfinite", low=0)
+    report_to: str = arg("none", "also send the logged metrics to TensorBoard (event files in OUTPUT_DIR/tensorboard) "
+                                 "or Weights & Biases (project $WANDB_PROJECT, default 'ava'); metrics.jsonl is "
+                                 "written in every case; each needs its package installed",
+                                 choices=("none", "tensorboard", "wandb"))
+    crash_at_step: int = arg(0, "testing aid: SIGKILL this process right after step N (to test --resume)",
+                             low=0, hidden=True)
+    skip_nonfinite: bool = arg(False, "a step whose loss, a loss term or the gradient norm is NaN or infinite is "
+                                      "skipped (no optimiser step) and counted (metric train/skipped_nonfinite), "
+                                      "instead of stopping the run with the last checkpoint intact")
+    inject_nan_at_step: int = arg(0, "testing aid: make the loss NaN at step N (PPO: update N), to test the non-finite "
+                                     "stop and --skip-nonfinite", low=0, hidden=True)
     # scale (section "scale" below; README "Scale: from a laptop to a GPU node")
     fsdp: bool = arg(False, "under torchrun: FSDP2 (parameters, gradients and AdamW state sharded over the processes; "
                             "fully_shard on each decoder layer, then the root) instead of DDP; resume from sharded "
                             "checkpoints (torch.distributed.checkpoint), full safetensors export at the end")
-    bf16: bool = arg(False, "bf16 mixed precision on a CUDA GPU with bf16 (fp32 master weights, gradients reduced in fp32); "
-                            "refused on CPU, where bf16 matmul is ~2.7x slower than fp32")
+    bf16: bool = arg(False, "bf16 mixed precision on a CUDA GPU with bf16 (fp32 master weights, gradients reduced in "
+                            "fp32); refused on CPU, where bf16 matmul is ~2.7x slower than fp32")
     activation_checkpointing: bool = arg(False, "keep only each decoder layer's input and recompute the layer in the "
                                                 "backward pass: activation memory / ~n_layers, about 1/3 more compute")
-    plan: str = arg("", "print the per-GPU memory plan of this run's flags for MODEL ('llama-2-7b', or a model directory "
-                        "or config.json) and exit, loading no data and no weights (built on the meta device)")
-    plan_world_size: int = arg(1, "--plan: number of GPUs (FSDP divides parameters, gradients and AdamW state by it; DDP replicates)",
-                                low=1)
+    plan: str = arg("", "print the per-GPU memory plan of this run's flags for MODEL ('llama-2-7b', or a model "
+                        "directory or config.json) and exit, loading no data and no weights (built on the meta device)")
+    plan_world_size: int = arg(1, "--plan: number of GPUs (FSDP divides parameters, gradients and AdamW state by it; "
+                                  "DDP replicates)", low=1)
     plan_gpu_gb: float = arg(80.0, "--plan: memory of one GPU, GB (10^9 bytes)", above=0)
     dump_grads: str = arg("", "testing aid: after every step's backward (gradients reduced across processes, not yet "
-                              "clipped) rank 0 writes all full gradients so far to PATH (torch.save: a list, one dict per step)")
+                              "clipped) rank 0 writes all full gradients so far to PATH (torch.save: a list, one "
+                              "dict per step)", hidden=True)
 
 
-def _ava_default(name: str):
+def _field_comments(cls) -> dict[str, str]:
+    """name -> the comment on the line of its field in the class's source (ava.AVAConfig documents each field so)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source at hand (a frozen build): flags without help text
+        return {}
+    comments = {token.start[0]: token.string.lstrip("# ").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: comments[node.lineno] for node in body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.lineno in comments}
+
+
+def ava_flags(config_cls=None):
+    """The AVA flags as a config dataclass built from ava.AVAConfig: --preset, --ablate and one flag per field (help
+    from the field's comment, choices from its Literal type, bounds from RANGES). Every field flag defaults to None,
+    "as the preset says", so that any flag the user gives overrides the preset, even one equal to the default."""
+    import dataclasses
+    import typing
+
     import ava
 
-    return getattr(ava.AVAConfig, name)
-
-
-@dataclass
-class AVAFlags:
-    """AVA hyper-parameters and variants (ava.AVAConfig, whose docstring says what each is and why)"""
-    preset: str = arg("paper", "a named AVAConfig: 'paper' (the faithful objective) or one of our variants (PRESETS "
-                               "in avalib/cli.py); flags set to other than their default override it",
-                      check=lambda value: None if value in PRESETS else f"unknown preset; choose from {list(PRESETS)}")
-    ablate: str = arg("", "comma-separated Table 1 ablations, e.g. 'w/o rwt,w/o neg' "
-                          "(from ava.ABLATIONS)", check=lambda value: _ablation_problem(value))
-    alpha: float = arg(_ava_default("alpha"), "Eq. 12 temperature mapping LM probabilities to Q-values", above=0,
-                        why="at 0 every Q-value is equal, -log V, and the likelihood term has no gradient")
-    beta: float = arg(_ava_default("beta"), "likelihood weight (Eq. 13) / Boltzmann temperature (Eq. 3)", above=0)
-    gamma: float = arg(_ava_default("gamma"), "TD discount (Eq. 14)", low=0, high=1)
-    lam: float = arg(_ava_default("lam"), "weight of the TD log-density term (lambda, Eq. 13)", low=0)
-    cer_weight: float = arg(_ava_default("cer_weight"), "weight of CER (Eq. 18)", low=0)
-    reward_weighting: str = arg(_ava_default("reward_weighting"), "Eq. 11 weights", choices=("mean-one", "literal", "off"))
-    negative: str = arg(_ava_default("negative"), "rejected-likelihood term", choices=("literal", "unlikelihood", "off"))
-    cer: str = arg(_ava_default("cer"), "CER form", choices=("sigmoid", "logsigmoid", "off"))
-    kl_td_on: str = arg(_ava_default("kl_td_on"), "sequences that get KL and TD terms", choices=("both", "chosen"))
-    pretrained_q: bool = arg(_ava_default("pretrained_q"), "Q from the pretrained LM head via Eq. 12 (--no-pretrained-q = w/o ptq)")
-    irl: bool = arg(_ava_default("irl"), "KL and TD terms (--no-irl = w/o irl)")
-    # our extensions (ava.py docstring), off by default
-    cer_reading: str = arg(_ava_default("cer_reading"), "E[R|y] for CER and scoring: the last mu (paper) or the "
-                                                        "weighted return sum_t w_t mu_t (its sum or mean)",
-                           choices=("last", "return-sum", "return-mean"))
-    centred_q: bool = arg(_ava_default("centred_q"), "TD error on Q + w log V (removes Eq. 12's -log V offset)")
-    td_terminal: bool = arg(_ava_default("td_terminal"), "a TD step from the last transition into a terminal state of value 0")
-    prior_sigma: float = arg(_ava_default("prior_sigma"), "scale of the reward prior N(0, prior_sigma^2) (paper: 1)", above=0)
-    weights_on: str = arg(_ava_default("weights_on"), "Eq. 11 weights multiply every head or the reward head only",
-                          choices=("all", "mu"))
-    q_map: str = arg(_ava_default("q_map"), "pretrained Q: Eq. 12, or the LM head's logits (a w/o ptq control)",
-                     choices=("eq12", "logits"))
+    config_cls = config_cls or ava.AVAConfig
+    hints, comments = typing.get_type_hints(config_cls), _field_comments(config_cls)
+    preset_problem = lambda value: None if value in ava.PRESETS else f"unknown preset; choose from {list(ava.PRESETS)}"
+    fields = [("preset", str, arg("paper", "a named AVAConfig (ava.PRESETS): 'paper' (the faithful objective) or one "
+                                           "of our variants; any AVA flag given overrides it", check=preset_problem)),
+              ("ablate", str, arg("", "comma-separated Table 1 ablations, e.g. 'w/o rwt,w/o neg' (from ava.ABLATIONS)",
+                                  check=lambda value: _ablation_problem(value)))]
+    for f in dataclasses.fields(config_cls):
+        hint = hints[f.name]
+        literal = typing.get_origin(hint) is typing.Literal
+        kind = str if literal else hint
+        bounds = config_cls.RANGES.get(f.name)
+        help_text = f"{comments.get(f.name, '')} ({bounds + '; ' if bounds else ''}paper: {f.default})"
+        fields.append((f.name, kind | None, arg(None, help_text, choices=typing.get_args(hint) if literal else None,
+                                                kind=kind, why=comments.get(f.name, ""),
+                                                check=lambda value, name=f.name: None if value is None
+                                                else config_cls.field_problem(name, value))))
 
     def ava_config(self):
-        import dataclasses
-
-        import ava
-
-        names = {f.name for f in dataclasses.fields(ava.AVAConfig)}
-        config = ava.AVAConfig(**PRESETS[self.preset])
-        changed = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v != getattr(ava.AVAConfig, k)}
-        config = dataclasses.replace(config, **changed)
+        """The AVAConfig of these flags: the preset, then every flag given, then the ablations."""
         problem = _ablation_problem(self.ablate)
         if problem:
             raise SystemExit(f"--ablate: {problem}")
-        return ava.ablate(config, *_ablations(self.ablate))
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(config_cls)
+                 if getattr(self, f.name) is not None}
+        return ava.ablate(config_cls(**{**ava.PRESETS[self.preset], **given}), *_ablations(self.ablate))
+
+    return dataclasses.make_dataclass("AVAFlags", fields, namespace={
+        "ava_config": ava_config, "__doc__": "AVA hyper-parameters and variants (ava.AVAConfig, whose docstring says "
+                                             "what each is and why)"})
 
 
-# Named AVAConfigs (--preset). "paper" is the faithful objective (the default); the others are our variants,
-# screened on task v2's dev split by bench/variants.py (accuracy and token rewards against the gold). The one
-# we recommend for token rewards is "mu-weights-half-td" (below): on task v2's test split (one epoch, three seeds)
-# 73.7 / 74.4 / 73.2% against the faithful objective's 65.8% on average, mu_t's Pearson with the gold +0.26 / +0.27
-# / +0.26 against +0.01 (bench/results/token_rewards.md). "mu-weights" alone, the screen's pick, reaches +0.33 and
-# +0.36 when it trains, but it collapsed on 1 of 3 seeds (48.4%, mu_t = 0; see "mu-weights-floor" below). Watch
-# ava/sigma and rewards/margins in metrics.jsonl: a margin stuck at 0 with sigma near 0 is the collapse. A PPO run
-# reads the preset from the saved reward model.
-PRESETS = {
-    "paper": {},
-    "return-cer": {"cer_reading": "return-sum"},
-    "centred-td": {"centred_q": True, "td_terminal": True},
-    "centred-td-return": {"centred_q": True, "td_terminal": True, "cer_reading": "return-sum"},
-    "centred-td-discounted": {"centred_q": True, "td_terminal": True, "gamma": 0.9},
-    "mu-weights": {"weights_on": "mu", "centred_q": True, "td_terminal": True, "cer_reading": "return-sum"},
-}
-# mu-weights with sigma kept >= 0.1, tried as a fix and NOT one. Over a full epoch mu-weights collapsed on one seed
-# of three (seed 0, test 48.4%, on the current task build; on an earlier build seed 2 collapsed, 50.7%, and seed 0
-# did not: which seed collapses is chance): its TD error is ~0 at every token, and with delta = 0 the TD log-density
-# plus the KL reward sigma -> 0 (their -log sigma cancel), after which mu^2 / (2 sigma^2) pins mu to 0 and CER's
-# margin vanishes. With the floor, sigma sits at 0.1 and mu is pinned all the same on seed 0 (test 53.1%), while
-# seeds 1 and 2 survived (74.7%, 69.8%): bench/results/token_rewards.md. Kept as that measured negative result.
-PRESETS["mu-weights-floor"] = {**PRESETS["mu-weights"], "sigma_min": 0.1}
-# mu-weights with the TD log-density at half weight (lambda = 0.5; Eq. 13's lambda, the paper's 1): the candidate
-# fix the collapse's mechanism points to. Where delta_t = 0, -KL + lambda log N(0; mu, sigma) keeps a (1 - lambda)
-# log sigma that the two -log sigma no longer cancel: the sigma that maximises it is sqrt(1 - lambda) (prior
-# N(0, 1)), not 0, and the pull on mu stays mu^2 (1 + lambda / (1 - lambda)) / 2 instead of growing as 1 / sigma^2
-# (tests/test_tqr.py). Measured: none of 5 runs collapsed (3 seeds, and 2 on another task build; sigma ~0.72), test
-# accuracy as mu-weights' surviving seeds, mu_t's Pearson with the gold a little lower (+0.26 vs +0.33 / +0.36) but
-# higher on the gold-bearing tokens (+0.63 vs +0.45 / +0.50).
-PRESETS["mu-weights-half-td"] = {**PRESETS["mu-weights"], "lam": 0.5}
+AVAFlags = ava_flags()
 
 
 def _ablations(ablate: str) -> list[str]:
@@ -246,5 +258,7 @@ class LoRAFlags:
     lora_alpha: float = arg(16.0, "LoRA scaling numerator (the update is alpha / r * B A)", above=0)
     lora_dropout: float = arg(0.0, "dropout on the LoRA branch's input", low=0, below=1)
     lora_target_modules: str = arg("all-linear", "comma-separated names of the linear layers to adapt (e.g. "
-                                                 "'q_proj,v_proj'), or 'all-linear' (every linear layer but the LM head)",
-                                  check=lambda value: None if value.strip(",\n ") else "empty: name the layers, or 'all-linear'")
+                                                 "'q_proj,v_proj'), or 'all-linear' (every linear layer but the LM "
+                                                 "head)",
+                                   check=lambda value: None if value.strip(",\n ") else
+                                   "empty: name the layers, or 'all-linear'")

@@ -1,8 +1,13 @@
 """Data formats: one preference pair or demonstration from any supported row format, tokenised and batched.
 
-Every bad row is a DataError naming file:line and field."""
+Every bad row is a DataError naming file:line and field. Text from data is text: a special token's
+string in it (`<|im_end|>`, `<|im_start|>`, ...) is escaped when the row is read (`escape_special_tokens`),
+so that no tokenisation turns it into the control token; the chat template's own structure around the
+content it renders stays as it is."""
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +22,40 @@ class DataError(ValueError):
     def __init__(self, where: str, field: str, problem: str):
         super().__init__(f"{where}: field {field!r}: {problem}")
         self.where, self.field, self.problem = where, field, problem
+
+
+# invisible and never a line break: what an escaped special token carries after its first character
+WORD_JOINER = "\u2060"
+
+
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    """The strings a tokenizer reads as control tokens: its special tokens (EOS, pad, the chat template's
+    <|im_start|>, ...) and every added token marked special; () without a tokenizer."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts.update(token.content for token in decoder.values() if getattr(token, "special", False))
+    return tuple(sorted(texts))
+
+
+@functools.lru_cache(maxsize=8)
+def _special_pattern(texts: tuple[str, ...]):
+    # longest first; one character cannot be split
+    usable = sorted((t for t in texts if len(t) > 1), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, usable))) if usable else None
+
+
+def escape_special_tokens(tokenizer, text: str) -> str:
+    """`text` as text: every special token's string in it (special_token_texts) gets a word joiner (U+2060,
+    invisible) after its first character, so that "<|im_end|>" in a reply is tokenised as the ordinary
+    tokens of "<", U+2060 and "|im_end|>", never as the end of a turn. We escape rather than tokenise with
+    split_special_tokens because data text flows as strings (prompts rendered through the chat template
+    hold the template's real special tokens beside the user's text): escaped when read, it stays safe
+    through every later tokenisation, ours or a library's, and the text otherwise reads the same.
+    Idempotent; text without such strings comes back unchanged."""
+    pattern = _special_pattern(special_token_texts(tokenizer)) if tokenizer is not None else None
+    while pattern is not None and pattern.search(text):  # again: an escape may leave a special string nested in another
+        text = pattern.sub(lambda found: found.group()[0] + WORD_JOINER + found.group()[1:], text)
+    return text
 
 
 def split_hh(chosen: str, rejected: str, where: str = "<pair>") -> tuple[str, str, str]:
@@ -106,10 +145,12 @@ def encode(tokenizer, prompt: str, responses: list[str], max_length: int) -> tup
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
     encoded = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in responses]
     longest = max(len(r) for r in encoded)
-    prompt_budget = max(max_length - longest, max_length // 2, 1)  # a long response may not squeeze the prompt below half
+    # a long response may not squeeze the prompt below half
+    prompt_budget = max(max_length - longest, max_length // 2, 1)
     cut = len(prompt_ids) > prompt_budget or min(len(prompt_ids), prompt_budget) + longest > max_length
     prompt_ids = prompt_ids[-prompt_budget:]
-    examples = [{"input_ids": prompt_ids + r[: max_length - len(prompt_ids)], "prompt_length": len(prompt_ids)} for r in encoded]
+    examples = [{"input_ids": prompt_ids + r[: max_length - len(prompt_ids)],
+                 "prompt_length": len(prompt_ids)} for r in encoded]
     return examples, cut
 
 
@@ -133,8 +174,9 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int, report=None) -> li
     return items
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples into input_ids, attention_mask and response_mask (B, T) tensors."""
+def collate(examples: list[dict], pad_id: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad examples into input_ids, attention_mask and response_mask (B, T) tensors, on `device`
+    (default: the CPU). Models do not move their inputs: the caller puts the batch where the model is."""
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -144,7 +186,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(example["input_ids"])
         attention_mask[row, :n] = 1
         response_mask[row, example["prompt_length"]:n] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return batch if device is None else {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def _text(record: dict, where: str, field: str, allow_empty: bool = False) -> str:
@@ -161,16 +204,18 @@ def _text(record: dict, where: str, field: str, allow_empty: bool = False) -> st
 def _check_messages(messages, where: str, field: str) -> None:
     """A conversational field: a non-empty list of {"role": str, "content": str} messages."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(where, field, f"expected a non-empty list of {{role, content}} messages, got "
-                                      f"{type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
+        got = type(messages).__name__ if not isinstance(messages, list) else "an empty list"
+        raise DataError(where, field, f"expected a non-empty list of {{role, content}} messages, got {got}")
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(where, f"{field}[{index}]", f"expected a {{role, content}} message, got {type(message).__name__}")
+            raise DataError(where, f"{field}[{index}]",
+                            f"expected a {{role, content}} message, got {type(message).__name__}")
         for key in ("role", "content"):
             if key not in message:
                 raise DataError(where, f"{field}[{index}].{key}", "missing")
             if not isinstance(message[key], str):
-                raise DataError(where, f"{field}[{index}].{key}", f"expected a string, got {type(message[key]).__name__}")
+                raise DataError(where, f"{field}[{index}].{key}",
+                                f"expected a string, got {type(message[key]).__name__}")
 
 
 def _render_conversation(tokenizer, prompt, response, where: str, field: str) -> tuple[str, str]:
@@ -180,6 +225,9 @@ def _render_conversation(tokenizer, prompt, response, where: str, field: str) ->
     _check_messages(response, where, field)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError(where, field, "conversational data needs a tokenizer with a chat template")
+    as_text = lambda messages: [{key: escape_special_tokens(tokenizer, value) if isinstance(value, str) else value
+                                 for key, value in message.items()} for message in messages]
+    prompt, response = as_text(prompt), as_text(response)  # the messages' text escaped, the template's structure not
     try:
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
@@ -205,6 +253,9 @@ def pair_from_record(record: dict, where: str, tokenizer=None) -> dict:
     else:
         prompt = _text(record, where, "prompt", allow_empty=True)
         chosen, rejected = _text(record, where, "chosen"), _text(record, where, "rejected")
+    # strings from the file are text throughout (rendered ones escaped their content)
+    if not isinstance(record["chosen"], list):
+        prompt, chosen, rejected = (escape_special_tokens(tokenizer, text) for text in (prompt, chosen, rejected))
     for key, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             raise DataError(where, key, "empty response")
@@ -218,8 +269,10 @@ def demonstration_from_record(record: dict, where: str, tokenizer=None) -> dict:
     `question`/`answer`, or the chosen half of a preference pair. Instruction and question formats
     are rendered through the tokenizer's chat template when it has one."""
     def chat(user_text: str) -> str:
+        user_text = escape_special_tokens(tokenizer, user_text)  # the user's text escaped, the template's structure not
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                                 add_generation_prompt=True)
         return user_text + "\n\n"
 
     if "chosen" in record:
@@ -235,10 +288,13 @@ def demonstration_from_record(record: dict, where: str, tokenizer=None) -> dict:
         prompt, response = chat(_text(record, where, "question")), _text(record, where, "answer")
     elif "prompt" in record:
         key = "response" if "response" in record else "completion"
-        prompt, response = _text(record, where, "prompt", allow_empty=True), _text(record, where, key)
+        prompt = escape_special_tokens(tokenizer, _text(record, where, "prompt", allow_empty=True))
+        response = _text(record, where, key)
     else:
         raise DataError(where, "<row>", "not a demonstration: expected prompt/response, prompt/completion, "
                         "instruction/input/output, question/answer or chosen/rejected")
+    if "chosen" not in record:  # (a pair's chosen half was escaped, or rendered, by pair_from_record)
+        response = escape_special_tokens(tokenizer, response)
     return {"prompt": prompt, "response": response, "where": where}
 
 

@@ -80,7 +80,8 @@ def is_sharded(args, dist: Distributed) -> bool:
     return bool(getattr(args, "fsdp", False)) and dist.world_size > 1
 
 
-CPU_BF16 = "AVA_ALLOW_CPU_BF16"  # testing aid: =1 lets --bf16 / --frozen-bf16 run on a CPU (bench/gpu_check.py --dry-run)
+# testing aid: =1 lets --bf16 / --frozen-bf16 run on a CPU (bench/gpu_check.py --dry-run)
+CPU_BF16 = "AVA_ALLOW_CPU_BF16"
 
 
 def check_scale_flags(args, dist: Distributed) -> None:
@@ -94,7 +95,8 @@ def check_scale_flags(args, dist: Distributed) -> None:
                 raise SystemExit("--bf16: mixed precision needs a CUDA GPU; on this CPU bf16 matmul runs ~2.7x slower "
                                  "than fp32, so training stays in fp32 (drop --bf16)")
             raise SystemExit("--frozen-bf16: bf16 weights for the frozen reference and reward model need a CUDA GPU; "
-                             "on this CPU bf16 matmul runs ~2.7x slower than fp32, so they stay in fp32 (drop --frozen-bf16)")
+                             "on this CPU bf16 matmul runs ~2.7x slower than fp32, so they stay in fp32 (drop "
+                             "--frozen-bf16)")
         if not torch.cuda.is_bf16_supported():
             raise SystemExit(f"{flag}: this GPU has no bf16 support (drop {flag})")
 
@@ -104,7 +106,8 @@ def lean_loading(args, world_size: int, objective: str = "") -> bool:
     device, models.load_model(on_meta=True)) and `distribute` sends each rank its shards, so no rank
     but 0 ever holds the full model in host memory. Not where every rank needs the full weights before
     sharding: DPO's reference pass, AfD's sampling (the frozen-trunk cache refuses --fsdp by itself)."""
-    return bool(getattr(args, "fsdp", False)) and world_size > 1 and objective != "dpo" and not getattr(args, "afd", False)
+    return bool(getattr(args, "fsdp",
+                        False)) and world_size > 1 and objective != "dpo" and not getattr(args, "afd", False)
 
 
 def autocast_context(args, dist: Distributed):
@@ -120,12 +123,22 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def share_prompts(args) -> bool:
+    """Whether a model for this run may share a prompt's pass among its rows (ava.hidden_states): not under
+    --activation-checkpointing, whose recomputed layers run without the KV cache that sharing needs."""
+    return not getattr(args, "activation_checkpointing", False)
+
+
 def enable_activation_checkpointing(model) -> None:
     """Keep only each decoder layer's input; the backward pass recomputes the layer (non-reentrant
     torch.utils.checkpoint, through transformers, which checkpoints `forward` inside the module's
     hooks, so FSDP2's hooks are not run twice). Prompt sharing (ava.hidden_states) needs the KV cache
-    that checkpointing drops, so it is switched off on the model."""
-    model.share_prompts = False
+    that checkpointing drops: the model must have been built with share_prompts=False
+    (`share_prompts(args)` says which), and one built otherwise is refused here, not changed."""
+    if getattr(model, "share_prompts", False):
+        raise ValueError(f"--activation-checkpointing: {type(model).__name__} was built with share_prompts=True, which "
+                         "needs the KV cache that checkpointing drops; build it with "
+                         "share_prompts=distributed.share_prompts(args)")
     lm = models.language_model(model)
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -181,14 +194,14 @@ def distribute(model, args, dist: Distributed):
     optimiser must be built afterwards. --bf16 under FSDP2: bf16 compute copies, fp32 gradient
     reduction and fp32 master shards. Lean loading (some rank built the model on the meta device,
     `lean_loading`): after sharding, every rank's shards are filled from rank 0's weights
-    (`load_from_rank0`). --activation-checkpointing in every case. The model moves the batches it is
-    called with to its device (models.inputs_follow_device)."""
+    (`load_from_rank0`). --activation-checkpointing in every case. Batches must be on `dist.device`
+    already (data.collate(..., device=dist.device)): nothing here moves them."""
     if getattr(args, "activation_checkpointing", False):
         enable_activation_checkpointing(model)
-    models.inputs_follow_device(model)  # batches come from the CPU (data.collate)
     if dist.world_size == 1:
         if getattr(args, "fsdp", False):
-            print("--fsdp: one process, nothing to shard: training unsharded (FSDP2 needs torchrun with several processes)")
+            print("--fsdp: one process, nothing to shard: training unsharded "
+                  "(FSDP2 needs torchrun with several processes)")
         return model
     if not is_sharded(args, dist):
         return torch.nn.parallel.DistributedDataParallel(
@@ -281,12 +294,12 @@ def gather_full_model(sharded, skeleton, dist: Distributed):
     lm = models.language_model(plain)
     if getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
         lm.get_output_embeddings().weight = lm.get_input_embeddings().weight  # to_empty gave each its own tensor
-    return models.inputs_follow_device(plain.train(sharded.training))
+    return plain.train(sharded.training)
 
 
 def end_distributed(dist: Distributed) -> None:
     """End the process group if this run started it (a caller that started it, e.g. ML-IRL calling
-    train_rm.main, keeps it)."""
+    train_rm.train_reward_model, keeps it)."""
     if dist.created:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

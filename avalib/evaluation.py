@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from avalib import generation, gold, models, reward_models, sources
+from avalib import data, generation, gold, models, reward_models, sources
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -26,19 +26,24 @@ def pairwise_accuracy(margins: list[float]) -> dict:
     ties are also reported apart, with the Wilson 95% interval and the mean margin."""
     n = len(margins)
     wins, ties = sum(m > 0 for m in margins), sum(m == 0 for m in margins)
-    return {"eval/accuracy": (wins + 0.5 * ties) / max(n, 1), "eval/accuracy_wilson95": list(wilson(wins + 0.5 * ties, n)),
+    return {"eval/accuracy": (wins + 0.5 * ties) / max(n, 1),
+            "eval/accuracy_wilson95": list(wilson(wins + 0.5 * ties, n)),
             "eval/ties": ties / max(n, 1), "eval/margin": sum(margins) / max(n, 1), "eval/pairs": n}
 
 
-def judge_replies(judge: str, prompts: list[str], ours: list[str], theirs: list[str], max_length: int = 512) -> list[str]:
+def judge_replies(judge: str, prompts: list[str], ours: list[str], theirs: list[str],
+                  max_length: int = 512) -> list[str]:
     """'win' / 'tie' / 'lose' for each (ours, theirs): `judge` is "gold" (the built-in task's gold
     judge, gold.judge) or a reward model directory saved by train_rm.py (higher sequence score wins)."""
     if judge == "gold":
 
         return [gold.judge(p, a, b) for p, a, b in zip(prompts, ours, theirs)]
     model, tokenizer, _ = reward_models.load_reward_model(judge)
-    score_a = [r["score"] for r in reward_models.score_texts(model, tokenizer, prompts, ours, max_length, per_token=False)]
-    score_b = [r["score"] for r in reward_models.score_texts(model, tokenizer, prompts, theirs, max_length, per_token=False)]
+    # text, for its tokenizer
+    ours, theirs = ([data.escape_special_tokens(tokenizer, reply) for reply in replies] for replies in (ours, theirs))
+    scores = lambda replies: [r["score"] for r in reward_models.score_texts(model, tokenizer, prompts, replies,
+                                                                           max_length, per_token=False)]
+    score_a, score_b = scores(ours), scores(theirs)
     return ["tie" if a == b else "win" if a > b else "lose" for a, b in zip(score_a, score_b)]
 
 
@@ -100,19 +105,24 @@ def best_of_n(args) -> dict:
     sample and against the best under --bon-against. `args` is train_ppo.py's Args. Writes
     OUTPUT_DIR/best_of_n.json."""
     lm, tokenizer = models.load_model(args.model)
-    prompts = sources.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows, args.prompt_limit)
+    prompts = sources.load_prompts(args.eval_prompts or "builtin", args.eval_split, tokenizer, args.skip_bad_rows,
+                                   args.prompt_limit)
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=0.95 if args.top_p == 1.0 else args.top_p,
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.eval_top_p,
                     chat_template=False)
     candidates = generation.cached_generate(args.model, [p for p in repeated for _ in range(args.best_of_n)],
-                                        seed=args.sample_seed, model=lm, tokenizer=tokenizer, desc="Best-of-N candidates", **sampling)
+                                        seed=args.sample_seed, model=lm, tokenizer=tokenizer,
+                                        desc="Best-of-N candidates", **sampling)
     plain = generation.cached_generate(args.model, repeated, seed=args.sample_seed + 1, model=lm, tokenizer=tokenizer,
                                    desc="plain samples", **sampling)
 
     def pick(reward_dir: str) -> list[str]:
         model, rm_tokenizer, _ = reward_models.load_reward_model(reward_dir)
-        scores = [r["score"] for r in reward_models.score_texts(model, rm_tokenizer, [p for p in repeated for _ in range(args.best_of_n)],
-                                                         candidates, args.max_length, per_token=False)]
+        # text, for the judge's tokenizer
+        replies = [data.escape_special_tokens(rm_tokenizer, reply) for reply in candidates]
+        each_prompt = [p for p in repeated for _ in range(args.best_of_n)]
+        scored = reward_models.score_texts(model, rm_tokenizer, each_prompt, replies, args.max_length, per_token=False)
+        scores = [r["score"] for r in scored]
         k = args.best_of_n
         return [candidates[i * k + max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(repeated))]
 

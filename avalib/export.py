@@ -74,7 +74,8 @@ def export_sequence_classification(model, tokenizer, directory: str | Path) -> P
     kind = getattr(model, "kind", None)
     if kind not in EXPORTABLE:
         raise ValueError(f"a {kind or type(model).__name__} reward model is not a last-token linear head: only "
-                         f"{' and '.join(EXPORTABLE)} export as sequence classifiers (see avalib/export.py for the others)")
+                         f"{' and '.join(EXPORTABLE)} export as sequence classifiers "
+                         "(see avalib/export.py for the others)")
     lm = models.language_model(model)
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -101,7 +102,8 @@ def export_sequence_classification(model, tokenizer, directory: str | Path) -> P
         f"`AutoModelForSequenceClassification.from_pretrained(this directory)`; the score is `logits[:, 0]`.\n"
         f"Score prompt tokens + response tokens + EOS (`{tokenizer.eos_token}`), each part tokenised without special "
         f"tokens. The pad token `{PAD_TOKEN}` (id {tokenizer.pad_token_id}) occurs in no text, so the last "
-        f"non-pad token is the EOS, where the model was trained to score (the original pad token was the EOS itself).\n")
+        "non-pad token is the EOS, where the model was trained to score (the original pad token was the EOS "
+        "itself).\n")
     return directory
 
 
@@ -116,7 +118,8 @@ def export_saved_reward_model(model_directory: str | Path, directory: str | Path
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m avalib.export", description="Export a bt / bt-var reward model saved by train_rm.py as a "
+    parser = argparse.ArgumentParser(prog="python -m avalib.export",
+                                     description="Export a bt / bt-var reward model saved by train_rm.py as a "
                                                  "Hugging Face sequence-classification model (see avalib/export.py).")
     parser.add_argument("model", help="a reward model directory saved by train_rm.py (its OUTPUT_DIR/model)")
     parser.add_argument("--out", default="", help=f"where to write it (default: MODEL/{SUBDIRECTORY})")

@@ -2,16 +2,16 @@
 
 With --trainable-layers k, the embeddings and the bottom L-k decoder layers never change, so what
 they output for a sequence is the same at every step, in every epoch, and for every seed and
-objective. `attach_frozen_trunk` computes it once per sequence (prompts shared, as ava.hidden_states
+objective. `build_frozen_trunk` computes it once per sequence (prompts shared, as ava.hidden_states
 does), keeps it under $AVA_CACHE/frozen-trunk/<key>/ in chunks (a killed build resumes at its last
-finished chunk; the key names the model, k and every sequence), and puts `FrozenTrunk.features` in
-place of the reward model's `features` (ava.LMWithHeads), so that only the top k layers run, from the
-cached states; ava.py knows nothing of it. A speed-up, not a change of model: on
-SmolLM2 with 4 of 30 layers trainable a step skips the forward pass of 26. It needs a decoder whose
-first trainable layer takes the states as `inputs_embeds` unchanged (Llama and its kind; GPT-2 adds
-position embeddings there): `attach_frozen_trunk` checks that on real rows and refuses otherwise.
-
-
+finished chunk; the key names the model, k and every sequence; a damaged chunk, truncated, overwritten or
+copied from another cache, is found by a cheap check when read and computed again, with one line saying
+so), and returns a `FrozenTrunk`: the reward model is then built with it (`ava.TQR(lm, config,
+trunk=trunk)`, reward_models.build_reward_model(..., trunk=trunk)) and computes its hidden states
+through it, so that only the top k layers run, from the cached states. A speed-up, not a change of
+model: on SmolLM2 with 4 of 30 layers trainable a step skips the forward pass of 26. It needs a decoder
+whose first trainable layer takes the states as `inputs_embeds` unchanged (Llama and its kind; GPT-2
+adds position embeddings there): `build_frozen_trunk` checks that on real rows and refuses otherwise.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def only_layers(lm, part: slice, final_norm: bool = True):
     base, layers = lm.base_model, models.decoder_layers(lm)
     stack = next(name for name, module in base.named_children() if module is layers)
     kept = layers[part]
-    renumbered = [(m, m.layer_idx) for layer in kept for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    renumbered = [(m, m.layer_idx) for layer in kept for m in layer.modules()
+                  if isinstance(getattr(m, "layer_idx", None), int)]
     norms = {} if final_norm else {name: getattr(base, name) for name in models.final_norms(lm)}
     setattr(base, stack, kept)
     for position, layer in enumerate(kept):
@@ -65,10 +66,11 @@ class FrozenTrunk:
     """The outputs of an LM's frozen bottom layers (the input of its first trainable layer) for known
     token sequences, looked up by their exact ids. `lookup` gives them for a right-padded batch (None
     if any row is unknown: that batch takes the full model), `top_layers_only` runs the rest, and
-    `features` is ava.hidden_states computed that way."""
+    calling it is ava.hidden_states computed that way: the `trunk` of ava.LMWithHeads. `report` says
+    where it lives and what building it cost (build_frozen_trunk)."""
 
-    def __init__(self, lm, trainable_layers: int, chunks: list[dict[str, torch.Tensor]]):
-        self.lm, self.trainable_layers = lm, trainable_layers
+    def __init__(self, lm, trainable_layers: int, chunks: list[dict[str, torch.Tensor]], report: dict | None = None):
+        self.lm, self.trainable_layers, self.report = lm, trainable_layers, report or {}
         self.states: dict[bytes, torch.Tensor] = {}
         for chunk in chunks:
             ids, offsets, states = chunk["ids"], chunk["offsets"].tolist(), chunk["states"]
@@ -91,7 +93,7 @@ class FrozenTrunk:
         n = len(models.decoder_layers(self.lm))
         return only_layers(self.lm, slice(n - self.trainable_layers, n))
 
-    def features(self, input_ids, attention_mask, response_mask=None, share_prompts: bool = True) -> torch.Tensor:
+    def __call__(self, input_ids, attention_mask, response_mask=None, share_prompts: bool = True) -> torch.Tensor:
         """ava.hidden_states(lm, ...): from the cached states through the top layers when every row is
         known, through the whole model otherwise."""
         bottom = self.lookup(input_ids, attention_mask)  # (B, T, d) or None
@@ -110,23 +112,23 @@ def _trunk_key(model_name: str, trainable_layers: int, sequences: list[list[int]
     return digest.hexdigest()[:16]
 
 
-def attach_frozen_trunk(model, args, examples: list[dict], dist: distributed.Distributed, chunk_size: int = 256,
-                        batch_size: int = 16) -> dict:
-    """Compute (or load) the frozen bottom layers' outputs of `model.lm` for every example ({"input_ids",
-    "prompt_length"}, in order: rows that share a prompt should be neighbours), set model.frozen_trunk
-    and put its `features` in place of model.features (model: an ava.LMWithHeads, e.g. TQR). Under
-    torchrun each rank builds every world_size-th chunk, then all load all. Returns what to record:
-    where, how many sequences, seconds spent building and loading."""
+def build_frozen_trunk(lm, args, examples: list[dict], dist: distributed.Distributed, chunk_size: int = 256,
+                       batch_size: int = 16) -> FrozenTrunk:
+    """Compute (or load) the frozen bottom layers' outputs of `lm` (its layers frozen already:
+    models.freeze_layers) for every example ({"input_ids", "prompt_length"}, in order: rows that share a
+    prompt should be neighbours) -> the FrozenTrunk to build the reward model with. Under torchrun each
+    rank builds every world_size-th chunk, then all load all. Its `report` is what to record: where, how
+    many sequences, seconds spent building and loading. `args`: model, trainable_layers, fsdp."""
     from safetensors.torch import load_file, save_file
-
-    lm = model.lm
 
     n_layers, k = len(models.decoder_layers(lm)), args.trainable_layers
     if not 0 < k < n_layers:
-        raise Refused(f"--frozen-trunk-cache needs some frozen and some trainable layers: 0 < --trainable-layers < {n_layers} (got {k})")
+        raise Refused("--frozen-trunk-cache needs some frozen and some trainable layers: 0 < --trainable-layers < "
+                      f"{n_layers} (got {k})")
     if getattr(args, "fsdp", False):
         raise Refused("--frozen-trunk-cache: not with --fsdp (FSDP2 shards the layers the cache bypasses); use DDP")
-    bottom = [p for layer in models.decoder_layers(lm)[:n_layers - k] for p in layer.parameters()] + list(lm.get_input_embeddings().parameters())
+    bottom = [p for layer in models.decoder_layers(lm)[:n_layers - k] for p in layer.parameters()]
+    bottom += list(lm.get_input_embeddings().parameters())
     if any(p.requires_grad for p in bottom):
         raise Refused("--frozen-trunk-cache: the embeddings and bottom layers must be frozen (freeze_layers first)")
     unique = list({tuple(e["input_ids"]): e for e in examples}.values())  # one entry per distinct sequence, in order
@@ -134,8 +136,13 @@ def attach_frozen_trunk(model, args, examples: list[dict], dist: distributed.Dis
     directory.mkdir(parents=True, exist_ok=True)
     chunks = [unique[i:i + chunk_size] for i in range(0, len(unique), chunk_size)]
     paths = [directory / f"chunk-{i:05d}.safetensors" for i in range(len(chunks))]
-    started, training = time.perf_counter(), lm.training
-    todo = [i for i in range(dist.rank, len(chunks), dist.world_size) if not paths[i].is_file()]
+    started, training, width = time.perf_counter(), lm.training, lm.config.hidden_size
+    mine = range(dist.rank, len(chunks), dist.world_size)
+    damaged = {i: problem for i in mine
+               if paths[i].is_file() and (problem := _chunk_problem(paths[i], chunks[i], width))}
+    for i, problem in damaged.items():  # a full disk, a half-copied cache: this chunk is computed again
+        print(f"frozen trunk: {paths[i]} is damaged ({problem}); computing it again")
+    todo = [i for i in mine if not paths[i].is_file() or i in damaged]
     lm.eval()
     bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="frozen trunk", disable=not dist.is_main or not todo)
     with torch.no_grad(), only_layers(lm, slice(0, n_layers - k), final_norm=False):
@@ -143,39 +150,69 @@ def attach_frozen_trunk(model, args, examples: list[dict], dist: distributed.Dis
             ids, states = [], []
             for start in range(0, len(chunks[i]), batch_size):
                 part = chunks[i][start:start + batch_size]
-                batch = {key: value.to(dist.device) for key, value in data.collate(part, 0).items()}
+                batch = data.collate(part, 0, device=dist.device)
                 hidden = ava.hidden_states(lm, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
                 for row, example in enumerate(part):
                     ids.append(torch.tensor(example["input_ids"], dtype=torch.long))
                     states.append(hidden[row, :len(example["input_ids"])].float().cpu())
                 bar.update(len(part))
             offsets = torch.tensor([0] + [len(x) for x in ids]).cumsum(0)
-            temporary = paths[i].with_suffix(".tmp")
-            save_file({"ids": torch.cat(ids), "offsets": offsets, "states": torch.cat(states).contiguous()}, str(temporary))
+            temporary = models.staging_path(paths[i])  # this run's own: two runs may fill one cache at once
+            save_file({"ids": torch.cat(ids), "offsets": offsets, "states": torch.cat(states).contiguous()},
+                      str(temporary))
             os.replace(temporary, paths[i])  # a chunk is there whole or not at all
     bar.close()
     built = time.perf_counter() - started
-    if dist.world_size > 1:
+    if dist.world_size > 1:  # the other ranks' chunks are checked as this rank's were
         torch.distributed.barrier()
+        for i in (i for i in range(len(chunks)) if i not in mine):
+            if problem := _chunk_problem(paths[i], chunks[i], width):
+                raise models.CacheError(f"frozen trunk: {paths[i]} is damaged ({problem}); clear the cache with: "
+                                        f"rm -r {directory}")
     trunk = FrozenTrunk(lm, k, [load_file(str(path)) for path in paths])
-    _check_frozen_trunk(model, trunk, unique[:2], args.model, dist.device)
-    model.frozen_trunk = trunk
-    model.features = lambda input_ids, attention_mask, response_mask: trunk.features(
-        input_ids, attention_mask, response_mask, share_prompts=model.share_prompts)
+    _check_frozen_trunk(lm, trunk, unique[:2], args.model, dist.device)
     lm.train(training)
-    return {"directory": str(directory), "sequences": len(unique), "chunks_built_here": len(todo),
-            "built_seconds": built, "seconds": time.perf_counter() - started}
+    trunk.report = {"directory": str(directory), "sequences": len(unique), "chunks_built_here": len(todo),
+                    "built_seconds": built, "seconds": time.perf_counter() - started}
+    return trunk
 
 
-def _check_frozen_trunk(model, trunk: FrozenTrunk, examples: list[dict], model_name: str, device) -> None:
+def _chunk_problem(path, examples: list[dict], width: int) -> str | None:
+    """What is wrong with a cached chunk, or None. Cheap (the states are not read): its safetensors header
+    describes the file (models.safetensors_problem: truncated, overwritten), it holds a chunk's three
+    tensors, exactly the sequences of `examples` (ids and offsets: not a chunk copied from another cache)
+    and one fp32 state of `width` per token."""
+    from safetensors import safe_open
+
+    if problem := models.safetensors_problem(path):
+        return problem
+    try:
+        with safe_open(str(path), "pt") as handle:
+            names = sorted(handle.keys())
+            if names != ["ids", "offsets", "states"]:
+                return f"not a frozen-trunk chunk (it holds {names[:4]})"
+            ids, offsets, states = handle.get_tensor("ids"), handle.get_tensor("offsets"), handle.get_slice("states")
+            shape, dtype = states.get_shape(), states.get_dtype()
+    except Exception as error:  # safetensors' own error type: whatever it finds unreadable
+        return f"unreadable ({type(error).__name__})"
+    expected = torch.tensor([0] + [len(e["input_ids"]) for e in examples]).cumsum(0)
+    tokens = torch.tensor([t for e in examples for t in e["input_ids"]])
+    if not torch.equal(offsets, expected) or not torch.equal(ids, tokens):
+        return "it holds other sequences than this chunk's"
+    if list(shape) != [int(expected[-1]), width] or dtype != "F32":
+        return f"states of shape {list(shape)} ({dtype}), expected [{int(expected[-1])}, {width}] (F32)"
+    return None
+
+
+def _check_frozen_trunk(lm, trunk: FrozenTrunk, examples: list[dict], model_name: str, device) -> None:
     """The top layers from the cached states must give what the whole model gives, on real rows."""
-    batch = {key: value.to(device) for key, value in data.collate(examples, 0).items()}
+    batch = data.collate(examples, 0, device=device)
     with torch.no_grad():
-        cached = trunk.features(**batch)
-        full = model.features(**batch)
+        cached = trunk(**batch)
+        full = ava.hidden_states(lm, **batch)
     valid = batch["attention_mask"].bool()
     difference = float((cached[valid] - full[valid]).abs().max())
     if not difference <= 1e-4 * max(1.0, float(full[valid].abs().max())):
         raise Refused(f"--frozen-trunk-cache: {model_name} does not run its top layers from cached states the way its "
-                         f"full forward does (largest difference {difference:.3g}); its first trainable layer must take "
-                         "them as inputs_embeds unchanged (Llama-family decoders do, GPT-2 does not): drop the flag")
+                      f"full forward does (largest difference {difference:.3g}); its first trainable layer must take "
+                      "them as inputs_embeds unchanged (Llama-family decoders do, GPT-2 does not): drop the flag")

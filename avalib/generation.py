@@ -15,15 +15,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from avalib import distributed, models
+from avalib import data, distributed, models
 
 
 def cached_generate(model_name: str, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-                    seed: int, chat_template: bool, model=None, tokenizer=None, dist: distributed.Distributed | None = None,
+                    seed: int, chat_template: bool, model=None, tokenizer=None,
+                    dist: distributed.Distributed | None = None,
                     desc: str = "sampling") -> list[str]:
     """`generate` with its replies cached on disk under a key of the model's weights, the prompts and
     the sampling settings: baselines' and initial-policy samples are drawn once, then reused. Rank 0
-    samples; other ranks wait and read. `model`/`tokenizer` may be passed if already loaded."""
+    samples; other ranks wait and read. `model`/`tokenizer` may be passed if already loaded. An entry
+    is checked when read (`_read_samples`): a damaged one is sampled again, with one line saying so."""
     import json
 
     settings = {"model": models.model_identity(model_name), "prompts": prompts, "max_new_tokens": max_new_tokens,
@@ -31,18 +33,52 @@ def cached_generate(model_name: str, prompts: list[str], *, max_new_tokens: int,
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = models.cache_dir() / "samples" / f"{key}.json"
     dist = dist or distributed.Distributed()
-    if not path.is_file() and dist.is_main:
+    samples, problem = _read_samples(path, settings) if dist.is_main and path.is_file() else (None, None)
+    if problem:
+        print(f"{path}: damaged sample cache ({problem}); sampling again")
+    if samples is None and dist.is_main:
         if model is None:
             model, tokenizer = models.load_model(model_name)
         samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, seed=seed, chat_template=chat_template, desc=desc)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"settings": settings, "samples": samples}))
+        tmp = models.staging_path(path)
+        tmp.write_text(json.dumps({"settings": settings, "samples": samples, "sha256": _samples_digest(samples)}))
         os.replace(tmp, path)
     if dist.world_size > 1:
         torch.distributed.barrier()
-    return json.loads(path.read_text())["samples"]
+        if not dist.is_main:
+            samples, problem = _read_samples(path, settings)
+            if samples is None:
+                raise models.CacheError(f"{path}: damaged sample cache ({problem}); clear it with: rm {path}")
+    return samples
+
+
+def _samples_digest(samples: list[str]) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(samples).encode()).hexdigest()
+
+
+def _read_samples(path, settings: dict) -> tuple[list[str] | None, str | None]:
+    """(the cached samples, None), or (None, what is wrong): the entry must parse, be made for exactly
+    these settings (not a file copied from another key), hold one string per prompt and, where it records
+    one (entries written before it did, do not), match its sha256."""
+    import json
+
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: malformed JSON or UTF-8, e.g. a truncated file
+        return None, f"unreadable: {type(error).__name__}"
+    if not isinstance(payload, dict) or payload.get("settings") != json.loads(json.dumps(settings)):
+        return None, "not made for these settings"
+    samples = payload.get("samples")
+    if not isinstance(samples,
+                      list) or len(samples) != len(settings["prompts"]) or not all(isinstance(x, str) for x in samples):
+        return None, f"not {len(settings['prompts'])} samples"
+    if "sha256" in payload and payload["sha256"] != _samples_digest(samples):
+        return None, "its samples differ from what was written (sha256)"
+    return samples, None
 
 
 @dataclass
@@ -57,7 +93,8 @@ class Generation:
 def chat_prompt_text(tokenizer, prompt: str) -> str:
     """`prompt` as one user turn in the tokenizer's chat template, ending where the assistant's reply
     starts. Training scripts format prompts with this too, so they see exactly what was sampled."""
-    messages = [{"role": "user", "content": prompt}]
+    # text, inside the structure
+    messages = [{"role": "user", "content": data.escape_special_tokens(tokenizer, prompt)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -226,8 +263,11 @@ def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int, t
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 16, chat_template: bool = True,
              progress: bool = True, desc: str = "generating") -> list[str]:
-    """Sample one reply per prompt (see `generate_ids`) and decode it, special tokens dropped."""
+    """Sample one reply per prompt (see `generate_ids`) and decode it, special tokens dropped, as text: a
+    special token's string spelled out by ordinary tokens is escaped (data.escape_special_tokens), so that
+    the reply, tokenised again (AfD pairs, a reward model judging it), never holds a control token."""
     generations = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                                chat_template=chat_template, progress=progress, desc=desc)
-    return [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
+    return [data.escape_special_tokens(tokenizer, tokenizer.decode(g.response_ids, skip_special_tokens=True))
+            for g in generations]

@@ -56,10 +56,11 @@ def check_finite(step: str, values: dict, args, dist: distributed.Distributed | 
         return True
     if getattr(args, "skip_nonfinite", False):
         return False
-    saved = checkpoint.describe(checkpoint_path, checkpoint_step) if checkpoint_path else "no checkpoint was written yet"
-    raise SystemExit(f"{step}: non-finite {', '.join(bad)}; the weights were not updated and nothing was saved: {saved}. "
-                     f"Lower --lr (or set --max-grad-norm), check the data, or pass --skip-nonfinite to skip such "
-                     f"steps and count them (metric train/skipped_nonfinite)")
+    saved = checkpoint.describe(checkpoint_path,
+                                checkpoint_step) if checkpoint_path else "no checkpoint was written yet"
+    raise SystemExit(f"{step}: non-finite {', '.join(bad)}; the weights were not updated and nothing was saved: "
+                     f"{saved}. Lower --lr (or set --max-grad-norm), check the data, or pass --skip-nonfinite to skip "
+                     f"such steps and count them (metric train/skipped_nonfinite)")
 
 
 def accumulate_gradients(model, local: list[int], loss_fn, args, dist: distributed.Distributed, step: int,
@@ -85,17 +86,27 @@ def accumulate_gradients(model, local: list[int], loss_fn, args, dist: distribut
     return loss_sum, term_sums
 
 
+def record_resume(log: metrics.MetricsLog, args, step: int) -> None:
+    """A run resumed with --resume-override over changed optimisation flags says so in metrics.jsonl, at the
+    step it resumed from ({"step", "resumed_with_changed_flags": {flag: [then, now]}}): mixed runs do not
+    read as clean ones."""
+    if getattr(args, "resume", False) and getattr(args, "resume_changes", None):
+        log.write({"step": step, "resumed_with_changed_flags": args.resume_changes})
+
+
 def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distributed, output_dir: Path, *,
                evaluate=None, desc: str = "", metric_name=lambda term: term, state: dict | None = None):
     """AdamW with linear decay to 0, gradient clipping, length-grouped batches sharded across ranks,
-    DDP (or FSDP2 with --fsdp) when there are several processes, a tqdm bar and JSON-lines metrics on rank 0, a checkpoint
+    DDP (or FSDP2 with --fsdp) when there are several processes, a tqdm bar and JSON-lines metrics on rank 0, a
+    checkpoint
     every `args.save_every` steps and at the end, and `args.resume` from OUTPUT_DIR/checkpoint.pt.
 
     A step whose loss, loss terms or gradient norm is NaN or infinite stops the run before the weights
     or a checkpoint see it, or with --skip-nonfinite is skipped and counted (`check_finite`).
 
     `args` needs: batch_size, lr, weight_decay, max_grad_norm, epochs, max_steps, seed, eval_every,
-    save_every, log_every, resume, crash_at_step, and may set grad_accum (`accumulate_gradients`), the non-finite flags (skip_nonfinite,
+    save_every, log_every, resume, crash_at_step, and may set report_to (metrics.MetricsLog), grad_accum
+    (`accumulate_gradients`), the non-finite flags (skip_nonfinite,
     inject_nan_at_step) and the scale flags of TrainFlags (fsdp, bf16,
     activation_checkpointing, dump_grads; see `distribute`). `lengths[i]` is item i's token count (batching and
     tokens/s). `loss_fn(model, indices) -> (loss, {term: tensor})` gets the (maybe DDP- or FSDP-wrapped) model
@@ -114,7 +125,8 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
     distributed.check_scale_flags(args, dist)
     inner, sharded = model, distributed.is_sharded(args, dist)
     skeleton = distributed.meta_skeleton(model) if sharded else None  # what FSDP's full weights go back into at the end
-    model = distributed.distribute(model, args, dist)  # DDP wrapper, FSDP2 in place, or the model itself (section "scale")
+    # DDP wrapper, FSDP2 in place, or the model itself (section "scale")
+    model = distributed.distribute(model, args, dist)
     trainable = [p for p in inner.parameters() if p.requires_grad]  # after fully_shard: this rank's shards
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = -(-len(lengths) // args.batch_size)
@@ -126,13 +138,17 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
         step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch"]
         skipped, saved_step = saved.get("skipped_nonfinite", 0), step
     first_step = step
-    log = metrics.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None)
+    log = metrics.MetricsLog(output_dir / "metrics.jsonl", dist.is_main, resume_step=step if args.resume else None,
+                             report_to=getattr(args, "report_to", "none"), config=dataclasses.asdict(args))
     dumped = []  # --dump-grads
+
+    record_resume(log, args, step)
+    ava_config = dataclasses.asdict(args.ava_config()) if hasattr(args, "ava_config") else None  # the resolved config
 
     def save():
         nonlocal saved_step
         state_now = {"step": step, "epoch": epoch, "batch": batch_index, "skipped_nonfinite": skipped, **(state or {}),
-                     "args": dataclasses.asdict(args)}
+                     "args": dataclasses.asdict(args), "ava_config": ava_config}
         checkpoint.save(checkpoint_path, inner, optimizer, scheduler, state_now, dist, sharded)
         saved_step = step
 
@@ -145,15 +161,19 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
             while batch_index < len(batches) and step < total_steps:
                 local = distributed.shard(batches[batch_index], dist)
                 optimizer.zero_grad(set_to_none=True)
-                loss, terms = accumulate_gradients(model, local, loss_fn, args, dist, step + 1, len(batches[batch_index]))
+                loss, terms = accumulate_gradients(model, local, loss_fn, args, dist, step + 1,
+                                                   len(batches[batch_index]))
                 if getattr(args, "dump_grads", ""):
                     distributed.dump_gradients(args.dump_grads, inner, dumped, dist)
                 norm = gradient_norm(trainable, args.max_grad_norm)
                 names = sorted(terms)
-                reduced = distributed.all_reduce_sum([float(terms[k].detach()) for k in names] + [float(loss.detach()), float(norm)], dist)
+                values = [float(terms[k].detach()) for k in names] + [float(loss.detach()), float(norm)]
+                reduced = distributed.all_reduce_sum(values, dist)
                 record = {metric_name(k): v / dist.world_size for k, v in zip(names, reduced)}
-                checked = {**record, "loss": reduced[-2] / dist.world_size, "gradient norm": reduced[-1] / dist.world_size}
-                if check_finite(f"step {step + 1}", checked, args, checkpoint_path=checkpoint_path if saved_step is not None else None,
+                checked = {**record, "loss": reduced[-2] / dist.world_size,
+                           "gradient norm": reduced[-1] / dist.world_size}
+                if check_finite(f"step {step + 1}", checked, args,
+                                checkpoint_path=checkpoint_path if saved_step is not None else None,
                                 checkpoint_step=saved_step):
                     optimizer.step()
                     scheduler.step()
@@ -185,5 +205,6 @@ def train_loop(args, model, lengths: list[int], loss_fn, dist: distributed.Distr
     if sharded:  # the full weights, gathered into a plain model on every rank: evaluation and export as usual
         del model, optimizer, scheduler, trainable  # AdamW's shards go before the full weights come
         inner = distributed.gather_full_model(inner, skeleton, dist)
-    return inner, {"steps": step, "first_step": first_step, "tokens": distributed.all_reduce_sum([tokens], dist)[0], "seconds": seconds,
+    return inner, {"steps": step, "first_step": first_step, "tokens": distributed.all_reduce_sum([tokens], dist)[0],
+                   "seconds": seconds,
                    "metrics": log}

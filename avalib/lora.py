@@ -23,7 +23,8 @@ def apply_lora(lm, args) -> int:
         raise SystemExit("--lora-r with --trainable-layers 0: no decoder layer to adapt")
     targets = args.lora_target_modules
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+                        target_modules=(targets if targets == "all-linear"
+                                        else [t.strip() for t in targets.split(",") if t.strip()]),
                         layers_to_transform=None if k < 0 or k >= n else list(range(n - k, n)))
     inject_adapter_in_model(config, lm)
     lm.peft_config = {"default": config}  # what merge_lora saves as adapter_config.json
@@ -52,7 +53,8 @@ def merge_lora(lm, adapter_dir: str | Path | None = None) -> int:
         adapter_dir = Path(adapter_dir)
         adapter_dir.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(lm, adapter_name="default")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(adapter_dir / "adapter_model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                  str(adapter_dir / "adapter_model.safetensors"))
         lm.peft_config["default"].save_pretrained(str(adapter_dir))
     with torch.no_grad():
         for name, module in adapted:

@@ -66,7 +66,8 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
     transient all-gather / reduce-scatter buffers, activations (with and without checkpointing),
     and the full-vocabulary chunks. FSDP2 splits every parameter along dim 0 over the GPUs (padded,
     as fully_shard does); DDP and one GPU keep everything whole. Tokens per GPU: ceil(batch_size /
-    world / grad_accum) pairs (or demonstrations: one micro-batch) x sequences per item x max_length, i.e. every sequence padded
+    world / grad_accum) pairs (or demonstrations: one micro-batch) x sequences per item x max_length, i.e. every
+    sequence padded
     to --max-length (an upper bound).
 
     Activations, bytes per token (L' = decoder layers from the lowest trained one up: autograd keeps
@@ -112,7 +113,8 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
         layer_trainable = max(sum(p.numel() for p in block.parameters() if p.requires_grad) for block in layers)
         parts["fsdp_buffers"] = compute * (root + 2 * layer) + 4 * layer_trainable
     trained = [j for j, block in enumerate(layers) if any(p.requires_grad for p in block.parameters())]
-    crossed_layers = len(layers) - min(trained) if trained else 0  # below the lowest trained layer autograd keeps nothing
+    # below the lowest trained layer autograd keeps nothing
+    crossed_layers = len(layers) - min(trained) if trained else 0
     autocast = {"off": 0, "on": 0}
     if args.bf16 and not fsdp:  # autocast: every matmul saves its bf16 weight copy for the backward pass, from
         matrices = lambda module: sum(p.numel() for p in module.parameters() if p.dim() == 2)  # not the norms'
@@ -124,7 +126,8 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
         autocast = {"off": 2 * crossed, "on": 2 * (n_trainable + largest)}  # checkpointing: cached trainable copies
     pairwise = objective in ("ava-p", "dpo", "bt", "bt-var", "pref-trans") or getattr(args, "afd", False)
     sequences = 2 if pairwise else 1
-    items = math.ceil(args.batch_size / world / max(1, getattr(args, "grad_accum", 1)))  # one micro-batch (--grad-accum)
+    # one micro-batch (--grad-accum)
+    items = math.ceil(args.batch_size / world / max(1, getattr(args, "grad_accum", 1)))
     tokens = items * sequences * args.max_length
     h, length = config.hidden_size, args.max_length
     per_layer = activation_bytes_per_token_layer(config, precision)
@@ -133,13 +136,17 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
              "pref-trans": 2 * compute * h + 12 * length, "dpo": compute * h, "sft": compute * h}.get(objective, 0)
     per_token = {"off": crossed_layers * per_layer + norm + heads,
                  "on": crossed_layers * compute * h + norm + heads}  # checkpointing keeps layer inputs
-    working = per_layer if crossed_layers else 0  # one layer's activations: the backward's working set (the recomputed layer)
-    vocab = 0 if objective in ("bt", "bt-var", "pref-trans") else 6 * 4 * getattr(args, "vocab_chunk", 512) * config.vocab_size
+    # one layer's activations: the backward's working set (the recomputed layer)
+    working = per_layer if crossed_layers else 0
+    # the resolved config (flags default to None)
+    chunk = args.ava_config().vocab_chunk if hasattr(args, "ava_config") else 512
+    vocab = 0 if objective in ("bt", "bt-var", "pref-trans") else 6 * 4 * chunk * config.vocab_size
     overhead = 2 * gib  # CUDA context, NCCL buffers, allocator slack: assumed, not measured
     if frozen_models:
         lm_params = sum(p.numel() for name, p in lm.named_parameters() if "lora_" not in name)
         parts["frozen_models"] = frozen_models * lm_params * (2 if getattr(args, "frozen_bf16", False) else 4)
-    head_params = sum(p.numel() for name, p in model.named_parameters() if model is not lm and not name.startswith("lm."))
+    head_params = sum(p.numel() for name, p in model.named_parameters()
+                      if model is not lm and not name.startswith("lm."))
     lean = distributed.lean_loading(args, world, objective)
     host = {"rank_0": 4 * n_params, "other_ranks": 4 * head_params if lean else 4 * n_params}
     static = sum(parts.values()) + vocab + overhead
@@ -153,7 +160,8 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
     for ac in ("off", "on"):  # (and the recomputed layer's copies)
         activations = tokens * (per_token[ac] + working)
         total = static + autocast[ac] + activations
-        fits = max(0, int((args.plan_gpu_gb * 1e9 - static - autocast[ac]) // (sequences * length * (per_token[ac] + working))))
+        room = args.plan_gpu_gb * 1e9 - static - autocast[ac]
+        fits = max(0, int(room // (sequences * length * (per_token[ac] + working))))
         result[f"checkpointing_{ac}"] = {"activations": activations, "autocast_copies": autocast[ac], "total": total,
                                          "fits": total <= args.plan_gpu_gb * 1e9, "max_items_per_gpu": fits}
     result["chosen"] = "on" if args.activation_checkpointing else "off"
@@ -163,21 +171,24 @@ def memory_plan(args, objective: str, script: str = "", frozen_models: int = 0) 
 def format_plan(plan: dict) -> str:
     """The plan as a few readable lines."""
     gb = lambda n: f"{n / 1e9:.1f} GB"
-    lines = [f"{plan['script'] or 'plan'}: {plan['objective']} on {plan['model']} ({plan['params'] / 1e9:.2f} B parameters, "
-             f"{plan['trainable_params'] / 1e9:.3f} B trainable{', LoRA r=%d' % plan['lora_r'] if plan['lora_r'] else ''}), "
-             f"{plan['world_size']} GPU(s) x {plan['gpu_gb']:.0f} GB, {plan['sharding']}, {'bf16' if plan['bf16'] else 'fp32'}",
+    lines = [f"{plan['script'] or 'plan'}: {plan['objective']} on {plan['model']} ({plan['params'] / 1e9:.2f} B "
+             f"parameters, {plan['trainable_params'] / 1e9:.3f} B "
+             f"trainable{', LoRA r=%d' % plan['lora_r'] if plan['lora_r'] else ''}), {plan['world_size']} GPU(s) x "
+             f"{plan['gpu_gb']:.0f} GB, {plan['sharding']}, {'bf16' if plan['bf16'] else 'fp32'}",
              f"  per GPU: {plan['tokens_per_gpu']} tokens ({plan['batch_size']} items per step over all GPUs, "
              f"max length {plan['max_length']})"]
     lines += [f"  {name:<16} {gb(value):>10}" for name, value in plan["bytes"].items()]
     host = plan["host_bytes_per_rank"]
-    lines.append(f"  host memory per rank while loading: rank 0 {gb(host['rank_0'])}, other ranks {gb(host['other_ranks'])}"
+    lines.append(f"  host memory per rank while loading: rank 0 {gb(host['rank_0'])}, other ranks "
+                 f"{gb(host['other_ranks'])}"
                  + (" (lean loading: only rank 0 reads the weights)" if plan["lean_loading"] else ""))
     for ac in ("off", "on"):
         part = plan[f"checkpointing_{ac}"]
         mark = " <- this run" if plan["chosen"] == ac else ""
         copies = f"bf16 weight copies {gb(part['autocast_copies'])}, " if part["autocast_copies"] else ""
-        lines.append(f"  activation checkpointing {ac:>3}: activations {gb(part['activations'])}, {copies}total {gb(part['total'])}, "
-                     f"{'fits' if part['fits'] else 'does NOT fit'}; at most {part['max_items_per_gpu']} items per GPU{mark}")
+        lines.append(f"  activation checkpointing {ac:>3}: activations {gb(part['activations'])}, {copies}total "
+                     f"{gb(part['total'])}, {'fits' if part['fits'] else 'does NOT fit'}; at most "
+                     f"{part['max_items_per_gpu']} items per GPU{mark}")
     return "\n".join(lines)
 
 

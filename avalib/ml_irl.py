@@ -18,10 +18,12 @@ def learn_reward(args, iteration: int, policy_lm, tokenizer, output_dir: Path, d
                  train_preference_reward):
     """One reward-learning step of ML-IRL: sample the current policy on the demonstrations' prompts,
     pair (demonstration, sample), and train a reward model on the pairs: a preference objective
-    through `train_preference_reward(argv)` (train_rm.py's main), or a discriminator (demonstration tokens
-    1, policy tokens 0) here. `args` is train_ppo.py's Args."""
+    through `train_preference_reward(pairs_file, output_dir, iteration)` (train_ppo.py's, which calls
+    train_rm.train_reward_model with its Args), or a discriminator (demonstration tokens 1, policy tokens 0)
+    here. `args` is train_ppo.py's Args."""
     demos, _ = sources.load_rows(args.demos, "demos", "train", tokenizer, args.skip_bad_rows, args.limit or None)
-    samples = generation.generate(policy_lm, tokenizer, [d["prompt"] for d in demos], max_new_tokens=args.max_new_tokens,
+    samples = generation.generate(policy_lm, tokenizer, [d["prompt"] for d in demos],
+                                  max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed + 7919 * iteration,
                               chat_template=False, desc=f"ML-IRL {iteration}: sampling the policy")
     pairs = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s}
@@ -34,17 +36,14 @@ def learn_reward(args, iteration: int, policy_lm, tokenizer, output_dir: Path, d
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     if args.irl_reward in ("bt", "ava-p"):
-        train_preference_reward(["--model", args.model, "--objective", args.irl_reward, "--data", str(directory / "pairs.jsonl"),
-                       "--output-dir", str(directory / "reward"), "--max-steps", str(args.reward_steps),
-                       "--epochs", "1000", "--batch-size", str(args.batch_size), "--lr", str(args.reward_lr),
-                       "--trainable-layers", str(args.trainable_layers), "--max-length", str(args.max_length),
-                       "--seed", str(args.seed + iteration), "--save-every", "0"])
+        train_preference_reward(directory / "pairs.jsonl", directory / "reward", iteration)
         model, _, _ = reward_models.load_reward_model(saved, dist.device)
         return model.eval()
     model = train_discriminator(args, pairs, tokenizer, directory / "reward", dist)
     if dist.is_main:
         reward_models.save_reward_model(saved, model, tokenizer, {"kind": "bt", "ava_config": None,
-                                                           "discriminator": args.irl_reward, "level": args.adversarial_level})
+                                                           "discriminator": args.irl_reward,
+                                                           "level": args.adversarial_level})
     return model
 
 
@@ -60,11 +59,13 @@ def train_discriminator(args, pairs: list[dict], tokenizer, output_dir: Path, di
 
     def loss_fn(model, local):
         n = len(local)
-        out = model(**data.collate([items[i][0] for i in local] + [items[i][1] for i in local], tokenizer.pad_token_id))
+        out = model(**data.collate([items[i][0] for i in local] + [items[i][1] for i in local], tokenizer.pad_token_id,
+                                   device=dist.device))
         labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(out.score.device)
         if args.adversarial_level == "token":
             token_labels = labels[:, None].expand_as(out.rewards)
-            loss = ava.masked_mean(F.binary_cross_entropy_with_logits(out.rewards, token_labels, reduction="none"), out.mask)
+            per_token = F.binary_cross_entropy_with_logits(out.rewards, token_labels, reduction="none")
+            loss = ava.masked_mean(per_token, out.mask)
         else:
             loss = F.binary_cross_entropy_with_logits(out.score, labels)
         return loss, {"loss": loss}

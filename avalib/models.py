@@ -1,4 +1,5 @@
-"""Models: load the embedded SmolLM2 (converted from GGUF once, cached), any hub id or local path; which layers train; the policy wrapper."""
+"""Models: load the embedded SmolLM2 (converted from GGUF once, cached), any hub id or local path; which layers train;
+the policy wrapper."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,23 +49,108 @@ def smollm2_available() -> bool:
         return False
 
 
-def _convert_smollm2(target: Path) -> None:
-    """De-quantise the GGUF once and save a clean fp32 copy (model + tokenizer) at `target`."""
+def _dequantise(gguf: Path):
+    """The GGUF de-quantised: (a clean fp32 causal LM, its tokenizer); ~20 s for SmolLM2-135M."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are plain fp32 now; drop the GGUF marker
-    config.name_or_path = str(target)  # never the GGUF's internal name: that would go to the Hub
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
+    return clean, tokenizer
+
+
+CONVERTED_MANIFEST = "ava-files.json"  # in a converted model's directory: every file's size, checked on each use
+
+
+def _convert_smollm2(target: Path) -> None:
+    """De-quantise the GGUF once and save a clean fp32 copy (model + tokenizer) at `target`, with the
+    size of every file it wrote (CONVERTED_MANIFEST). It is written in a staging directory of its own and
+    renamed into place: a killed conversion leaves no half-written cache, and of two runs converting at
+    once (an empty cache) the first to finish wins and the other keeps its copy out of the way."""
+    import json
+    import tempfile
+
+    clean, tokenizer = _dequantise(smollm2_gguf_path())
+    clean.config.name_or_path = str(target)  # never the GGUF's internal name: that would go to the Hub
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        (staging / CONVERTED_MANIFEST).write_text(json.dumps({"sizes": sizes}))
+        staging.chmod(0o755)  # mkdtemp makes it private
+        try:
+            staging.rename(target)
+        except OSError:
+            if converted_problem(target) is not None:  # not "another run finished first"
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staging_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this process and call: a cache file is written there and
+    renamed onto `path` (os.replace) once whole, so that two runs filling one cache at once never write
+    into one file and a reader sees the whole file or none."""
+    import secrets
+
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+class CacheError(RuntimeError):
+    """A damaged cache entry that cannot be rebuilt where it was found: the message names it and the
+    command that clears it (the next run then builds it again)."""
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, or None: a cheap check (the header alone is read) that its
+    header parses and that the tensors it describes end where the file ends, so that a truncated,
+    overwritten or half-copied file is named here, not by safetensors' "invalid header length"."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"{size} bytes: too short for a safetensors file"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return f"truncated: its header claims {length} bytes, the file has {size}"
+            header = json.loads(handle.read(length))
+        end = max([entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"], default=0)
+    except OSError as error:
+        return f"cannot read it ({error.strerror or type(error).__name__})"
+    except (ValueError, KeyError, TypeError, IndexError) as error:  # ValueError: JSON or UTF-8
+        return f"unreadable header ({type(error).__name__})"
+    if 8 + length + end != size:
+        return f"truncated or overwritten: {size} bytes, its header describes {8 + length + end}"
+    return None
+
+
+def converted_problem(target: Path) -> str | None:
+    """What is wrong with a converted model's directory, or None: config.json must parse, every file must
+    have the size recorded at conversion (CONVERTED_MANIFEST; copies converted before it was recorded skip
+    this) and every safetensors header must describe its file (`safetensors_problem`)."""
+    import json
+
+    try:
+        json.loads((target / "config.json").read_text())
+        manifest = target / CONVERTED_MANIFEST
+        sizes = json.loads(manifest.read_text())["sizes"] if manifest.is_file() else {}
+        for name, size in sizes.items():
+            now = (target / name).stat().st_size if (target / name).is_file() else None
+            if now != size:
+                return f"{name}: {'missing' if now is None else f'{now} bytes'}, {size} bytes when converted"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return next((f"{p.name}: {problem}" for p in sorted(target.glob("*.safetensors"))
+                 if (problem := safetensors_problem(p))), None)
 
 
 @functools.cache
@@ -80,12 +167,21 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def resolve_model_path(name_or_path: str | None = None) -> str:
-    """`None` or "smollm2" -> the cached fp32 copy of the embedded model (converted on first use);
-    anything else (a hub id or a local directory) is returned unchanged."""
+    """`None` or "smollm2" -> the cached fp32 copy of the embedded model (converted on first use, and
+    again, with one line saying so, when the copy is damaged: `converted_problem`); anything else (a hub
+    id or a local directory) is returned unchanged."""
     if name_or_path not in (None, DEFAULT_MODEL):
         return name_or_path
     gguf = smollm2_gguf_path()
-    target = cache_dir() / f"smollm2-135m-instruct-fp32-{_file_digest(str(gguf), gguf.stat().st_size, gguf.stat().st_mtime_ns)}"
+    digest = _file_digest(str(gguf), gguf.stat().st_size, gguf.stat().st_mtime_ns)
+    target = cache_dir() / f"smollm2-135m-instruct-fp32-{digest}"
+    problem = converted_problem(target) if target.exists() else None
+    if problem is not None:  # a damaged copy (a full disk, a half-synced home directory): converted again, said once
+        print(f"the converted model {target} is damaged ({problem}); converting {gguf.name} again")
+        retired = target.with_name(f"{target.name}.damaged-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another run may have moved it aside first
+            target.rename(retired)
+        shutil.rmtree(retired, ignore_errors=True)
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_smollm2(target)
@@ -124,6 +220,11 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
 
     tokenizer = tokenizer or load_tokenizer(name_or_path)
     path = resolve_model_path(name_or_path)
+    damaged = [] if on_meta else [f"{p.name} ({problem})" for p in sorted(Path(path).glob("model*.safetensors"))
+                                  if (problem := safetensors_problem(p))]
+    if damaged:  # the weights from_pretrained reads, named here: safetensors' own error names no file
+        raise ModelLoadError(f"cannot load a causal LM from {path!r}: {damaged[0]} is damaged; "
+                             "copy or save the model again")
     try:
         if on_meta:
             from accelerate import init_empty_weights
@@ -142,24 +243,11 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     return (model if device is None else model.to(device)), tokenizer
 
 
-def inputs_follow_device(module: torch.nn.Module) -> torch.nn.Module:
-    """Move the tensors a forward is called with to the module's device (batches are built on the CPU
-    by data.collate; on a GPU the model is not). A forward pre-hook, registered once; a no-op when
-    they already agree (the CPU, or DDP / FSDP2, which move their inputs themselves)."""
-    if getattr(module, "inputs_follow_device", False):
-        return module
-
-    def move(module, args, kwargs):
-        param = next(module.parameters(), None)
-        if param is None or param.device.type == "meta":
-            return None
-        device = param.device
-        to = lambda x: x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x
-        return tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
-
-    module.register_forward_pre_hook(move, with_kwargs=True)
-    module.inputs_follow_device = True
-    return module
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (the CPU for one without any): the device its batches go to.
+    Models do not move their inputs; callers do (data.collate(..., device=device_of(model)))."""
+    param = next(module.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def freeze_for_scoring(module: torch.nn.Module, device: torch.device | str, bf16: bool = False) -> torch.nn.Module:
@@ -196,7 +284,8 @@ def freeze_layers(lm, trainable_layers: int | None) -> None:
 def final_norms(lm) -> list[str]:
     """Names of the final norm among lm.base_model's children (Llama `norm`, GPT-2 `ln_f`)."""
     return [name for name, module in lm.base_model.named_children()
-            if not isinstance(module, (torch.nn.ModuleList, torch.nn.Embedding)) and any(True for _ in module.parameters())
+            if not isinstance(module,
+                              (torch.nn.ModuleList, torch.nn.Embedding)) and any(True for _ in module.parameters())
             and ("norm" in name or name.startswith("ln"))]
 
 
@@ -210,14 +299,12 @@ class Policy(torch.nn.Module):
     (DPO, SFT, PPO). A module of its own so that DDP's forward (and so its gradient synchronisation)
     wraps the whole computation. Called without response_mask it is the LM itself (its HF output), so
     the sampler can run through it: under FSDP2 the policy is the root module, whose forward gathers
-    the embeddings and LM head it owns (train_ppo.py samples from the sharded policy)."""
+    the embeddings and LM head it owns (train_ppo.py samples from the sharded policy). share_prompts:
+    rows with one prompt share its pass (ava.hidden_states); False under activation checkpointing."""
 
-    share_prompts = True  # ava.hidden_states: a shared prompt runs once (off under activation checkpointing)
-
-    def __init__(self, lm: torch.nn.Module, temperature: float = 1.0):
+    def __init__(self, lm: torch.nn.Module, temperature: float = 1.0, share_prompts: bool = True):
         super().__init__()
-        self.lm, self.temperature = lm, temperature
-        inputs_follow_device(self)
+        self.lm, self.temperature, self.share_prompts = lm, temperature, share_prompts
 
     @property
     def config(self):

@@ -25,8 +25,10 @@ def main(argv=None) -> list[dict]:
 
     parser = argparse.ArgumentParser(prog="python -m avalib.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a reward model directory saved by train_rm.py (OUTPUT_DIR/model)")
-    parser.add_argument("--data", required=True, help="a JSONL (or .json, .jsonl.gz, .parquet) file of prompt/response rows")
+    parser.add_argument("--model", required=True,
+                        help="a reward model directory saved by train_rm.py (OUTPUT_DIR/model)")
+    parser.add_argument("--data", required=True,
+                        help="a JSONL (or .json, .jsonl.gz, .parquet) file of prompt/response rows")
     parser.add_argument("--out", required=True, help="where to write the scores (JSONL, one line per row)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt cut from the left, "
                                                                    "response from the right, as in training)")

@@ -44,7 +44,8 @@ def parse_source(spec: str) -> Source:
         parts = spec.split(":")[1:]
         sizes = [p for p in parts if p != "gold"]
         if len(sizes) > 1 or any(size not in task.SIZE_NAMES for size in sizes):
-            raise data.DataError(spec, "<source>", f"expected builtin[:SIZE][:gold] with SIZE one of {sorted(task.SIZE_NAMES)}")
+            raise data.DataError(spec, "<source>",
+                                 f"expected builtin[:SIZE][:gold] with SIZE one of {sorted(task.SIZE_NAMES)}")
         return Source("builtin", sizes[0] if sizes else "default", gold="gold" in parts)
     path = Path(spec).expanduser()
     if path.exists():
@@ -52,7 +53,8 @@ def parse_source(spec: str) -> Source:
     base, _, subset = spec.rpartition(":")
     if base and subset and "/" not in subset and Path(base).expanduser().is_dir():
         return Source("directory", str(Path(base).expanduser()), subset)
-    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(FILE_TYPES + (".gz",)) or (base and base.startswith((".", "/", "~")))
+    looks_local = (spec.startswith((".", "/", "~")) or spec.endswith(FILE_TYPES + (".gz",))
+                   or (base and base.startswith((".", "/", "~"))))
     if looks_local:  # a path, not a hub id ("org/name")
         raise FileNotFoundError(f"{spec}: no such file or directory")
     return Source("hub", base if base and subset else spec, subset if base else "")
@@ -92,9 +94,10 @@ def split_files(directory: Path, split: str) -> list[Path]:
             raise data.DataError(str(directory), "<directory>", "no such subset directory"
                                  + _listing(directory.parent, "subsets here"))
         raise data.DataError(str(directory), "<directory>",
-                             f"a directory with no data file for split {split!r} (expected {split}.jsonl.gz, {split}.jsonl, "
-                             f"{split}.json, {split}.parquet or {split}-*.parquet in it or in its data/){_listing(directory)}; "
-                             f"pass a file, or DIR:SUBSET for a dataset directory laid out as on the hub")
+                             f"a directory with no data file for split {split!r} (expected {split}.jsonl.gz, "
+                             f"{split}.jsonl, {split}.json, {split}.parquet or {split}-*.parquet in it or in its "
+                             f"data/){_listing(directory)}; pass a file, or DIR:SUBSET for a dataset directory laid "
+                             "out as on the hub")
     return files
 
 
@@ -189,8 +192,9 @@ def _load_hub(parsed: Source, split: str):
         return datasets.load_dataset(parsed.location, data_dir=parsed.subset or None, split=split)
     except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as error:
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise data.DataError(f"{where} [{split}]", "<source>", f"cannot load this hub dataset ({type(error).__name__}: "
-                                                              f"{detail}); no local file or directory has this name either") from None
+        raise data.DataError(f"{where} [{split}]", "<source>",
+                             f"cannot load this hub dataset ({type(error).__name__}: {detail}); "
+                             "no local file or directory has this name either") from None
 
 
 @dataclass
@@ -213,7 +217,9 @@ def load_rows(source: str, kind: str, split: str = "train", tokenizer=None, skip
     """Pairs (kind="pairs") or demonstrations (kind="demos") from a source (`parse_source`): "builtin"
     or "builtin:tiny" (the offline task, see task.py), a local file, a local dataset directory, or a
     hub dataset id with an optional subset. Bad rows raise DataError naming file:line and field, or,
-    with skip_bad, are skipped and counted; a damaged file is a DataError whatever skip_bad says."""
+    with skip_bad, are skipped and counted; a damaged file is a DataError whatever skip_bad says. Read with
+    the `tokenizer` that will tokenise them (every script does), the rows' text is escaped against its
+    special tokens (data.escape_special_tokens); the built-in task's prompts keep the chat template's."""
     report = LoadReport(f"{source} [{split}]")
     parsed = parse_source(source)
     if parsed.kind == "builtin":
@@ -252,10 +258,13 @@ def afd_pairs(demos: list[dict], model_name: str, *, max_new_tokens: int, temper
     samples = generation.cached_generate(model_name, [d["prompt"] for d in demos], max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed, chat_template=False,
                               model=model, tokenizer=tokenizer, dist=dist, desc="AfD: sampling the initial policy")
+    # text (a cache entry older than generate's escape)
+    samples = [data.escape_special_tokens(tokenizer, s) for s in samples]
     pairs = [{"prompt": d["prompt"], "chosen": d["response"], "rejected": s, "where": d["where"]}
              for d, s in zip(demos, samples) if s.strip() and s != d["response"]]
     if (dist is None or dist.is_main) and len(pairs) < len(demos):
-        print(f"AfD: {len(demos) - len(pairs)} demonstrations dropped: the initial policy's sample was empty or identical")
+        print(f"AfD: {len(demos) - len(pairs)} demonstrations dropped: "
+              "the initial policy's sample was empty or identical")
     return pairs
 
 

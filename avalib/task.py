@@ -20,7 +20,11 @@ Two versions, each reproducible under its own sizes ("builtin:SIZE" as a --data 
      monotone function of the token gold's sum); Bradley-Terry labels at temperature 0.1.
 `noise_free=True` (source "builtin:gold") labels every pair by the sign of its gold difference.
 
-Sampling is the only slow part, so only the samples are cached, under
+The sampled replies of every size are shipped with the repository (avalib/task_data/, read and checked
+by avalib/shipped_task.py): loading reads that file, samples nothing and gives the same task on every
+machine. `python -m avalib.task --rebuild SIZE` samples a size afresh and says whether, and where, it
+differs from the shipped file (sampling at temperature 1 is not reproducible across CPUs). A task from
+another local model (`model=`) is sampled once and cached under
 avalib.models.cache_dir()/task/<size>-<key>/task.json (<key> hashes the requests, the model files,
 every generation setting and TASK_FORMAT_VERSION; written atomically). Gold scores and labels are
 recomputed on every load (VADER takes ~0.1 ms a text), so they always follow the code.
@@ -32,16 +36,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from avalib import generation, gold, models
-from avalib.task_prompts import STEERING, all_prompts, split_of
+from avalib import gold, models, shipped_task, task_sampling
+from avalib.task_sampling import LABEL_FIELDS, TASK_FORMAT_VERSION, cache_key, model_fingerprint, sample_records  # noqa: F401
+from avalib.task_prompts import all_prompts, split_of
 
 
 SPLITS = ("train", "dev", "test")
@@ -54,7 +56,6 @@ SPLITS = ("train", "dev", "test")
 BT_TEMPERATURE = 0.1
 
 
-TASK_FORMAT_VERSION = 1  # bump when the prompts' formatting or the cached records change meaning
 
 
 def preference_probability(gold_a: float, gold_b: float, temperature: float) -> float:
@@ -111,7 +112,6 @@ SIZES = {
     "v1": TaskConfig("v1", None),
     "v1-tiny": TaskConfig("v1-tiny", (8, 2, 2), samples_per_prompt=2, max_new_tokens=12, batch_size=8),
 }
-LABEL_FIELDS = ("pairing", "gold", "bt_temperature")  # not in the cache key: applied on load
 # name -> (base size, passes): the base's train requests sampled again, pass p with seed base.seed + p, paired
 # within the pass and labelled with label seed `seed + p` (pass 0 is the base's train split, pair for pair;
 # dev and test are the base's). "large": 9,330 train pairs, BT ~75% on test (bench/results/learning_curve.md).
@@ -132,90 +132,6 @@ def select_prompts(config: TaskConfig) -> list[tuple[str, str]]:
         kept += in_split[:count]
     order = {prompt: index for index, (prompt, _) in enumerate(prompts)}
     return sorted(kept, key=lambda item: order[item[0]])
-
-
-def model_fingerprint(model_path: str | Path) -> dict:
-    """What identifies a local model directory for the cache key: its name, config.json's content
-    and its weight files' names, sizes and modification times (hashing 0.5 GB would cost seconds)."""
-    path = Path(model_path)
-    if not path.is_dir():
-        raise ValueError(f"task data is sampled from a local model directory (no network); {model_path!r} is not one")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{path}: no config.json, not a model directory")
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-    if not weights:
-        raise ValueError(f"{path}: no weight files (*.safetensors, *.bin)")
-    return {"name": path.name, "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]}
-
-
-def cache_key(config: TaskConfig, prompts: list[tuple[str, str]], fingerprint: dict) -> str:
-    """A hash of everything the cached samples depend on."""
-    sampling = {k: v for k, v in dataclasses.asdict(config).items() if k not in LABEL_FIELDS}
-    payload = {"format": TASK_FORMAT_VERSION, "config": sampling, "prompts": prompts, "model": fingerprint}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def sample_records(config: TaskConfig, prompts: list[tuple[str, str]], model_path: str, progress: bool) -> list[dict]:
-    """Sample `config.samples_per_prompt` replies to each (instruction, split) of `prompts` with the model at
-    `model_path`, under `config`'s sampling settings and seed: the slow part of a build (minutes for the
-    default size). Records without gold; a MORE_PASSES size calls it again with the next seed."""
-    model, tokenizer = models.load_model(model_path)
-    k = config.samples_per_prompt
-    instructions = [prompt for prompt, _ in prompts]
-
-    def context(instruction: str, j: int) -> str:  # what reply j is sampled from (v2: under a system instruction)
-        steer = STEERING[j % len(STEERING)] if config.steering else ""
-        messages = ([{"role": "system", "content": steer}] if steer else []) + [{"role": "user", "content": instruction}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    # sample j of prompt i sits at i * k + j; each reply gets its own draw of the one seeded stream
-    generations = generation.generate_ids(
-        model, tokenizer, [context(prompt, j) for prompt in instructions for j in range(k)],
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        seed=config.seed, batch_size=config.batch_size, chat_template=False, progress=progress,
-        desc=f"task {config.size}: sampling {len(instructions)} prompts x {k}")
-    records = []
-    for i, (instruction, split) in enumerate(prompts):
-        samples = generations[i * k:(i + 1) * k]
-        records.append({
-            "instruction": instruction,
-            "prompt": generation.chat_prompt_text(tokenizer, instruction),
-            "split": split,
-            "responses": [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in samples],
-            "n_tokens": [len(g.response_ids) for g in samples],
-            "finished": [g.finished for g in samples],  # False: cut at max_new_tokens
-            "steering": [j % len(STEERING) if config.steering else None for j in range(k)],
-        })
-    return records
-
-
-def _write_atomically(directory: Path, payload: dict) -> None:
-    """Write payload to directory/task.json so that `directory` appears complete or not at all: the
-    file is written in a staging directory next to it, flushed to disk, and the directory renamed
-    into place (a rename within one file system is atomic). An entry already there is replaced."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-    retired = None
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private
-        with open(staging / "task.json", "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if directory.exists():  # rebuild: move the old entry aside, then swap the new one in
-            retired = directory.with_name(staging.name + ".old")
-            directory.rename(retired)
-        try:
-            staging.rename(directory)
-        except OSError:
-            if not (directory / "task.json").is_file():  # not "another process finished first"
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
 
 
 @dataclass
@@ -304,19 +220,26 @@ class Task:
 
 def load_task(size: str = "default", *, model: str | None = None, rebuild: bool = False,
               build_if_missing: bool = True, progress: bool = True) -> Task:
-    """Load the task from the cache, sampling it first if the cache has no entry for these inputs.
+    """Load the task: the shipped replies (avalib/task_data/, checked against their sha256), or, for another
+    model or a rebuild, from the cache, sampling it first if the cache has no entry for these inputs.
 
     size: a key of SIZES ("default" and "tiny": task v2; "v1" and "v1-tiny": task v1; see the module
     docstring; the tiny ones have 12 prompts and <= 12 tokens, for tests) or of MORE_PASSES ("large":
-    "default" with a second pass over its train requests). model: a local model directory, or None for
-    the embedded SmolLM2-135M-Instruct. rebuild: sample again even if cached. build_if_missing=False
-    raises FileNotFoundError instead of sampling when nothing is cached.
+    "default" with a second pass over its train requests). model: a local model directory to sample
+    from, or None for the shipped replies of the embedded SmolLM2-135M-Instruct. rebuild: sample again
+    (embedded model: into the cache, the shipped file untouched). build_if_missing=False raises
+    FileNotFoundError instead of sampling when nothing is cached.
     """
     if size in MORE_PASSES:
         return _with_more_passes(size, model=model, rebuild=rebuild, build_if_missing=build_if_missing, progress=progress)
     if size not in SIZES:
         raise ValueError(f"unknown task size {size!r}; choose from {sorted(SIZE_NAMES)}")
     config = SIZES[size]
+    if model is None and not rebuild and size in shipped_task.manifest():
+        records, entry = shipped_task.read(size)
+        _score(records, config)
+        return Task(config=config, key=entry["sha256"][:16], path=shipped_task.DATA_DIR / entry["file"],
+                    records=records, build_seconds=entry["build"]["seconds"], built_now=False)
     prompts = select_prompts(config)
     model_path = models.resolve_model_path(model)
     key = cache_key(config, prompts, model_fingerprint(model_path))
@@ -328,9 +251,9 @@ def load_task(size: str = "default", *, model: str | None = None, rebuild: bool 
         build_seconds = time.perf_counter() - started
         payload = {"format": TASK_FORMAT_VERSION, "key": key, "config": dataclasses.asdict(config),
                    "model": model_path, "build_seconds": build_seconds, "records": records}
-        _write_atomically(cached.parent, payload)
+        task_sampling.write_atomically(cached.parent, payload)
     else:
-        payload = _read_cache(cached, key)
+        payload = task_sampling.read_cache(cached, key)
         records, build_seconds = payload["records"], payload["build_seconds"]
 
     _score(records, config)
@@ -346,16 +269,6 @@ def _needs_build(cached: Path, size: str, rebuild: bool, build_if_missing: bool)
     return rebuild or not cached.is_file()
 
 
-def _read_cache(cached: Path, key: str) -> dict:  # a cached task.json, checked against its key
-    try:
-        payload = json.loads(cached.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise RuntimeError(f"{cached}: unreadable task cache ({error}); delete it or pass rebuild=True") from error
-    if payload.get("key") != key:
-        raise RuntimeError(f"{cached}: holds key {payload.get('key')!r}, expected {key!r}; delete it")
-    return payload
-
-
 def _score(records: list[dict], config: TaskConfig) -> None:  # every reply's gold: from the code, never the cache
     score = gold.gold_sum if config.gold == "sum" else gold.gold_score
     for record in records:
@@ -363,23 +276,25 @@ def _score(records: list[dict], config: TaskConfig) -> None:  # every reply's go
 
 
 def _with_more_passes(size: str, *, model: str | None, rebuild: bool, build_if_missing: bool, progress: bool) -> Task:
-    """MORE_PASSES[size]: the base size loaded (or built) as usual, then its train requests sampled again,
-    once per further pass, cached under <size>-<key> where <key> hashes the base build's key and the passes."""
+    """MORE_PASSES[size]: the base size loaded (or built) as usual, then its train requests sampled again, once
+    per further pass: shipped (avalib/task_data/), or cached under <size>-<key>, <key> hashing the base build's key."""
     base_size, passes = MORE_PASSES[size]
     base = load_task(base_size, model=model, rebuild=rebuild, build_if_missing=build_if_missing, progress=progress)
     payload = {"format": TASK_FORMAT_VERSION, "base": base.key, "passes": passes}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     cached = models.cache_dir() / "task" / f"{size}-{key}" / "task.json"
-    built_now = _needs_build(cached, size, rebuild, build_if_missing)
-    if built_now:
+    path, built_now = cached.parent, False
+    if model is None and not rebuild and size in shipped_task.manifest():
+        extra, entry = shipped_task.read(size)
+        key, path, seconds = entry["sha256"][:16], shipped_task.DATA_DIR / entry["file"], entry["build"]["seconds"]
+        more = [[record for record in extra if record["pass"] == p] for p in range(1, passes)]
+    elif built_now := _needs_build(cached, size, rebuild, build_if_missing):
         started = time.perf_counter()
-        prompts = [(record["instruction"], "train") for record in base.records if record["split"] == "train"]
-        more = [sample_records(dataclasses.replace(base.config, seed=base.config.seed + p), prompts,
-                               models.resolve_model_path(model), progress) for p in range(1, passes)]
-        _write_atomically(cached.parent, {**payload, "key": key, "build_seconds": (seconds := time.perf_counter() - started),
-                                          "passes_records": more})
+        more = _sample_passes(base, passes, models.resolve_model_path(model), progress)
+        task_sampling.write_atomically(path, {**payload, "key": key, "build_seconds": (seconds := time.perf_counter() - started),
+                                 "passes_records": more})
     else:
-        stored = _read_cache(cached, key)
+        stored = task_sampling.read_cache(cached, key)
         more, seconds = stored["passes_records"], stored["build_seconds"]
     records = [dict(record) for record in base.records]
     by_instruction = {record["instruction"]: record for record in records if record["split"] == "train"}
@@ -387,24 +302,66 @@ def _with_more_passes(size: str, *, model: str | None, rebuild: bool, build_if_m
         record = by_instruction[extra["instruction"]]
         record.update({f: record[f] + extra[f] for f in ("responses", "n_tokens", "finished", "steering")})
     _score(records, base.config)
-    return Task(config=dataclasses.replace(base.config, size=size), key=key, path=cached.parent, records=records,
+    return Task(config=dataclasses.replace(base.config, size=size), key=key, path=path, records=records,
                 build_seconds=base.build_seconds + seconds, built_now=built_now or base.built_now, train_passes=passes)
 
 
+def _sample_passes(base: Task, passes: int, model_path: str, progress: bool) -> list[list[dict]]:
+    """The base's train requests sampled once per further pass p = 1 .. passes - 1, with seed base seed + p."""
+    prompts = [(record["instruction"], "train") for record in base.records if record["split"] == "train"]
+    return [[dict(record, **{"pass": p}) for record in sample_records(
+        dataclasses.replace(base.config, seed=base.config.seed + p), prompts, model_path, progress)] for p in range(1, passes)]
+
+
+def rebuild(size: str, progress: bool = True) -> tuple[list[dict], dict]:
+    """Sample `size` afresh with the embedded model, touching no file: its records as shipped_task stores them
+    (for a MORE_PASSES size, only its further passes, over the shipped base's train requests) and the
+    build's inputs (task_sampling.build_inputs)."""
+    model_path = models.resolve_model_path(None)
+    started = time.perf_counter()
+    if size in MORE_PASSES:
+        base_size, passes = MORE_PASSES[size]
+        base = load_task(base_size, progress=False)
+        config, records = base.config, [r for pass_records in _sample_passes(base, passes, model_path, progress) for r in pass_records]
+        extra = {"base": base_size, "base_sha256": shipped_task.manifest()[base_size]["sha256"], "passes": passes}
+    else:
+        config, extra = SIZES[size], {}
+        records = sample_records(config, select_prompts(config), model_path, progress)
+    return records, task_sampling.build_inputs(config, model_path, time.perf_counter() - started, **extra)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build (or load) the offline sentiment task and print its stats.")
+    parser = argparse.ArgumentParser(description="Load the built-in sentiment task and print its stats, or sample a size "
+                                                 "afresh and compare it with the shipped file.")
     parser.add_argument("--size", choices=sorted(SIZE_NAMES), default="default", help="task size")
-    parser.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--rebuild", action="store_true", help="sample again even if cached")
+    parser.add_argument("--model", default=None, help="sample from this local model directory instead (cached)")
+    parser.add_argument("--rebuild", metavar="SIZE", choices=sorted(SIZE_NAMES), default=None,
+                        help="sample SIZE afresh with the embedded model and say whether, and where, it differs from the "
+                             "shipped file (minutes: sampling)")
+    parser.add_argument("--diff-json", default="", help="with --rebuild: write the comparison to this JSON file")
+    parser.add_argument("--ship", action="store_true", help="with --rebuild: replace the shipped file with the rebuild "
+                                                            "(maintainers; record the change and re-run what depends on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.rebuild:
+        records, build = rebuild(args.rebuild, progress=not args.no_progress)
+        build["command"] = f"python -m avalib.task --rebuild {args.rebuild}" + (" --ship" if args.ship else "")
+        shipped = shipped_task.read(args.rebuild)[0] if args.rebuild in shipped_task.manifest() else []
+        report = shipped_task.compare(shipped, records)
+        print(f"task {args.rebuild} sampled in {build['seconds']:.1f} s: {shipped_task.describe(report)}")
+        if args.diff_json:
+            Path(args.diff_json).write_text(json.dumps({"size": args.rebuild, "build": build, **report}, indent=1))
+        if args.ship:
+            entry = shipped_task.write(args.rebuild, records, build, passes=args.rebuild in MORE_PASSES)
+            print(f"shipped: {shipped_task.DATA_DIR / entry['file']} (sha256 {entry['sha256'][:16]}...)")
+        return
 
     started = time.perf_counter()
-    task = load_task(args.size, model=args.model, rebuild=args.rebuild, progress=not args.no_progress)
+    task = load_task(args.size, model=args.model, progress=not args.no_progress)
     seconds = time.perf_counter() - started
     stats = task.stats()
-    print(f"task {args.size} {'built' if task.built_now else 'loaded'} in {seconds:.1f} s: {task.path}")
-    print(f"(model load + sampling took {task.build_seconds:.1f} s when the cache was built)")
+    print(f"task {args.size} {'built' if task.built_now else 'loaded'} in {seconds:.1f} s: {task.path} "
+          f"(replies {task.replies_sha256()}; model load + sampling took {task.build_seconds:.1f} s when it was built)")
     print(f"{'split':6} {'prompts':>7} {'replies':>7} {'pairs':>5} {'gold>0':>6} {'gold=0':>6} {'gold<0':>6} "
           f"{'eos':>5} {'tokens':>6} {'ties':>5} {'BT=gold':>7}")
     for split, s in stats["splits"].items():

@@ -14,6 +14,10 @@ replies (replies resampled with replacement, so that the tokens of one reply mov
   word_pearson                 the reward summed over each word's tokens against the word's valence (a
                                token starting with white space starts a word): shaping inside a word
                                cancels
+  within_reply_pearson         pooled, after subtracting each reply's own mean from its rewards and from
+                               its gold: where *within* a reply the reward sits. The pooled figures can be
+                               carried by reply-level sentiment alone (a model that lifts every token of a
+                               cheerful reply scores there); this one cannot
 
 A reward model can rank replies well and still put its reward on the wrong tokens; these numbers say
 where it puts it.
@@ -24,7 +28,8 @@ import numpy as np
 
 from avalib import evaluation
 
-METRICS = ("pearson", "spearman", "pearson_nonzero", "spearman_nonzero", "auc", "return_to_go_pearson", "word_pearson")
+METRICS = ("pearson", "spearman", "pearson_nonzero", "spearman_nonzero", "auc", "return_to_go_pearson", "word_pearson",
+           "within_reply_pearson")
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -40,7 +45,8 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     _, inverse, counts = np.unique(np.concatenate([positive, negative]), return_inverse=True, return_counts=True)
     ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
-    return float((ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+    wins = ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(wins / (len(positive) * len(negative)))
 
 
 def _reply_arrays(item: dict) -> dict:
@@ -56,7 +62,8 @@ def _reply_arrays(item: dict) -> dict:
         words_r[-1] += float(item["rewards"][t])
         words_g[-1] += float(item["gold"][t])
     return {"r": r, "g": g, "r_togo": np.cumsum(r[::-1])[::-1], "g_togo": np.cumsum(g[::-1])[::-1],
-            "words_r": np.array(words_r), "words_g": np.array(words_g)}
+            "words_r": np.array(words_r), "words_g": np.array(words_g),
+            "r_within": r - r.mean() if len(r) else r, "g_within": g - g.mean() if len(g) else g}
 
 
 def _metrics(replies: list[dict]) -> dict:
@@ -66,10 +73,12 @@ def _metrics(replies: list[dict]) -> dict:
     signed = g[nonzero] > 0
     return {"pearson": _pearson(r, g), "spearman": evaluation.rank_correlation(r, g) if len(r) > 1 else float("nan"),
             "pearson_nonzero": _pearson(r[nonzero], g[nonzero]),
-            "spearman_nonzero": evaluation.rank_correlation(r[nonzero], g[nonzero]) if nonzero.sum() > 1 else float("nan"),
+            "spearman_nonzero": evaluation.rank_correlation(r[nonzero],
+                                                            g[nonzero]) if nonzero.sum() > 1 else float("nan"),
             "auc": _auc(r[nonzero], signed.astype(int)),
             "return_to_go_pearson": _pearson(join("r_togo"), join("g_togo")),
-            "word_pearson": _pearson(join("words_r"), join("words_g"))}
+            "word_pearson": _pearson(join("words_r"), join("words_g")),
+            "within_reply_pearson": _pearson(join("r_within"), join("g_within"))}
 
 
 def agreement(items: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
@@ -84,7 +93,8 @@ def agreement(items: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             draws[name].append(value)
     for name in METRICS:
         values = np.array([v for v in draws[name] if v == v])
-        result[name + "_ci95"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else None
+        result[name + "_ci95"] = [float(np.percentile(values, 2.5)),
+                                  float(np.percentile(values, 97.5))] if len(values) else None
     result.update(replies=len(replies), tokens=int(sum(len(reply["r"]) for reply in replies)),
                   nonzero_tokens=int(sum((reply["g"] != 0).sum() for reply in replies)))
     return result

@@ -28,7 +28,11 @@ def token_readings(model, tokenizer, prompt: str, responses: list[str], max_leng
     the response was cut), "rewards" (AVA: mu_t; Pref-Trans: r_t; BT: its head read at every prefix,
     which only the last one was trained for), "sigmas" and "deltas" (AVA; the last delta is None:
     the TD error needs y_{t+2}), "weights" (Eq. 11 / Pref-Trans, rescaled to mean one over the
-    response), "score" (the sequence reward), "kind", "label", "eos".
+    response), "score" (the sequence reward), "kind", "label", "eos"; AVA and BT-var add "score_sigma"
+    (AVA: sigma of E[R | y] under q_phi, the sigma at the last transition or, for a return reading, the
+    root of the summed sigma_t^2; BT-var: its spread v), BT and BT-var "differences" (the head's value
+    after each token minus its value before it: per-token rewards that sum to the score minus the
+    prompt's own value).
 
     Alignment: `encode` tokenises each response alone and appends EOS, so the k-th response
     transition emits the k-th token of tokenizer(response, add_special_tokens=False), which is the
@@ -50,8 +54,19 @@ def token_readings(model, tokenizer, prompt: str, responses: list[str], max_leng
     else:
         kind, rewards, sigmas, deltas, score = model.kind, out.rewards, None, None, out.score
         weights = None if out.weights is None else out.weights * out.mask.sum(dim=1, keepdim=True)  # sum 1 -> mean 1
-    return _reply_items(tokenizer, responses, examples, out.mask, gold, kind=kind, score=score, rewards=rewards,
-                        sigmas=sigmas, weights=weights, deltas=deltas, td_mask=None if deltas is None else td_mask)
+    items = _reply_items(tokenizer, responses, examples, out.mask, gold, kind=kind, score=score, rewards=rewards,
+                         sigmas=sigmas, weights=weights, deltas=deltas, td_mask=None if deltas is None else td_mask)
+    last_sigma = out.sequence_sigma() if kind == "ava" else None
+    for row, item in enumerate(items):  # what a sequence score's uncertainty is, where the model has one
+        if kind == "ava":
+            item["score_sigma"] = (float(last_sigma[row]) if out.reading == "last"
+                                   else sum(s * s for s in item["sigmas"]) ** 0.5)
+        elif kind == "bt-var":
+            item["score_sigma"] = float(out.spread[row])
+        if getattr(out, "levels", None) is not None:  # BT: the head's change from one prefix to the next
+            positions = out.mask[row].nonzero().flatten().tolist()
+            item["differences"] = [float(out.levels[row, t + 1] - out.levels[row, t]) for t in positions]
+    return items
 
 
 @torch.no_grad()

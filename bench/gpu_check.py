@@ -99,7 +99,7 @@ def save_shape(directory: Path) -> None:
 def prepare_model(spec: str, work: Path, dry_run: bool) -> tuple[str, str]:
     """(model directory, what its weights are). A directory with a config but no weights gets random
     weights of that shape (seed 0), saved under `work`; the dry run without --model builds a tiny Llama
-    with SmolLM2's tokenizer (as tests/conftest.py does)."""
+    with SmolLM2's tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
@@ -111,7 +111,7 @@ def prepare_model(spec: str, work: Path, dry_run: bool) -> tuple[str, str]:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
-        source, weights = None, "random (tiny Llama, SmolLM2's tokenizer)"
+        weights = "random (tiny Llama, SmolLM2's tokenizer)"
     else:
         spec = spec or "smollm2"
         try:
@@ -121,7 +121,7 @@ def prepare_model(spec: str, work: Path, dry_run: bool) -> tuple[str, str]:
                              "carry DIR and pass --model DIR: random weights of its shape)") from None
         if any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or not path.is_dir():
             return str(path), "pretrained" if spec == "smollm2" else f"as saved in {path}"
-        config, tokenizer, source = AutoConfig.from_pretrained(path), models.load_tokenizer(str(path)), path
+        config, tokenizer = AutoConfig.from_pretrained(path), models.load_tokenizer(str(path))
         weights = f"random (the shape of {path}: no weights there)"
     torch.manual_seed(0)
     target = work / "model"
@@ -273,7 +273,7 @@ def child_throughput(result_path: str, config_path: str) -> None:
         def __init__(self, name, kind, bf16):
             super().__init__(name, kind, pairs, tokenizer)
             self.bf16 = bf16
-            models.inputs_follow_device(self.model.to(device))  # the optimiser holds the same parameters
+            self.model.to(device)  # the optimiser holds the same parameters; the losses put batches on the model's device
             if kind == "dpo":
                 self.reference_lm.to(device)
             step = self.optimizer.step

@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +55,7 @@ def main(argv=None) -> dict:
     for kind in ("bt", "ava-p", "dpo"):
         for share in (True, False):
             system = throughput.Ours(f"ours {kind}", kind, pairs, tokenizer, share_prompts=share)
-            models.inputs_follow_device(system.model.to(device))
+            system.model.to(device)  # the losses put batches on the model's device
             if kind == "dpo":
                 system.reference_lm.to(device)
             step = system.optimizer.step

@@ -6,8 +6,10 @@ epochs, more trainable layers and other learning rates did not help on test (ben
 This asks what data would: BT at bench/token_rewards.py's settings (2 epochs, top 2 layers, lr 1e-3,
 16 pairs a step) on nested random subsets of the train requests (1/8, 1/4, 1/2, all; every pair of a
 kept request, its Bradley-Terry label as in training on `builtin`), scored on the dev and test splits
-against the gold labels; each subset paired with all requests at the same seed (exact McNemar on the
-test pairs). Nothing is chosen on test here: the settings are fixed, the curve only reports.
+against the gold labels; each subset paired with all requests on the same test pairs, the seeds averaged
+pair by pair on both sides, with a bootstrap interval and a sign-flip test over the 78 test requests
+(avalib/stats.py: a request's 15 pairs share its replies, and seeds scored on the same pairs are not more
+data). Nothing is chosen on test here: the settings are fixed, the curve only reports.
 
 A subset is written as a TRL prompt/chosen/rejected file (the rows builtin trains on, in the same
 order, a pair whose replies are identical left out and counted: it carries no preference) and trained
@@ -17,8 +19,9 @@ with `train_rm.py --data FILE`; a model is scored on test with `train_rm.py --ev
     python bench/learning_curve.py --seeds 0 --requests 311 --second-pass   # twice the replies, the same steps
     python bench/learning_curve.py --report
 
-Results: bench/results/learning_curve/<requests>-requests-seed<k>.json, bench/results/learning_curve.{md,png}.
-Runs live under $AVA_CACHE/bench-runs/learning_curve/, keyed by their arguments and the task build.
+Results: bench/results/learning_curve/<requests>-requests-seed<k>.json, bench/results/learning_curve.{md,png};
+each records the task build it was made on (`task.replies_sha256`). Runs live under
+$AVA_CACHE/bench-runs/learning_curve/, keyed by their arguments and the task build.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from avalib import models  # noqa: E402
+from avalib import models, stats  # noqa: E402
 from bench import runner, table1, token_rewards  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "learning_curve"
@@ -117,9 +120,19 @@ def run(requests: int, seed: int, second_pass: bool = False) -> dict:
     return result
 
 
-def last_doubling(by: dict, seeds: list[int]) -> dict | None:
-    """Test accuracy gained by the largest subset over the next smaller one, per seed (same test pairs,
-    paired): what the last doubling of the data bought, measured, not fitted."""
+def versus(ours: dict[int, dict], theirs: dict[int, dict], requests) -> dict | None:
+    """stats.paired of ours against theirs on the test pairs, over the seeds both have: each side's seeds averaged
+    pair by pair, the interval and the sign-flip test over requests. None if they share no seed."""
+    both = [s for s in sorted(ours) if s in theirs]
+    if not both:
+        return None
+    return {"seeds": both, **stats.paired([ours[s]["test_margins"] for s in both], [theirs[s]["test_margins"] for s in both],
+                                          requests)}
+
+
+def last_doubling(by: dict, seeds: list[int], requests) -> dict | None:
+    """Test accuracy gained by the largest subset over the next smaller one, per seed, and paired (versus: the seeds
+    averaged, by request): what the last doubling of the data bought, measured, not fitted."""
     sizes = sorted(by)
     if len(sizes) < 2:
         return None
@@ -129,13 +142,16 @@ def last_doubling(by: dict, seeds: list[int]) -> dict | None:
         return None
     gains = [large[s]["test"]["accuracy"] - small[s]["test"]["accuracy"] for s in both]
     return {"from": sizes[-2], "to": sizes[-1], "seeds": both, "gains": gains, "mean": statistics.mean(gains),
-            "paired": [table1.mcnemar(large[s]["test_margins"], small[s]["test_margins"]) for s in both]}
+            "paired": versus(large, small, requests)}
 
 
-def report() -> str:
+def report(requests=None) -> str:
+    """Rebuild bench/results/learning_curve.{md,png} from the results (requests: each test pair's request, in the
+    order of their test_margins; default the task's)."""
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*-requests*-seed*.json"))]
     if not results:
         return ""
+    requests = table1.requests_of("default", "test") if requests is None else requests
     by, second = {}, {}
     for r in results:
         if r.get("second_pass"):
@@ -144,63 +160,69 @@ def report() -> str:
             by.setdefault(r["requests"], {})[r["seed"]] = r
     full = by[max(by)]
     seeds = sorted({s for runs in by.values() for s in runs})
+    describe = lambda m: table1.describe(m) if m else "-"
     lines = ["| train requests | pairs | " + " | ".join(f"test % seed {s} (Wilson 95%)" for s in seeds)
-             + " | test mean % | dev mean % | vs all requests, test, paired by seed: +/- (p) | wall s (mean) |",
-             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|"]
-    for requests in sorted(by):
-        runs = by[requests]
+             + " | test mean % | seeds averaged, 95% by request | dev mean % | vs all requests, test, seeds averaged: "
+             "difference (95%), p, +/- | wall s (mean) |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
+    for size in sorted(by):
+        runs = by[size]
         test = [runs[s]["test"]["accuracy"] for s in seeds if s in runs]
         dev = [runs[s]["dev"]["accuracy"] for s in seeds if s in runs]
-        paired = []
-        for s in seeds:
-            if s in runs and s in full and requests != max(by):
-                m = table1.mcnemar(runs[s]["test_margins"], full[s]["test_margins"])
-                paired.append(f"+{m['wins']} / -{m['losses']} ({m['p']:.2f})")
+        pooled = stats.accuracy_interval([runs[s]["test_margins"] for s in sorted(runs)], requests)
         cells = [token_rewards.cell(runs[s]["test"]["accuracy"], runs[s]["test"]["accuracy_wilson95"], True) if s in runs else "-"
                  for s in seeds]
         pairs = statistics.mean(runs[s]["pairs"] for s in runs)
-        lines.append(f"| {requests} of {next(iter(runs.values()))['of_requests']} | {pairs:.0f} | " + " | ".join(cells)
-                     + f" | {100 * statistics.mean(test):.1f} | {100 * statistics.mean(dev):.1f} | {'; '.join(paired) or '-'} | "
+        lines.append(f"| {size} of {next(iter(runs.values()))['of_requests']} | {pairs:.0f} | " + " | ".join(cells)
+                     + f" | {100 * statistics.mean(test):.1f} | {token_rewards.interval_cell(pooled['ci95'])} | "
+                     f"{100 * statistics.mean(dev):.1f} | {describe(versus(runs, full, requests)) if size != max(by) else '-'} | "
                      f"{statistics.mean(r['wall_seconds'] for r in runs.values()):.0f} |")
     notes = []
-    if gain := last_doubling(by, seeds):
+    if gain := last_doubling(by, seeds, requests):
         top = statistics.mean(by[gain["to"]][s]["test"]["accuracy"] for s in gain["seeds"])
         notes.append(f"The last doubling ({gain['from']} to {gain['to']} requests) added "
                      + ", ".join(f"{100 * g:+.1f}" for g in gain["gains"]) + " points on test (seeds "
-                     + ", ".join(str(s) for s in gain["seeds"]) + "; paired "
-                     + "; ".join(f"+{m['wins']} / -{m['losses']}, p = {m['p']:.3f}" for m in gain["paired"])
+                     + ", ".join(str(s) for s in gain["seeds"]) + "; the seeds averaged, paired by request: "
+                     + describe(gain["paired"])
                      + f"). If the next doubling of the train requests added as much, BT would read {100 * (top + gain['mean']):.1f}%: "
                      "an extrapolation, not a measurement (each doubling's gain so far, by seed: "
                      + "; ".join(f"seed {s} " + ", ".join(f"{100 * (by[b][s]['test']['accuracy'] - by[a][s]['test']['accuracy']):+.1f}"
                                                           for a, b in zip(sorted(by), sorted(by)[1:]) if s in by[a] and s in by[b])
                                  for s in seeds) + ").")
     if second:
-        lines += ["", "| more replies, same steps | pairs | steps | seed | test % (Wilson 95%) | dev % | vs all requests' first pass "
-                  "(2 epochs, the same seed), test, paired: +/- (p) | wall s |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| more replies, same steps | pairs | steps | seed | test % (Wilson 95%) | 95% by request | dev % | vs all "
+                  "requests' first pass (2 epochs, the same seed), test, paired by request: difference (95%), p, +/- | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s, r in sorted(second.items()):
-            base = full.get(s)
-            m = table1.mcnemar(r["test_margins"], base["test_margins"]) if base else None
+            m = versus({s: r}, full, requests)
             lines.append(f"| both passes, 1 epoch | {r['pairs']} | {r['steps']} | {s} | "
                          f"{token_rewards.cell(r['test']['accuracy'], r['test']['accuracy_wilson95'], True)} | "
-                         f"{100 * r['dev']['accuracy']:.1f} | "
-                         + (f"+{m['wins']} / -{m['losses']} (p = {m['p']:.3f})" if m else "-") + f" | {r['wall_seconds']:.0f} |")
-        both = [s for s in sorted(second) if s in full]
-        if len(both) > 1:  # approximate: the seeds share the test pairs, so their pairs are not independent
-            m = table1.mcnemar([x for s in both for x in second[s]["test_margins"]], [x for s in both for x in full[s]["test_margins"]])
-            notes.append(f"Both passes against the first pass, the seeds' test pairs pooled (approximate: the seeds share the "
-                         f"pairs): +{m['wins']} / -{m['losses']} (p = {m['p']:.3f}).")
+                         f"{token_rewards.interval_cell(stats.accuracy_interval(r['test_margins'], requests)['ci95'])} | "
+                         f"{100 * r['dev']['accuracy']:.1f} | {describe(m)} | {r['wall_seconds']:.0f} |")
+        m = versus(second, full, requests)
+        if m and len(m["seeds"]) > 1:
+            ours = stats.accuracy_interval([second[s]["test_margins"] for s in m["seeds"]], requests)
+            theirs = stats.accuracy_interval([full[s]["test_margins"] for s in m["seeds"]], requests)
+            notes.append(f"Both passes against the first pass, seeds {', '.join(map(str, m['seeds']))} averaged pair by pair and "
+                         f"paired by request: {100 * ours['accuracy']:.1f}% ({token_rewards.interval_cell(ours['ci95'])}) "
+                         f"against {100 * theirs['accuracy']:.1f}% ({token_rewards.interval_cell(theirs['ci95'])}), "
+                         f"difference {describe(m)}.")
         notes.append("Both passes: task v2's train pairs plus a second sampling pass over the same train requests (6 more "
                      "replies each, sampling seed 1, paired among themselves, labels drawn with seed 1; "
                      "task v2's size 'large', `--data builtin:large`), one epoch: as many steps as the two epochs of the "
                      "first pass alone, each pair seen once.")
-    builds = sorted({r["task"]["replies_sha256"] for r in results})
     other = max(r["other_processes_cpu_share"] for r in results)
     text = ("\n".join(lines) + "\n\n" + "\n".join(notes) + ("\n\n" if notes else "") +
             f"BT at bench/token_rewards.py's settings (2 epochs, top 2 layers, lr 1e-3, 16 pairs a step) on nested random "
             f"subsets of task v2's train requests (every pair of a kept request, labelled as in training); accuracy against "
-            f"the gold labels on the test split ({full[seeds[0]]['test']['pairs'] if seeds[0] in full else '-'} pairs) and the dev split. "
-            f"Task build(s): replies {', '.join(f'`{b}`' for b in builds)}; the other CPU use during the runs was at most "
-            f"{100 * other:.0f}%. Regenerate: `python bench/learning_curve.py --report`.\n")
+            f"the gold labels on the test split ({full[seeds[0]]['test']['pairs'] if seeds[0] in full else '-'} pairs of "
+            f"{len(set(requests))} requests) and the dev split. Paired (avalib/stats.py): each test pair scored 1 right, 1/2 "
+            "tie, 0 wrong (as accuracy counts it), averaged over the seeds pair by pair (seeds scored on the same pairs are "
+            "not more data), then the difference in accuracy points, its 95% interval and p resampling and sign-flipping "
+            "whole requests (a request's 15 pairs share its 6 replies); + / - the pairs where the row scores higher / "
+            f"lower. Task build: {table1.task_builds(results)}; every build has the same requests and pairs in the same "
+            f"order. The other CPU use during the runs was at most {100 * other:.0f}%. Regenerate: "
+            "`python bench/learning_curve.py --report`.\n")
     (ROOT / "bench" / "results" / "learning_curve.md").write_text(text)
     plot(by, seeds, second)
     print(text)

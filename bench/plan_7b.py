@@ -24,30 +24,33 @@ import train_rm  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 MAX_LENGTH, ITEMS_PER_GPU = 1024, 4
 SCRIPTS = {"train_rm.py": (train_rm.Args, ("ava-p", "bt")), "train_direct.py": (train_direct.Args, ("ava-p", "dpo"))}
-SETUPS = [  # (GPUs, flags, label)
-    (1, ["--trainable-layers", "-1"], "full fine-tuning"),
-    (1, ["--trainable-layers", "4"], "top 4 layers (the scripts' default)"),
-    (1, ["--trainable-layers", "-1", "--lora-r", "16"], "LoRA r=16, all linear layers"),
-    (8, ["--trainable-layers", "-1", "--fsdp"], "full fine-tuning, FSDP2"),
-    (8, ["--trainable-layers", "-1"], "full fine-tuning, DDP"),
+SETUPS = [  # (GPUs, fields of the script's Args, label)
+    (1, dict(trainable_layers=-1), "full fine-tuning"),
+    (1, dict(trainable_layers=4), "top 4 layers (the scripts' default)"),
+    (1, dict(trainable_layers=-1, lora_r=16), "LoRA r=16, all linear layers"),
+    (8, dict(trainable_layers=-1, fsdp=True), "full fine-tuning, FSDP2"),
+    (8, dict(trainable_layers=-1), "full fine-tuning, DDP"),
 ]
 
 
-def flags(script: str, objective: str, gpus: int, extra: list[str]) -> list[str]:
-    return ["--plan", "llama-2-7b", "--plan-world-size", str(gpus), "--plan-gpu-gb", "80", "--objective", objective,
-            "--bf16", "--batch-size", str(ITEMS_PER_GPU * gpus), "--max-length", str(MAX_LENGTH), *extra]
+def fields(objective: str, gpus: int, extra: dict) -> dict:
+    """The script's Args fields of one row (in the order its command line gives them)."""
+    return dict(plan="llama-2-7b", plan_world_size=gpus, plan_gpu_gb=80.0, objective=objective, bf16=True,
+                batch_size=ITEMS_PER_GPU * gpus, max_length=MAX_LENGTH, **extra)
 
 
 def rows() -> list[dict]:
     out = []
     for gpus, extra, label in SETUPS:
         for script, (args_class, objectives) in SCRIPTS.items():
-            if "--lora-r" in extra and script != "train_direct.py":
+            if "lora_r" in extra and script != "train_direct.py":
                 continue  # LoRA is wired into the policy scripts
             for objective in objectives:
-                argv = flags(script, objective, gpus, extra)
-                plan = memory_plan.memory_plan(cli.parse_config(args_class, argv), objective, script)
-                plan.update(setup=label, command=f"python {script} {' '.join(argv)}")
+                row = fields(objective, gpus, extra)
+                args = args_class(**row)
+                assert not cli.check_config(args), cli.check_config(args)
+                plan = memory_plan.memory_plan(args, objective, script)
+                plan.update(setup=label, command=f"python {script} {' '.join(cli.command_line(row))}")
                 out.append(plan)
     return out
 

@@ -14,9 +14,11 @@ the dev pairs with several read-outs of one forward pass of a saved model, and w
 - `untrained LM logp sum / mean`: the same under SmolLM2-135M-Instruct as loaded (no training);
 - `longer wins`: the response with more tokens wins.
 
-Each read-out gets dev accuracy (Wilson 95% interval), the exact McNemar test against `table score`, and
-the Spearman correlation of its margins with the response-length difference (in tokens). The dev pairs
-are cut at the rows' configuration's max length, as their runs cut them, so rows of one run share a configuration.
+Each read-out gets dev accuracy (Wilson 95% interval), a paired comparison with `table score` on the same
+pairs (avalib/stats.py: the difference in accuracy points, ties half, with a bootstrap interval and a
+sign-flip test; HH-RLHF's pairs share no replies, so each pair is its own cluster), and the Spearman
+correlation of its margins with the response-length difference (in tokens). The dev pairs are cut at the
+rows' configuration's max length, as their runs cut them, so rows of one run share a configuration.
 
     python bench/readouts.py --task harmless --rows AVA-d,Pref-Trans    # models must be in $AVA_CACHE/bench-runs
     python bench/readouts.py --report                                   # rebuild the Markdown only
@@ -34,7 +36,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import ava  # noqa: E402
-from avalib import data, evaluation, models, reward_models, sources  # noqa: E402
+from avalib import data, evaluation, models, reward_models, sources, stats  # noqa: E402
 from bench import runner, table1  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "readouts"
@@ -56,7 +58,7 @@ def sequence_readouts(model, items: list[tuple], pad_id: int, batch_size: int = 
         batch = data.collate(examples[start:start + batch_size], pad_id)
         if isinstance(model, ava.TQR):
             out = model(**batch, with_logp=True)
-            mask, count = out.mask, out.mask.sum(1)
+            count = out.mask.sum(1)
             found = {"table score": out.sequence_reward(), "token reward sum": out.mu.sum(1), "token reward mean": out.mu.sum(1) / count,
                      "LM logp sum": out.logp.sum(1), "LM logp mean": out.logp.sum(1) / count}
         elif isinstance(model, ava.ScalarRewardModel):
@@ -83,7 +85,7 @@ def describe(name: str, m: list[float], reference: list[float] | None, length: l
     row = {"readout": name, "accuracy": right / n, "ties": sum(x == 0 for x in m) / n, "wilson95": list(evaluation.wilson(right, n)),
            "spearman_with_length_difference": evaluation.rank_correlation(m, length)}
     if reference is not None and m is not reference:
-        row["vs_table_score"] = table1.mcnemar(m, reference)
+        row["vs_table_score"] = stats.paired(m, reference)  # HH-RLHF: one cluster per pair
     return row
 
 
@@ -126,24 +128,45 @@ def measure(task: str, rows: list[str], limit: int | None = None) -> dict:
     return result
 
 
+def versus_table_score(x: dict, table_score: dict, pairs: int) -> dict | None:
+    """A read-out's stats.paired against its model's table score. Results measured before stats.paired kept McNemar's
+    counts only (wins: right here and wrong there, losses the reverse); where neither read-out has a tie, every pair
+    scores 1 or 0, so those counts fix each pair's difference (+1 on a win, -1 on a loss, 0 elsewhere) and, with one
+    cluster per pair, the comparison itself (its resampling aside): stats.paired is run on pairs rebuilt from them."""
+    m = x.get("vs_table_score")
+    if m is None or "difference" in m:
+        return m
+    if x["ties"] or table_score["ties"]:
+        return None  # a tie there counted as wrong: the counts do not give the pairs' scores
+    same = pairs - m["wins"] - m["losses"]
+    return stats.paired([1.0] * m["wins"] + [-1.0] * m["losses"] + [1.0] * same,
+                        [-1.0] * m["wins"] + [1.0] * m["losses"] + [1.0] * same)
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["# Read-outs of saved Table 1 models on dev", "",
              "Regenerate: `python bench/readouts.py --task TASK --rows ROWS` (needs the rows' saved models in $AVA_CACHE/bench-runs).",
              "`table score` is the model's Table 1 sequence score (AVA: mu at the last valid transition; BT: the last token's score; Pref-Trans: sum_t w_t r_t);",
              "token reward sum / mean: its per-token rewards (AVA: Eq. 19's mu_t) summed or averaged over the response;",
-             "vs table score: + pairs only this read-out ranks right, - the reverse, exact McNemar p.",
+             "vs table score: the read-out against its model's table score on the same dev pairs (avalib/stats.py): the",
+             "difference in accuracy points (a tie counts half, as in accuracy), its 95% bootstrap interval and a sign-flip p,",
+             "then + the pairs this read-out scores higher, - those the table score does. HH-RLHF's pairs share no replies, so",
+             "the interval and p resample and sign-flip single pairs (one cluster per pair), which without ties is McNemar's",
+             "exact test; results measured before these were kept store McNemar's counts, from which the comparison is",
+             "rebuilt (no read-out of theirs has a tie, so the counts fix every pair's score).",
              "rho(length): Spearman correlation of the margin with the chosen - rejected difference in response tokens.", ""]
     for r in results:
         lines += [f"## {r['task']} dev ({r['pairs']} pairs, max length {r['max_length']})", "",
-                  "| model | read-out | accuracy | 95% interval | vs table score | rho(length) |", "|---|---|---|---|---|---|"]
-        def line(model, x):
-            paired = x.get("vs_table_score")
-            paired = "-" if paired is None else f"+{paired['wins']} / -{paired['losses']}, p = {paired['p']:.2f}"
+                  "| model | read-out | accuracy | 95% interval | vs table score: difference (95%), p, +/- | rho(length) |", "|---|---|---|---|---|---|"]
+        def line(model, x, table_score=None):
+            paired = None if table_score is None else versus_table_score(x, table_score, r["pairs"])
+            paired = "-" if paired is None else table1.describe(paired)
             return (f"| {model} | {x['readout']} | {100 * x['accuracy']:.1f} | {100 * x['wilson95'][0]:.1f}-{100 * x['wilson95'][1]:.1f} | "
                     f"{paired} | {x['spearman_with_length_difference']:+.2f} |")
         lines += [line("no training", x) for x in r["baselines"]]
         for m in r["models"]:
-            lines += [line(f"{m['row']} seed {m['seed']}", x) for x in m["readouts"]]
+            table_score = next(x for x in m["readouts"] if x["readout"] == "table score")
+            lines += [line(f"{m['row']} seed {m['seed']}", x, table_score) for x in m["readouts"]]
         lines += [""] + [f"- {m['row']}: Spearman of its Table 1 margin with the untrained LM's mean log-likelihood margin: "
                          f"{m['margin_spearman_with_untrained_LM_logp_mean']:+.2f}." for m in r["models"]] + [""]
     return "\n".join(lines)

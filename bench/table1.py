@@ -13,7 +13,10 @@ table can be filled in parts across sessions:
     python bench/table1.py --paired --rows "BT (ablation config),AVA-p alpha=10"  # give results their dev margins
 
 Each result keeps its model's margin on every dev pair (`dev_margins`), so that a row can be compared
-with BT pair by pair (exact McNemar test), which is far less noisy than two accuracies on 200 pairs.
+with BT pair by pair (avalib/stats.py: each pair scored 1 / 1/2 / 0 as accuracy counts it, the seeds averaged
+pair by pair, a bootstrap interval and a sign-flip test; HH-RLHF's pairs share no replies, so each is its own
+cluster, while task v1's pairs of one request are resampled together), which is far less noisy than two
+accuracies on 200 pairs.
 
 Throughput (tokens/s) is measured inside each run; the share of CPU time other processes took
 during the run is recorded next to it, since a busy machine makes it incomparable.
@@ -33,7 +36,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -41,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from avalib import evaluation, models  # noqa: E402
+from avalib import evaluation, models, stats  # noqa: E402
 from bench import runner  # noqa: E402
 
 DATA = Path("..") / "shared" / "data"  # relative to the repository (runs use cwd=ROOT): cache keys survive a move
@@ -178,7 +180,7 @@ def cache_check(task: str, row: str, seed: int) -> dict:
         path.write_text(json.dumps({
             "task": task, "row": row, "seed": seed, "command": "python train_rm.py " + " ".join(arguments + TRUNK),
             "accuracy": {"without": before["eval/accuracy"], "with": after["eval/accuracy"]},
-            "ranked_differently": mcnemar(after["dev_margins"], before["dev_margins"]),
+            "ranked_differently": stats.paired(after["dev_margins"], before["dev_margins"], clusters(task)),
             "margin_correlation": statistics.correlation(after["dev_margins"], before["dev_margins"]),
             "largest_margin_difference": max(difference), "mean_margin_difference": sum(difference) / len(difference),
             "margin_spread": spread,
@@ -212,47 +214,78 @@ def baseline(row: str) -> str:
     return "BT" if config_name(row) == "main" else "BT (ablation config)"
 
 
-def mcnemar(ours: list[float], theirs: list[float]) -> dict:
-    """Paired comparison on the same pairs: wins = right here and wrong there (a tie counts as wrong, as in
-    accuracy), losses = the reverse; p = the exact two-sided McNemar (binomial) test."""
-    if len(ours) != len(theirs):
-        raise ValueError(f"{len(ours)} margins against {len(theirs)}: not the same dev pairs")
-    wins = sum(a > 0 >= b for a, b in zip(ours, theirs))
-    losses = sum(b > 0 >= a for a, b in zip(ours, theirs))
-    n, k = wins + losses, min(wins, losses)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"wins": wins, "losses": losses, "p": p}
+@functools.cache
+def requests_of(size: str, split: str) -> tuple[str, ...]:
+    """The request (prompt) of each pair of a split of the built-in task (task v2 "default" / "large", task v1
+    "v1"), in the order of every stored margin: the clusters of its intervals and paired tests, since a request's
+    pairs share its replies. The order depends on the requests only, so it holds for results made on earlier
+    builds of the task too (their replies differed, their requests and pair order did not)."""
+    from avalib import task
+
+    return tuple(p["prompt"] for p in task.load_task(size, progress=False).pairs(split, noise_free=True))
 
 
-def paired_by_seed(ours: dict[int, dict], theirs: dict[int, dict], margins: str) -> str:
-    """'+wins/-losses (p); ...': each seed of ours against theirs' run of the same seed ('-' where it has none),
-    on the margins under the key `margins` (the same pairs in the same order)."""
+def task_builds(results: list[dict]) -> str:
+    """Which builds of task v2 results were made on (the replies_sha256 each records), against the shipped one:
+    '`db20f047b016527e` (15 runs, an earlier build than the shipped one); ...; the task ships as data, build `...`'."""
+    from avalib import shipped_task
+
+    shipped = shipped_task.manifest().get("default", {}).get("replies_sha256")
+    by: dict[str | None, list[dict]] = {}
+    for r in results:
+        by.setdefault((r.get("task") or {}).get("replies_sha256"), []).append(r)
+    parts = []
+    for sha, runs in sorted(by.items(), key=lambda item: str(item[0])):
+        count = f"{len(runs)} run{'s' * (len(runs) != 1)}"
+        if sha is None:
+            dates = ", ".join(sorted({r["started_at"][:10] for r in runs if r.get("started_at")}))
+            parts.append(f"not recorded ({count}{', made ' + dates if dates else ''}, before results recorded their build "
+                         "and before the task was shipped)")
+        else:
+            parts.append(f"`{sha}` ({count}, {'the shipped build' if sha == shipped else 'an earlier build than the shipped one'})")
+    return "; ".join(parts) + f"; the task ships as data, build `{shipped}`"
+
+
+def clusters(task: str) -> tuple[str, ...] | None:
+    """What a paired test on a task's dev pairs resamples: HH-RLHF's pairs share no replies, so each pair is its
+    own cluster (None); the built-in task v1's pairs are clustered by request."""
+    return None if task in TASKS[:2] else requests_of("v1", "dev")
+
+
+def describe(m: dict) -> str:
+    """'+1.9 (-0.6, +4.4), p = 0.14, +212/-170' (stats.describe of a stats.paired result; 'p < 0.001', not 'p = < 0.001')."""
+    return stats.describe(m).replace("p = <", "p <")
+
+
+def paired_by_seed(ours: dict[int, dict], theirs: dict[int, dict], margins: str, requests=None) -> str:
+    """'+3.4 (p = 0.04); -; ...': each seed of ours against theirs' run of the same seed ('-' where it has none),
+    on the margins under the key `margins` (the same pairs in the same order): stats.paired's difference in
+    accuracy points (ties half, as accuracy counts them) and its sign-flip p over `requests` (each pair's
+    cluster; None: one cluster per pair)."""
     cells = []
     for seed in sorted(ours):
         if seed not in theirs:
             cells.append("-")
             continue
-        m = mcnemar(ours[seed][margins], theirs[seed][margins])
-        cells.append(f"+{m['wins']}/-{m['losses']} ({m['p']:.2f})")
+        m = stats.paired(ours[seed][margins], theirs[seed][margins], requests)
+        cells.append(f"{100 * m['difference']:+.1f} (p {'' if m['p'] < 0.001 else '= '}{stats.format_p(m['p'])})")
     return "; ".join(cells)
 
 
-def paired_with_bt(task: str, row: str, runs: list[dict]) -> list[dict] | None:
-    """This row against its configuration's BT on the same dev pairs, one comparison per seed of the row whose
-    dev margins were kept (from runs, its results already loaded): against BT's run of the same seed, or, if
-    that kept no margins, BT's lowest seed that did. None if there is nothing to pair. Any two runs pair
-    validly, since McNemar compares two classifiers on the same items; the seeds used are recorded."""
+def paired_with_bt(task: str, row: str, runs: list[dict]) -> dict | None:
+    """This row against its configuration's BT on the same dev pairs (from runs, its results already loaded):
+    stats.paired of the seeds of the row whose dev margins were kept against BT's seeds that kept them, each side
+    averaged pair by pair over its seeds (seeds scored on the same pairs are not more data), clustered as
+    clusters(task). None if there is nothing to pair; the seeds used are recorded."""
     if row == baseline(row):
         return None
-    theirs = {r["seed"]: r for r in results(task, baseline(row)) if "dev_margins" in r}
-    if not theirs:
+    ours = sorted((r for r in runs if "dev_margins" in r), key=lambda r: r["seed"])
+    theirs = [r for r in results(task, baseline(row)) if "dev_margins" in r]
+    if not ours or not theirs:
         return None
-    pairs = []
-    for ours in sorted((r for r in runs if "dev_margins" in r), key=lambda r: r["seed"]):
-        bt = theirs.get(ours["seed"], theirs[min(theirs)])
-        pairs.append({"baseline": baseline(row), "seed": ours["seed"], "baseline_seed": bt["seed"],
-                      **mcnemar(ours["dev_margins"], bt["dev_margins"])})
-    return pairs or None
+    return {"baseline": baseline(row), "seeds": [r["seed"] for r in ours], "baseline_seeds": [r["seed"] for r in theirs],
+            "row_seeds": [r["seed"] for r in runs],
+            **stats.paired([r["dev_margins"] for r in ours], [r["dev_margins"] for r in theirs], clusters(task))}
 
 
 def results(task: str, row: str) -> list[dict]:
@@ -306,7 +339,7 @@ def mean_of(values: list) -> float | None:
 
 
 def markdown_rows(table: list[dict]) -> list[str]:
-    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | vs BT, paired | ties | train margin | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
+    lines = ["| task | row | config | seeds | dev accuracy | 95% interval | vs BT, paired: difference (95%), p, +/- | ties | train margin | train tokens/s | other CPU use | peak RSS (GB) | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         other = "not recorded" if r["other_cpu_share"] is None else f"{100 * r['other_cpu_share']:.0f}%" + (
@@ -324,11 +357,15 @@ def markdown_rows(table: list[dict]) -> list[str]:
     return lines
 
 
-def paired_cell(comparisons: list[dict] | None) -> str:
-    """The 'vs BT, paired' cell: one comparison per seed, the seeds shown where BT's differs."""
-    return "; ".join(f"+{c['wins']} / -{c['losses']}, p = {c['p']:.2f}" + (
-        f" (seed {c['seed']} v {c['baseline_seed']})" if c["seed"] != c["baseline_seed"] else "")
-        for c in comparisons or []) or "-"
+def paired_cell(comparison: dict | None) -> str:
+    """The 'vs BT, paired' cell: describe() of the seeds-averaged comparison, its seeds shown where they are not the
+    same on both sides or not all of the row's."""
+    if comparison is None:
+        return "-"
+    seeds = lambda s: ", ".join(map(str, s))
+    used, theirs = comparison["seeds"], comparison["baseline_seeds"]
+    shown = used != theirs or used != comparison.get("row_seeds", used)
+    return describe(comparison) + (f" (seeds {seeds(used)} v {seeds(theirs)})" if shown else "")
 
 
 def speed(r: dict) -> str:
@@ -437,11 +474,15 @@ def report() -> None:
                for (t, row), seeds in todo.items()]
     lines += ["", f"Not yet run: {', '.join(missing) if missing else 'none'}.", "", time_estimate(table), "",
               "Accuracy: mean over seeds (± sample std); interval: Wilson 95% on the pooled mean over the dev pairs.",
-              "vs BT, paired: each run of the row whose dev margins were kept against the BT run of the same seed",
-              "and configuration (or, if that kept none, BT's lowest seed that did; the seeds are shown when they",
-              "differ), on the same dev pairs, seed by seed:",
-              "+ the pairs only this row ranks right, - the pairs only BT ranks right, p the exact McNemar test",
-              "('-': a run's dev margins were not kept; `--paired` adds them).",
+              "vs BT, paired: the row against BT in the same configuration, on the same dev pairs (avalib/stats.py): each",
+              "pair scored 1 right, 1/2 tie, 0 wrong (as accuracy counts it) and averaged over the seeds whose dev margins",
+              "were kept (the seeds used are shown where the two sides use different ones or not all of the row's); the difference in",
+              "accuracy points, its 95% bootstrap interval and a sign-flip p, then + the pairs this row scores higher, - those",
+              "BT scores higher.",
+              "HH-RLHF's pairs share no replies, so the interval and p resample and sign-flip single pairs (one cluster",
+              "per pair: one seed against one without ties is McNemar's exact test); on the built-in task v1 they would",
+              "resample and sign-flip whole requests, but its two rows kept no dev margins ('-': a run's dev margins",
+              "were not kept; `--paired` adds them).",
               "Train margin: the mean reward margin (chosen - rejected score) over the last tenth of training steps,",
               "from the runs' metrics.jsonl, averaged over the seeds whose metrics were kept ('-': none were).",
               "Other CPU use: the share of the machine's CPU time other processes took during the run; tokens/s",
@@ -461,7 +502,8 @@ def report() -> None:
     lines += markdown_rows(tuning) if tuning else ["Not yet run."]
     (ROOT / "bench" / "results" / "table1.md").write_text("\n".join(lines) + "\n")
     runner.update_page("docs/train_rm.md", "\n".join(lines[2:]), "table1")
-    runner.update_page("README.md", runner.glance(lines, ["task", "row", "seeds", "dev accuracy", "95% interval"]),
+    main_rows = lambda cells: "ablation" not in cells["row"] and "w/o" not in cells["row"]  # the ablations: docs/train_rm.md
+    runner.update_page("README.md", runner.glance(lines, ["task", "row", "seeds", "dev accuracy", "95% interval"], main_rows),
                        "table1-glance", "table1")
     print("\n".join(lines))
 

@@ -1,23 +1,26 @@
-"""Benchmark of the built-in task (avalib/task.py): cost to build and load, and how informative its labels are.
+"""Benchmark of the built-in task (avalib/task.py): what it costs to load, and how informative its labels are.
 
 Measures
-- build: wall time of load_task(size, rebuild=True) (model load + sampling + atomic write), size on disk;
-- load: wall time of a second load_task in this process, and of a fresh `python -c` process that
-  imports task and loads (imports included: what a training script pays);
+- the shipped file (avalib/task_data/, avalib/shipped_task.py): its size, sha256 and replies hash, the
+  sampling time its build recorded (MANIFEST.json), and the wall time to load it: a second load_task in this
+  process, and a fresh `python -c` process that imports task and loads (imports included: what a training
+  script pays);
+- with --rebuild: the wall time of sampling the size afresh on this machine (task.rebuild: model load +
+  sampling) and where the rebuild differs from the shipped file (shipped_task.compare);
 - per split: prompts, replies, pairs, replies ended by EOS, mean reply length, gold sign counts,
   pairs tied exactly and within the judge's TIE_MARGIN;
 - label ceiling: how often the Bradley-Terry label agrees with the sign of the gold difference
   (pairs with equal gold excluded), over 5 label seeds (mean, std), next to its expectation under the
   BT model, mean over pairs of sigmoid(|gold difference| / tau);
 - a trivial baseline: "the longer reply wins" (in tokens), its agreement with the gold sign (pairs
-  with equal gold or equal length excluded) and with the BT labels.
-
+  with equal gold or equal length excluded) and with the BT labels;
 - spread: quantiles of the gold of the replies and of the gold difference within pairs.
 
 Writes bench/results/task.{json,md} for the default size (task v2), task-<size>.{json,md} for the
 others (task-v1.* is task v1's default size). Run from the repository root:
-    python bench/task_stats.py               # default size, rebuilds the cache to time it
-    python bench/task_stats.py --size v1     # task v1
+    python bench/task_stats.py                     # default size: the shipped file, loaded and described
+    python bench/task_stats.py --size v1           # task v1
+    python bench/task_stats.py --rebuild           # also sample it afresh (minutes) and compare with the shipped file
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ from avalib import gold, task  # noqa: E402
 class Args:
     size: str = "default"
     """task size to measure"""
-    rebuild: bool = True
-    """sample the task again to time the build (otherwise the cached build time is reported)"""
+    rebuild: bool = False
+    """also sample the task afresh to time it and compare it with the shipped file"""
     label_seeds: int = 5
     """Bradley-Terry label seeds to average the label ceiling over"""
     out: str = str(ROOT / "bench" / "results")
@@ -53,8 +56,7 @@ def parse_args() -> Args:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = Args()
     parser.add_argument("--size", default=defaults.size, choices=sorted(task.SIZES), help="task size to measure")
-    parser.add_argument("--no-rebuild", dest="rebuild", action="store_false",
-                        help="report the cached build time instead of rebuilding")
+    parser.add_argument("--rebuild", action="store_true", help="also sample it afresh (minutes) and compare with the shipped file")
     parser.add_argument("--label-seeds", type=int, default=defaults.label_seeds,
                         help="Bradley-Terry label seeds to average the label ceiling over")
     parser.add_argument("--out", default=defaults.out, help="directory for task.json and task.md")
@@ -86,10 +88,6 @@ class CpuShare:
     def _own() -> float:
         times = os.times()
         return times.user + times.system + times.children_user + times.children_system
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def fresh_process_load_seconds(size: str) -> dict:
@@ -160,33 +158,33 @@ def markdown(result: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    b = result["build"]
+    b = result.get("rebuild")
     lines = [
         f"# Built-in task: `{result['size']}` size",
         "",
         "Regenerate with: `python bench/task_stats.py" + ("" if result["size"] == "default" else f" --size {result['size']}")
-        + "` (from the repository root; rebuilds the task cache to time it).",
+        + (" --rebuild" if b else "") + "` (from the repository root).",
         "",
         f"Machine: {result['machine']['cpus']} CPU cores, torch {result['machine']['torch']} "
         f"({result['machine']['threads']} threads), {result['date']}.",
         "",
-        f"This build: cache key `{result['key']}`, replies `{result.get('replies_sha256', '-')}` "
-        "(Task.replies_sha256: the key hashes what was asked for; a build on another CPU can sample other "
-        "replies, and results record which build they used).",
+        f"The shipped file: `avalib/task_data/{result['shipped']['file']}`, {result['shipped']['bytes'] / 1e6:.2f} MB, sha256 "
+        f"`{result['shipped']['sha256'][:16]}...`, replies `{result.get('replies_sha256', '-')}` (Task.replies_sha256), "
+        f"sampled on {result['shipped']['build']['date']} ({result['shipped']['build']['cpu']}, torch "
+        f"{result['shipped']['build']['torch']}, {result['shipped']['build']['threads']} threads). Every machine loads these "
+        "replies; sampling them again on another CPU can give other replies (`python -m avalib.task --rebuild SIZE` says where).",
         "",
         "| cost | value |",
         "|---|---|",
-        f"| build (model load + sampling + write) | {b['seconds']:.1f} s"
-        + ("" if b["rebuilt_now"] else " (from the cache: model load + sampling only)") + " |",
-        f"| on disk | {b['bytes'] / 1e6:.2f} MB |",
+        f"| sampling, when the shipped build was made (model load + sampling) | {result['shipped']['build']['seconds']:.1f} s |",
         f"| second load, same process | {result['load']['same_process_seconds']:.2f} s |",
         f"| load in a fresh process (load_task / whole process incl. imports) | "
         f"{result['load']['fresh_process']['load_task_seconds']:.2f} s / "
         f"{result['load']['fresh_process']['process_seconds']:.2f} s |",
+        *([f"| rebuild on this machine (model load + sampling) | {b['seconds']:.1f} s |"] if b else []),
         "",
-        (f"Other processes used {100 * b['cpu_share_used_by_other_processes']:.0f}% of the CPUs during the build and "
-         if b["rebuilt_now"] else "Not rebuilt (--no-rebuild): the build time is the one recorded in the cache. "
-         "Other processes used ")
+        (f"Other processes used {100 * b['cpu_share_used_by_other_processes']:.0f}% of the CPUs during the rebuild and "
+         if b else "Other processes used ")
         + f"{100 * result['load']['cpu_share_used_by_other_processes']:.0f}% during the fresh-process load "
         "(timings are clean only near 0%).",
         "",
@@ -216,9 +214,7 @@ def markdown(result: dict) -> str:
         "- longer-wins: the longer reply (in tokens, or in characters) predicted preferred; agreement with the gold "
         "sign over pairs with different gold and different lengths (n). Most replies reach the token cap, so the "
         "token version leaves most pairs undecided.",
-        "- determinism: " + ("not checked (no rebuild)." if not b["rebuilt_now"] else
-                             "no previous cache to compare the rebuild with." if b["reproduced_previous_cache"] is None else
-                             f"the rebuild reproduced the replies cached before it: {b['reproduced_previous_cache']}."),
+        "- rebuild: " + ("not run here (`--rebuild`)." if not b else f"{b['comparison']}."),
         "- judge ties: pairs whose gold differs by at most the tie margin (judge() says \"tie\").",
         "",
         "| split | reply gold: 10% / 25% / 50% / 75% / 90% | abs gold difference in a pair: 10% / 25% / 50% / 75% / 90% |",
@@ -235,17 +231,19 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    previous = None  # the replies cached before the rebuild, if any: a rebuild must reproduce them
+    from avalib import shipped_task
+
+    rebuild = None
     if args.rebuild:
-        try:
-            previous = [r["responses"] for r in task.load_task(args.size, build_if_missing=False).records]
-        except FileNotFoundError:
-            pass
-    with CpuShare() as build_share:
-        built = task.load_task(args.size, rebuild=args.rebuild)
+        with CpuShare() as build_share:
+            records, build = task.rebuild(args.size, progress=True)
+        report = shipped_task.compare(shipped_task.read(args.size)[0], records)
+        rebuild = {"seconds": build_share.seconds, "cpu_share_used_by_other_processes": build_share.other_share,
+                   "identical": report["identical"], "differing_replies": report["differing_replies"],
+                   "comparison": shipped_task.describe(report).splitlines()[0], "build": build}
+    task.load_task(args.size, progress=False)
     with CpuShare() as load_share:
         loaded = task.load_task(args.size, progress=False)
-    assert not loaded.built_now and loaded.records == built.records
     with CpuShare() as fresh_share:
         fresh = fresh_process_load_seconds(args.size)
 
@@ -258,17 +256,12 @@ def main() -> None:
         "replies_sha256": loaded.replies_sha256(),
         "bt_temperature": task.SIZES[args.size].bt_temperature,
         "tie_margin": gold.TIE_MARGIN,
-        "build": {"seconds": build_share.seconds if args.rebuild else None, "rebuilt_now": built.built_now,
-                  "model_load_and_sampling_seconds": built.build_seconds, "bytes": directory_bytes(loaded.path),
-                  "cpu_share_used_by_other_processes": build_share.other_share,
-                  "reproduced_previous_cache": None if previous is None else previous == [
-                      r["responses"] for r in built.records]},
+        "shipped": shipped_task.manifest()[args.size],
+        **({"rebuild": rebuild} if rebuild else {}),
         "load": {"same_process_seconds": load_share.seconds, "fresh_process": fresh,
                  "cpu_share_used_by_other_processes": fresh_share.other_share},
         "splits": {split: split_report(loaded, split, args.label_seeds) for split in task.SPLITS},
     }
-    if result["build"]["seconds"] is None:
-        result["build"]["seconds"] = built.build_seconds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "task" if args.size == "default" else f"task-{args.size}"

@@ -21,7 +21,7 @@ Systems:
 Where ours does less work: a chosen and a rejected response share their prompt, which runs once
 (ava.hidden_states); batches are length-grouped and the prompt is never padded; the full-vocabulary
 terms touch response tokens only; DPO's reference log-probs are computed once, not every step.
-`ours ... (no prompt sharing)` rows switch the first of these off (model.share_prompts = False).
+`ours ... (no prompt sharing)` rows switch the first of these off (the model built with share_prompts=False).
 
 Measured: every system runs --rounds epochs over the pairs, the systems interleaved round by round
 (so machine load hits all alike); the first step of each round is a warm-up and not timed (in the
@@ -124,14 +124,13 @@ class Ours:
             self.reference_lm = copy.deepcopy(lm).eval().requires_grad_(False)
         models.freeze_layers(lm, CONFIG["trainable-layers"])
         if kind == "dpo":
-            self.model = models.Policy(lm)
+            self.model = models.Policy(lm, share_prompts=share_prompts)
             self.args = train_direct.Args(objective="dpo")
             self.loss = lambda items, idx: train_direct.compute_loss(self.model, items, self.references[idx], self.args,
                                                                      self.config, self.pad)
         else:
-            self.model = reward_models.build_reward_model(lm, kind, self.config)
+            self.model = reward_models.build_reward_model(lm, kind, self.config, share_prompts=share_prompts)
             self.loss = lambda items, idx: train_rm.compute_loss(self.model, items, kind, self.config, self.pad)
-        self.model.share_prompts = share_prompts
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=CONFIG["lr"])

@@ -4,8 +4,10 @@ train_ppo.py as a new user would (on a tiny random Llama with SmolLM2's tokenize
 Every case must end with a non-zero exit, no traceback, and a message naming the file, line and field
 (`file:line: field 'x': problem`) or the flag. Cases run in-process through `script.run_script`, the
 scripts' own `__main__`, so that an exception it would not turn into one line fails the test with its
-traceback; three run as real subprocesses to prove that no traceback reaches the user. Valid but odd
-files (a byte-order mark, CRLF, a dataset directory laid out as on the hub) must be read.
+traceback; three run as real subprocesses to prove that no traceback reaches the user. Damaged models
+and resumes with changed flags are in the corpus too (tests/test_trust.py has the caches and injected
+control tokens). Valid but odd files (a byte-order mark, CRLF, a dataset directory laid out as on the
+hub) must be read.
 """
 import gzip
 import json
@@ -176,6 +178,11 @@ CASES = [
               "{checkpoint_empty} is damaged or not a checkpoint"),
     flag_case("rm", "bad eval data", ["--eval-data", "{missing_key}"], "{missing_key}:2: field 'rejected': missing"),
     flag_case("rm", "no such model", ["--model", "{a_file}-model"], "cannot load a tokenizer from", "a-file-model"),
+    flag_case("rm", "a model with truncated weights", ["--model", "{damaged_model}"],
+              "cannot load a causal LM from '{damaged_model}': model.safetensors (truncated", "copy or save the model again"),
+    flag_case("rm", "resume with a changed objective", ["--output-dir", "{changed_run}", "--resume"],
+              "--resume: {changed_run}/checkpoint.pt was written with other flags that change the optimisation",
+              "--objective 'bt' (now 'ava-p')", "--resume-override"),
     # ---- train_direct.py ----
     *data_cases("direct", ["truncated .jsonl.gz", "plain text named .gz", ".parquet that is not parquet",
                            "message content a list", "message without role", "truncated JSON line", "chosen == rejected",
@@ -204,6 +211,9 @@ CASES = [
     flag_case("ppo", "reward lr 0", ["--reward-lr", "0"], "--reward-lr: must be a finite number > 0, got 0.0"),
     flag_case("ppo", "resume from a text file", ["--output-dir", "{checkpoint_text_dir}", "--resume"],
               "{checkpoint_text} is damaged or not a checkpoint"),
+    flag_case("ppo", "a reward model with truncated heads", ["--reward-model", "{damaged_rm}"],
+              "{damaged_rm}/heads.safetensors: damaged or missing (truncated"),
+    flag_case("ppo", "a policy with truncated weights", ["--model", "{damaged_model}"], "model.safetensors (truncated"),
 ]
 
 
@@ -222,6 +232,16 @@ def corpus(tmp_path_factory, tiny_model_dir):
     train_rm.main(["--model", tiny_model_dir, "--objective", "bt", "--data", paths["pairs"], "--max-length", "64",
                    "--batch-size", "4", "--max-steps", "1", "--trainable-layers", "-1", "--output-dir", str(root / "rm")])
     paths["reward_model"], paths["root"], paths["model"] = str(root / "rm" / "model"), str(root), tiny_model_dir
+    import shutil  # damaged copies (a full disk mid-copy), and a checkpoint made with other flags
+
+    for name, source, cut in (("damaged_model", tiny_model_dir, "model.safetensors"),
+                              ("damaged_rm", paths["reward_model"], "heads.safetensors")):
+        shutil.copytree(source, root / name)
+        (root / name / cut).write_bytes((root / name / cut).read_bytes()[:(root / name / cut).stat().st_size // 2])
+        paths[name] = str(root / name)
+    (root / "changed-run").mkdir()
+    shutil.copy(root / "rm" / "checkpoint.pt", root / "changed-run" / "checkpoint.pt")  # --objective bt, --max-steps 1
+    paths["changed_run"] = str(root / "changed-run")
     return paths
 
 

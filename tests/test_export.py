@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import ava
 from avalib import data, export, models, reward_models, score
 import train_rm
 from conftest import randomize_heads, tiny_lm

@@ -1,7 +1,8 @@
 """--frozen-trunk-cache: the frozen bottom layers' outputs computed once and kept on disk. Training the
 top layers from them must be the same function as the whole model (values and gradients), rows it
-does not know must take the whole model, a killed build must resume from its finished chunks, and a
-model that cannot run from cached states (GPT-2) must be refused with a clear message."""
+does not know must take the whole model, a killed build must resume from its finished chunks, a damaged
+chunk must be computed again (with one line), two runs filling one cache at once must leave whole chunks,
+and a model that cannot run from cached states (GPT-2) must be refused with a clear message."""
 import os
 import types
 
@@ -10,7 +11,6 @@ import torch
 
 import ava
 from avalib import data, distributed, frozen_trunk, models, reward_models
-import train_rm
 from conftest import randomize_heads, tiny_lm
 from test_train_rm import hh_rows, run, write_jsonl
 
@@ -39,9 +39,9 @@ def pairs(n=3, seed=0):
     return examples
 
 
-def attach(model, model_dir, k, examples, **kwargs):
+def build(lm, model_dir, k, examples, **kwargs) -> frozen_trunk.FrozenTrunk:
     args = types.SimpleNamespace(model=model_dir, trainable_layers=k, fsdp=False)
-    return frozen_trunk.attach_frozen_trunk(model, args, examples, ONE_PROCESS, **kwargs)
+    return frozen_trunk.build_frozen_trunk(lm, args, examples, ONE_PROCESS, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -68,30 +68,38 @@ def test_top_layers_from_the_trunk_are_the_whole_model(tmp_path, k, kind):
 
     model.train()
     loss, grads = loss_and_grads()
-    report = attach(model, model_dir, k, examples)
-    assert report["sequences"] == 6 and report["chunks_built_here"] == 1
-    assert model.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is not None
+    trunk = build(lm, model_dir, k, examples)
+    assert trunk.report["sequences"] == 6 and trunk.report["chunks_built_here"] == 1
+    assert trunk.lookup(batch["input_ids"], batch["attention_mask"]) is not None
+    plain = model  # the same LM and heads, built with the trunk: its hidden states come from the cache
+    model = reward_models.build_reward_model(lm, kind, ava.AVAConfig(), trunk=trunk)
+    model.load_state_dict(plain.state_dict())
+    assert model.state_dict().keys() == plain.state_dict().keys()  # the trunk adds nothing to the state dict
+    model.train()
+    bottom_calls = []  # the frozen bottom layer must not run: its output comes from the cache
+    hook = models.decoder_layers(lm)[0].register_forward_hook(lambda *args: bottom_calls.append(1))
     cached_loss, cached_grads = loss_and_grads()
+    hook.remove()
+    assert bottom_calls == [] and model.trunk is trunk
     assert cached_loss == pytest.approx(float(loss), abs=1e-5)
     assert set(cached_grads) == set(grads) and any(n.startswith("lm.") for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(cached_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     # While the top layers run, the model looks like k layers; afterwards it is whole again.
-    assert len(models.decoder_layers(lm)) == 3 and [l.self_attn.layer_idx for l in models.decoder_layers(lm)] == [0, 1, 2]
+    assert len(models.decoder_layers(lm)) == 3 and [layer.self_attn.layer_idx for layer in models.decoder_layers(lm)] == [0, 1, 2]
 
 
 def test_a_batch_with_an_unknown_row_takes_the_whole_model(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
     models.freeze_layers(lm, 1)
     examples = pairs(3)
-    model = reward_models.build_reward_model(lm, "bt")
-    attach(model, model_dir, 1, examples[:4])  # the third pair is not cached
+    trunk = build(lm, model_dir, 1, examples[:4])  # the third pair is not cached
+    model = reward_models.build_reward_model(lm, "bt", trunk=trunk)
     batch = data.collate(examples, pad_id=2)
-    assert model.frozen_trunk.lookup(batch["input_ids"], batch["attention_mask"]) is None
+    assert trunk.lookup(batch["input_ids"], batch["attention_mask"]) is None
     with torch.no_grad():
         mixed = model.features(**batch)
-        del model.features, model.frozen_trunk
-        full = model.features(**batch)
+        full = ava.hidden_states(lm, **batch)
     torch.testing.assert_close(mixed, full)
 
 
@@ -99,40 +107,87 @@ def test_a_killed_build_resumes_from_its_finished_chunks_and_a_second_run_reuses
     lm, model_dir = three_layer_llama(tmp_path)
     models.freeze_layers(lm, 1)
     examples = pairs(3)
-    model = reward_models.build_reward_model(lm, "bt")
-    first = attach(model, model_dir, 1, examples, chunk_size=2)
-    states = dict(model.frozen_trunk.states)
+    trunk = build(lm, model_dir, 1, examples, chunk_size=2)
+    first, states = trunk.report, dict(trunk.states)
     chunks = sorted(p.name for p in (tmp_path / "cache" / "frozen-trunk").glob("*/chunk-*.safetensors"))
     assert first["chunks_built_here"] == 3 and chunks == ["chunk-00000.safetensors", "chunk-00001.safetensors",
                                                           "chunk-00002.safetensors"]
     next((tmp_path / "cache" / "frozen-trunk").glob("*/chunk-00001.safetensors")).unlink()  # killed before it was written
-    again = attach(model, model_dir, 1, examples, chunk_size=2)
+    again = build(lm, model_dir, 1, examples, chunk_size=2).report
     assert again["chunks_built_here"] == 1 and again["directory"] == first["directory"]
-    assert attach(model, model_dir, 1, examples, chunk_size=2)["chunks_built_here"] == 0
-    assert set(model.frozen_trunk.states) == set(states)
+    trunk = build(lm, model_dir, 1, examples, chunk_size=2)
+    assert trunk.report["chunks_built_here"] == 0
+    assert set(trunk.states) == set(states)
     for key, value in states.items():
-        torch.testing.assert_close(model.frozen_trunk.states[key], value)
+        torch.testing.assert_close(trunk.states[key], value)
     # Other trainable layers or other sequences are another cache.
-    assert attach(model, model_dir, 2, examples, chunk_size=2)["directory"] != first["directory"]
-    assert attach(model, model_dir, 2, examples[:2], chunk_size=2)["directory"] != first["directory"]
+    assert build(lm, model_dir, 2, examples, chunk_size=2).report["directory"] != first["directory"]
+    assert build(lm, model_dir, 2, examples[:2], chunk_size=2).report["directory"] != first["directory"]
+
+
+def test_a_damaged_chunk_is_computed_again_with_one_line(tmp_path, capsys):
+    """A chunk truncated (a full disk) or copied from another cache (same name, other sequences) is found
+    by the cheap check on read and computed again, saying so once; never safetensors' traceback."""
+    lm, model_dir = three_layer_llama(tmp_path)
+    models.freeze_layers(lm, 1)
+    examples = pairs(3)
+    trunk = build(lm, model_dir, 1, examples, chunk_size=2)
+    states = {key: value.clone() for key, value in trunk.states.items()}  # (loaded lazily from the files)
+    first, second, third = sorted((tmp_path / "cache" / "frozen-trunk").glob("*/chunk-*.safetensors"))
+    capsys.readouterr()
+    second.write_bytes(second.read_bytes()[:100])  # a full disk mid-copy: "invalid header length" without the check
+    third.write_bytes(first.read_bytes())  # another chunk's sequences under this name
+    trunk = build(lm, model_dir, 1, examples, chunk_size=2)
+    assert trunk.report["chunks_built_here"] == 2
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2 and said[0].startswith(f"frozen trunk: {second} is damaged (truncated") and "computing it again" in said[0]
+    assert said[1].startswith(f"frozen trunk: {third} is damaged (it holds other sequences")
+    assert set(trunk.states) == set(states)
+    for key, value in states.items():
+        torch.testing.assert_close(trunk.states[key], value)
+    assert build(lm, model_dir, 1, examples, chunk_size=2).report["chunks_built_here"] == 0 and not capsys.readouterr().out
+
+
+def test_two_runs_filling_one_empty_cache_at_once_leave_whole_chunks(tmp_path, monkeypatch):
+    """A second run writes the same chunks while the first is between writing a chunk and renaming it into
+    place: each writes to a name of its own, so neither renames the other's file nor finds its own gone."""
+    lm, model_dir = three_layer_llama(tmp_path)
+    models.freeze_layers(lm, 1)
+    examples = pairs(3)
+    other_lm = type(lm).from_pretrained(model_dir).eval()  # the other run's own copy of the same model
+    models.freeze_layers(other_lm, 1)
+    import safetensors.torch
+
+    real_save, inside = safetensors.torch.save_file, []
+
+    def save_then_let_the_other_run_in(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        if not inside:  # the first chunk written, not yet renamed: the whole other run, meanwhile
+            inside.append(None)
+            inside[0] = build(other_lm, model_dir, 1, examples, chunk_size=2)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_let_the_other_run_in)
+    result = build(lm, model_dir, 1, examples, chunk_size=2)
+    assert inside[0].report["chunks_built_here"] == 3 and result.report["chunks_built_here"] == 3
+    chunks = sorted(p.name for p in (tmp_path / "cache" / "frozen-trunk").glob("*/*"))
+    assert chunks == ["chunk-00000.safetensors", "chunk-00001.safetensors", "chunk-00002.safetensors"]  # no temporaries
+    for key, value in inside[0].states.items():
+        torch.testing.assert_close(result.states[key], value)
 
 
 def test_refused_where_it_cannot_be_the_same_model(tmp_path):
     lm, model_dir = three_layer_llama(tmp_path)
-    model = reward_models.build_reward_model(lm, "bt")
     with pytest.raises(SystemExit, match="bottom layers must be frozen"):
-        attach(model, model_dir, 1, pairs())  # freeze_layers was not called
+        build(lm, model_dir, 1, pairs())  # freeze_layers was not called
     models.freeze_layers(lm, 1)
     for k in (0, 3, -1):
         with pytest.raises(SystemExit, match="0 < --trainable-layers < 3"):
-            attach(model, model_dir, k, pairs())
+            build(lm, model_dir, k, pairs())
     gpt2 = tiny_lm("gpt2")  # adds position embeddings to inputs_embeds: cached states would enter twice
     gpt2.save_pretrained(tmp_path / "gpt2")
     models.freeze_layers(gpt2, 1)
-    gpt2_model = reward_models.build_reward_model(gpt2, "bt")
     with pytest.raises(SystemExit, match="GPT-2 does not"):
-        attach(gpt2_model, str(tmp_path / "gpt2"), 1, pairs())
-    assert not hasattr(gpt2_model, "frozen_trunk") and "features" not in vars(gpt2_model)
+        build(gpt2, str(tmp_path / "gpt2"), 1, pairs())
 
 
 def test_train_rm_with_the_cache_ends_where_it_ends_without(tmp_path, tiny_model_dir, monkeypatch):
@@ -180,7 +235,7 @@ def test_torchrun_two_processes_build_it_together_and_match_one_process_without(
     final = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final["frozen_trunk"]["sequences"] == 1200 and final["frozen_trunk"]["chunks_built_here"] == 3  # rank 0: 0, 2, 4
     assert len(list((tmp_path / "cache" / "frozen-trunk").glob("*/chunk-*.safetensors"))) == 5
-    lines = {n: [json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    lines = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")}
     for a, b in zip(lines["one"][:-1], lines["two"][:-1]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     assert lines["one"][-1]["eval/margin"] == pytest.approx(lines["two"][-1]["eval/margin"], abs=1e-4)

@@ -22,8 +22,10 @@ import gpu_check  # noqa: E402
 def test_dry_run_takes_every_path_and_writes_the_report(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     env = dict(os.environ, AVA_CACHE=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=env)
+    # conftest's tiny model (its 1,024-id tokenizer): the dry run's 14 runs then spend their time on the paths they
+    # check, not on a 49,152-row LM head; the dry run's own tiny model is built in the test below
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--model", tiny_model_dir, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["dry_run"] and "DRY RUN" in (out / "gpu_check.md").read_text()
@@ -56,10 +58,19 @@ def test_without_cuda_it_asks_for_the_dry_run():
         gpu_check.main([])
 
 
+def test_the_dry_runs_own_tiny_model_has_smollm2s_tokenizer(tmp_path, tiny_model_dir):
+    from avalib import models
+
+    path, weights = gpu_check.prepare_model("", tmp_path, dry_run=True)
+    lm, tokenizer = models.load_model(path)
+    assert weights == "random (tiny Llama, SmolLM2's tokenizer)" and lm.config.vocab_size == len(tokenizer) == 49152
+    assert lm.config.hidden_size == 32 and lm.config.num_hidden_layers == 2
+
+
 def test_synthetic_pairs_fill_max_length_for_the_plan(tiny_model_dir):
     from avalib import data, models
 
-    tokenizer = models.load_tokenizer(tiny_model_dir)
+    tokenizer = models.load_tokenizer()  # SmolLM2's own, as gpu_check uses it (a word is about one of its tokens)
     for row in gpu_check.synthetic_pairs(4, 0, True, 48):  # every sequence exactly --max-length: --plan's bound
         chosen, rejected, _ = data.encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], 48)
         assert len(chosen["input_ids"]) == len(rejected["input_ids"]) == 48

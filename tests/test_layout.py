@@ -1,7 +1,10 @@
-"""The house: ava.py needs only torch and einops, the project's modules import each other without a
-cycle (each imports only modules below it), and no module but ava.py outgrows a few hundred lines."""
+"""The house: ava.py needs only torch and einops and names no other part of the project, the project's
+modules import each other without a cycle (each imports only modules below it), no module reaches into a
+model from outside (no hook, no attribute set on an instance: what runs is what the model was built
+with), and no module but ava.py outgrows a few hundred lines."""
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +86,43 @@ def test_import_ava_needs_only_the_standard_library_torch_and_einops():
     assert foreign == [], f"import ava pulls in {foreign}"
 
 
+def test_ava_names_nothing_above_it():
+    """ava.py knows torch and einops only: not even its docstrings name the package or the scripts that use
+    it (a link to a docs page is fine)."""
+    text = re.sub(r"docs/\S+", "", (ROOT / "ava.py").read_text())
+    above = ["avalib", *(name[:-3] for name in SCRIPTS)]
+    assert not [word for word in above if re.search(rf"\b{word}\b", text)], "ava.py names a module above it"
+
+
+SIDE_CHANNELS = re.compile(r"register_forward(_pre)?_hook|(?<!self)\.(features|share_prompts|trunk|frozen_trunk)\s*=[^=]")
+
+
+def side_channels(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if SIDE_CHANNELS.search(line)]
+
+
+def test_no_module_reaches_into_a_model_from_outside():
+    """How a model computes (its trunk, prompt sharing, where its inputs are) is set when it is built and
+    visible in its constructor: no module, script or benchmark registers a hook on it or overwrites one of
+    those attributes on an instance afterwards."""
+    files = [*project_modules().values(), *sorted((ROOT / "bench").glob("*.py"))]
+    found = {str(path.relative_to(ROOT)): hits for path in files if (hits := side_channels(path.read_text()))}
+    assert found == {}, f"side channels: {found}"
+
+
+def test_the_side_channel_check_can_fail():
+    assert side_channels("model.features = lambda *a: trunk(*a)\nmodel.share_prompts = False\n"
+                         "module.register_forward_pre_hook(move)") != []
+    assert len(side_channels("model.features = x\nmodel.share_prompts = False\nm.register_forward_pre_hook(f)")) == 3
+    assert side_channels("self.lm, self.share_prompts = lm, share_prompts\nif model.share_prompts == x:") == []
+
+
+# Caps that leave room (issue 44): ava.py, the algorithm in one file, at most 800 lines; every other module 500.
+CAPS = {"ava": 800}
+
+
 @pytest.mark.parametrize("name", sorted(project_modules()))
 def test_every_module_is_a_small_room(name):
-    """ava.py is the algorithm in one file (at most 650 lines); every other module at most ~400."""
+    """ava.py is the algorithm in one file (at most 800 lines); every other module at most 500."""
     lines = len(project_modules()[name].read_text().splitlines())
-    assert lines <= (650 if name == "ava" else 420), f"{name}: {lines} lines"
+    assert lines <= CAPS.get(name, 500), f"{name}: {lines} lines"

@@ -1,7 +1,8 @@
 """Faults during a run: a non-finite loss or gradient never reaches the weights or a checkpoint
 (stop, or skip and count with --skip-nonfinite), a checkpoint write that fails (a full disk) keeps
-the previous checkpoint, a damaged or foreign checkpoint is named on --resume, and (slow) every
-script killed by SIGKILL at a random step resumes to the metrics of an uninterrupted run."""
+the previous checkpoint, a damaged or foreign checkpoint is named on --resume, flags that no longer fit
+it are named (tests/test_trust.py: every changed optimisation flag is refused), and (slow) every script
+killed by SIGKILL at a random step resumes to the metrics of an uninterrupted run."""
 import dataclasses
 import io
 import json
@@ -198,8 +199,11 @@ def test_a_damaged_checkpoint_is_named_with_the_previous_one_to_resume_from(tmp_
 def test_resuming_with_flags_that_do_not_fit_the_checkpoint_is_named(files, tmp_path):
     out = tmp_path / "run"
     train_rm.main(argv("rm", files, out, 2) + ["--trainable-layers", "1"])
-    with pytest.raises(SystemExit, match=r"--resume: .*checkpoint.pt does not fit this run .*--trainable-layers"):
+    with pytest.raises(SystemExit, match=r"--resume: .*checkpoint.pt was written with other flags .*--epochs 1 \(now 2\), "
+                                         r"--trainable-layers 1 \(now -1\);.*--resume-override"):
         train_rm.main(argv("rm", files, out, 4) + ["--resume"])  # -1: every layer, which the checkpoint lacks
+    with pytest.raises(SystemExit, match=r"--resume: .*checkpoint.pt does not fit this run .*--trainable-layers"):
+        train_rm.main(argv("rm", files, out, 4) + ["--resume", "--resume-override"])  # let through: the weights do not fit
 
 
 # ---- kill and resume ----

@@ -300,7 +300,7 @@ def test_cache_key_changes_with_every_input(tmp_path, monkeypatch):
     variants.append(task.cache_key(config, prompts, task.model_fingerprint(model_dir)))
     (model_dir / "model.safetensors").write_bytes(b"1" * 11)
     variants.append(task.cache_key(config, prompts, task.model_fingerprint(model_dir)))
-    monkeypatch.setattr(task, "TASK_FORMAT_VERSION", task.TASK_FORMAT_VERSION + 1)
+    monkeypatch.setattr(task.task_sampling, "TASK_FORMAT_VERSION", task.TASK_FORMAT_VERSION + 1)
     variants.append(task.cache_key(config, prompts, fingerprint))
     assert len(set(variants)) == len(variants) and key not in variants
 

@@ -54,3 +54,15 @@ def test_noise_is_near_zero_and_its_interval_covers_zero():
     noise = token_metrics.agreement(with_rewards(replies(200), lambda i: list(generator.normal(size=len(i["gold"])))))
     assert abs(noise["pearson"]) < 0.1 and noise["pearson_ci95"][0] < 0 < noise["pearson_ci95"][1]
     assert noise["auc_ci95"][0] < 0.5 < noise["auc_ci95"][1]
+
+
+def test_reply_level_sentiment_carries_the_pooled_pearson_but_not_the_within_reply_one():
+    """A reward that is each reply's mean gold at every token knows which replies are cheerful and nothing of
+    where in them the reward sits: the pooled Pearson is positive, the within-reply one is undefined-to-zero;
+    adding the true per-token gold on top lifts only the within-reply measure to 1."""
+    items = replies(200, seed=3)
+    level = lambda item: float(np.mean([g for g in item["gold"] if g is not None]))
+    flat = token_metrics.agreement(with_rewards(items, lambda i: [level(i)] * len(i["gold"])), bootstrap=20)
+    assert flat["pearson"] > 0.2 and not abs(flat["within_reply_pearson"]) > 1e-6  # no variation within any reply (0 or nan)
+    shaped = token_metrics.agreement(with_rewards(items, lambda i: [10 * level(i) + (g or 0.0) for g in i["gold"]]), bootstrap=20)
+    assert shaped["within_reply_pearson"] == pytest.approx(1.0) and shaped["pearson"] < 0.9

@@ -225,8 +225,7 @@ def test_a_shared_prompt_runs_once_and_changes_neither_values_nor_gradients(kind
     results = {}
     for share in (True, False):
         lm = tiny_lm(kind)
-        model = randomize_heads(ava.TQR(lm, ava.AVAConfig()))
-        model.share_prompts = share
+        model = randomize_heads(ava.TQR(lm, ava.AVAConfig(), share_prompts=share))
         calls = []
         hook = lm.base_model.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
         hidden = ava.hidden_states(lm, input_ids, attention_mask, response_mask, share_prompts=share)
@@ -261,7 +260,6 @@ def test_with_a_zero_td_error_the_td_and_kl_terms_drive_sigma_to_its_floor_and_p
     """The collapse of mu-weights (avalib/cli.py PRESETS): where delta_t = 0, log N(0; mu, sigma) - KL has no
     -log sigma left (the two cancel), grows as sigma shrinks, and then punishes any mu by mu^2 / (2 sigma^2); the
     mu-weights-floor preset stops sigma at 0.1 (which, measured, does not stop the collapse)."""
-    from avalib import cli
 
     def objective(mu, sigma):
         mu, sigma = torch.tensor(mu), torch.tensor(sigma)
@@ -269,9 +267,9 @@ def test_with_a_zero_td_error_the_td_and_kl_terms_drive_sigma_to_its_floor_and_p
 
     assert objective(0.0, 1.0) < objective(0.0, 0.1) < objective(0.0, 1e-4)  # sigma -> 0 pays, with nothing to stop it
     assert objective(0.5, 1e-4) < -1e6 < objective(0.5, 0.1)  # at the default floor a reward of 0.5 costs ~1e7
-    floor = ava.AVAConfig(**cli.PRESETS["mu-weights-floor"])
-    assert floor.sigma_min == 0.1 and {k: v for k, v in cli.PRESETS["mu-weights-floor"].items() if k != "sigma_min"} == \
-        cli.PRESETS["mu-weights"]
+    floor = ava.AVAConfig(**ava.PRESETS["mu-weights-floor"])
+    assert floor.sigma_min == 0.1 and {k: v for k, v in ava.PRESETS["mu-weights-floor"].items() if k != "sigma_min"} == \
+        ava.PRESETS["mu-weights"]
     model = ava.TQR(tiny_lm("llama"), floor)
     with torch.no_grad():  # a reward head that asks for sigma ~ 0 everywhere
         model.reward_head.weight.zero_()
@@ -288,11 +286,10 @@ def test_half_td_keeps_a_barrier_on_sigma_where_the_td_error_is_zero():
     (1 - lambda) log sigma, so the sigma it prefers is sqrt(1 - lambda), not the floor, and the price of a reward
     mu stays mu^2 (1 + lambda / (1 - lambda)) / 2. And ava_p_loss weights the TD term by lambda: its loss and its
     gradient on the reward head move by exactly (1 - lambda) times the TD term's."""
-    from avalib import cli
 
-    config = ava.AVAConfig(**cli.PRESETS["mu-weights-half-td"])
-    assert config.lam == 0.5 and {k: v for k, v in cli.PRESETS["mu-weights-half-td"].items() if k != "lam"} == \
-        cli.PRESETS["mu-weights"]
+    config = ava.AVAConfig(**ava.PRESETS["mu-weights-half-td"])
+    assert config.lam == 0.5 and {k: v for k, v in ava.PRESETS["mu-weights-half-td"].items() if k != "lam"} == \
+        ava.PRESETS["mu-weights"]
 
     def objective(mu, sigma, lam):
         mu, sigma = torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64)
@@ -311,7 +308,7 @@ def test_half_td_keeps_a_barrier_on_sigma_where_the_td_error_is_zero():
     randomize_heads(model)
     chosen, rejected = pairs()
     half_loss, half = ava.ava_p_loss(model(*chosen), model(*rejected), config)
-    full_config = ava.AVAConfig(**{**cli.PRESETS["mu-weights"], "lam": 1.0})
+    full_config = ava.AVAConfig(**{**ava.PRESETS["mu-weights"], "lam": 1.0})
     full_loss, full = ava.ava_p_loss(model(*chosen), model(*rejected), full_config)
     torch.testing.assert_close(full_loss - half_loss, -(1 - config.lam) * full["td_logp"])
     difference = {k: g_full - g_half for (k, g_full), g_half in

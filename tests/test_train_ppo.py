@@ -102,16 +102,25 @@ def test_token_logprobs_divide_the_logits_by_the_temperature():
     torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def setup(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", hh_rows(8))
-    models = {}
-    for kind in ("ava-p", "bt"):
-        train_rm.main(["--model", tiny_model_dir, "--objective", kind, "--data", pairs, "--max-length", "64",
-                       "--batch-size", "4", "--trainable-layers", "-1", "--lr", "1e-3", "--output-dir", str(tmp_path / kind)])
-        models[kind] = str(tmp_path / kind / "model")
+@pytest.fixture(scope="module")
+def reward_models_once(tiny_model_dir, tmp_path_factory):
+    """The AVA-p and BT reward models the PPO tests read (none writes to them), trained once per module."""
+    root = tmp_path_factory.mktemp("ppo-reward-models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AVA_CACHE", str(root / "cache"))
+        pairs = write_jsonl(root / "pairs.jsonl", hh_rows(8))
+        models = {}
+        for kind in ("ava-p", "bt"):
+            train_rm.main(["--model", tiny_model_dir, "--objective", kind, "--data", pairs, "--max-length", "64",
+                           "--batch-size", "4", "--trainable-layers", "-1", "--lr", "1e-3", "--output-dir", str(root / kind)])
+            models[kind] = str(root / kind / "model")
     return {"pairs": pairs, "models": models, "model": tiny_model_dir}
+
+
+@pytest.fixture
+def setup(reward_models_once, tmp_path, monkeypatch):
+    monkeypatch.setenv("AVA_CACHE", str(tmp_path / "cache"))  # each test's own sample caches
+    return reward_models_once
 
 
 FAST = ["--max-new-tokens", "6", "--rollout-batch", "4", "--minibatch", "2", "--samples-per-prompt", "1",
@@ -256,3 +265,20 @@ def test_ppo_under_fsdp_matches_ddp_in_rollouts_losses_and_gradients_and_resumes
     for a, b in zip(fsdp_lines, lines):
         for key in ("proxy/score", "loss/policy", "loss/value", "kl/sum"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_ml_irl_trains_its_preference_reward_through_a_function_of_train_rm_args(tmp_path, monkeypatch):
+    """ML-IRL's reward step calls train_rm.train_reward_model with a train_rm.Args built field by field (a renamed
+    field fails where it is built), never train_rm.main with flag strings."""
+    seen = []
+    monkeypatch.setattr(train_rm, "train_reward_model", lambda args: seen.append(args) or {"steps": 0})
+    monkeypatch.setattr(train_rm, "main", lambda argv=None: pytest.fail("ML-IRL called train_rm.main"))
+    args = train_ppo.Args(model="m", irl_reward="bt", reward_steps=7, reward_lr=3e-4, batch_size=4, trainable_layers=2,
+                          max_length=96, seed=5)
+    train_ppo.irl_preference_reward(args, tmp_path / "pairs.jsonl", tmp_path / "reward", iteration=2)
+    (got,) = seen
+    assert isinstance(got, train_rm.Args)
+    assert (got.model, got.objective, got.data, got.output_dir) == ("m", "bt", str(tmp_path / "pairs.jsonl"),
+                                                                     str(tmp_path / "reward"))
+    assert (got.max_steps, got.lr, got.batch_size, got.trainable_layers, got.max_length, got.seed, got.save_every) == (
+        7, 3e-4, 4, 2, 96, 7, 0)

@@ -52,8 +52,8 @@ def test_every_objective_trains_evaluates_and_saves(tmp_path, tiny_model_dir, pa
                      "--eval-data", pairs_file, *extra)
     assert final["steps"] == 3 and final["eval/pairs"] == 12
     assert 0 <= final["eval/accuracy"] <= 1 and final["train_tokens_per_second"] > 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines[:-1]] == [1, 2, 3] and all("loss" in l for l in lines[:-1])
+    lines = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines[:-1]] == [1, 2, 3] and all("loss" in row for row in lines[:-1])
     if objective == "ava-p":
         assert "ava/td_logp" in lines[0] or "irl" in extra
         assert "rewards/accuracies" in lines[0]
@@ -192,9 +192,9 @@ def test_resume_after_a_kill_ends_with_the_same_metrics(tmp_path, tiny_model_dir
     for key in ("steps", "eval/accuracy", "eval/margin", "eval/ties"):
         assert final[key] == pytest.approx(straight[key], abs=1e-6), key
     assert (straight["resumed_from_step"], final["resumed_from_step"]) == (0, 4)  # a resumed run says so
-    straight_lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    resumed_lines = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in resumed_lines] == [l["step"] for l in straight_lines]  # step 5 not logged twice
+    straight_lines = [json.loads(row) for row in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    resumed_lines = [json.loads(row) for row in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in resumed_lines] == [row["step"] for row in straight_lines]  # step 5 not logged twice
     for a, b in zip(straight_lines[:-1], resumed_lines[:-1]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
@@ -211,7 +211,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, pair
     one = subprocess.run([sys.executable, *base, "--output-dir", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    lines = {n: [json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    lines = {n: [json.loads(row) for row in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")}
     assert len(lines["one"]) == len(lines["two"]) == 7
     for a, b in zip(lines["one"][:-1], lines["two"][:-1]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["rewards/accuracies"] == b["rewards/accuracies"]
