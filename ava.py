@@ -317,19 +317,26 @@ def _token_terms(hidden, weight, bias, actions, reward_weights, *, alpha, beta, 
     return torch.stack([q_taken, q_logprob, logp], dim=-1)
 
 
+KEPT_VOCAB_BYTES = 2**29  # what the backward pass may keep of the (N, V) tensors before chunks are recomputed instead
+
+
 def gather_token_terms(hidden, weight, bias, actions, reward_weights, *, alpha=1.0, beta=1.0, pretrained=True,
                        with_logp=False, chunk=512) -> torch.Tensor:
     """The full-vocabulary part of every loss, on N selected transitions only: (N, d) -> (N, 3).
 
-    Chunks of `chunk` transitions; under autograd each chunk is checkpointed, so memory grows with
-    N x d, not N x V (the backward pass recomputes one chunk's logits at a time)."""
+    Chunks of `chunk` transitions, so only one chunk's (chunk, V) logits are alive at a time. Under
+    autograd the backward pass needs what each chunk saves (~2 (N, V) fp32 tensors in all, 8 N V bytes):
+    up to KEPT_VOCAB_BYTES they are kept, beyond it each chunk is checkpointed and recomputed in the
+    backward pass (memory N x d, not N x V, at one more forward of the chunk). Both give the same
+    values and gradients (tests/test_gradients.py); keeping is ~a third fewer vocabulary matmuls."""
     fn = partial(_token_terms, alpha=alpha, beta=beta, pretrained=pretrained, with_logp=with_logp)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    recompute = grad and 8 * hidden.shape[0] * weight.shape[0] > KEPT_VOCAB_BYTES
     out = []
     for start in range(0, hidden.shape[0], chunk):
         part = slice(start, start + chunk)
         args = (hidden[part], weight, bias, actions[part], reward_weights[part])
-        out.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        out.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
     return torch.cat(out) if out else hidden.new_zeros(0, 3, dtype=torch.float32)
 
 

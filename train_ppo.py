@@ -13,9 +13,10 @@ One PPO update: sample a batch of replies (KV-cached, the shared sampler), score
 frozen reward model and the frozen reference (the initial policy), build per-token rewards (the
 reward model's rewards minus kl_coef * (log pi - log pi_ref) at every token), estimate advantages
 with GAE (gamma = 1, lambda = 0.95) from a value model, whiten them over valid tokens, then
-`--ppo-epochs` passes of clipped policy and value losses over minibatches. The implementation
-details that make PPO on LMs work ("The N+ implementation details of RLHF with PPO"), each a flag
-or a documented choice:
+`--ppo-epochs` passes of clipped policy and value losses over minibatches (one optimiser step each;
+--grad-accum splits a minibatch into micro-batches weighted by their valid tokens, so its gradient is
+unchanged, gradients synchronised after the last). The implementation details that make PPO on LMs
+work ("The N+ implementation details of RLHF with PPO"), each a flag or a documented choice:
   - EOS: a reply ends at the policy's EOS; the EOS token is part of the action sequence (it gets a
     log-prob, a reward and an advantage), exactly as the reward model saw EOS-terminated replies.
     A reply cut at --max-new-tokens without EOS gets --missing-eos-penalty subtracted at its last token.
@@ -51,8 +52,8 @@ from torch import nn
 from tqdm import tqdm
 
 import ava
-from avalib import (checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, metrics, ml_irl,
-                    models, reward_models, script, sources, viz)
+from avalib import (checkpoint, cli, data, distributed, evaluation, generation, gold, loop, lora, memory_plan,
+                    metrics, ml_irl, models, reward_models, script, sources, viz)
 from avalib.cli import arg
 
 REWARDS = ("auto", "dense", "sequence")
@@ -80,7 +81,8 @@ class Args(cli.LoRAFlags, cli.TrainFlags):
     lr: float = arg(1e-5, "AdamW learning rate of policy and value (linear decay to 0 over the updates)", above=0)
     updates: int = arg(40, "PPO updates (per ML-IRL iteration)", low=1)
     rollout_batch: int = arg(16, "prompts sampled per update, over all processes", low=1)
-    minibatch: int = arg(8, "replies per gradient step inside an update, over all processes", low=1)
+    minibatch: int = arg(8, "replies per gradient step inside an update, over all processes (each process runs its "
+                            "share in --grad-accum micro-batches)", low=1)
     ppo_epochs: int = arg(1, "passes over each rollout batch", low=1)
     kl_coef: float = arg(0.05, "per-token KL penalty to the reference policy", low=0)
     gamma: float = arg(1.0, "GAE discount", low=0, high=1)
@@ -217,7 +219,9 @@ def rollout_examples(generations: list, eos_id: int) -> list[dict]:
 def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, prompts: list[str], tokenizer,
                args: Args, seed: int, dense: bool, dist: distributed.Distributed, discriminator: str = "",
                dumped: list | None = None) -> dict:
-    """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates. Returns stats.
+    """Rollout on this rank's prompts, then `ppo_epochs` passes of minibatch updates, each minibatch in
+    --grad-accum micro-batches weighted by their valid tokens (its gradient is the whole minibatch's),
+    one clipped optimiser step per minibatch. Returns stats.
     --dump-grads: every minibatch's reduced gradients are appended to `dumped` and written out."""
     eos_id = tokenizer.eos_token_id
     generations = generation.generate_ids(distributed.unwrap(policy), tokenizer, prompts,
@@ -253,28 +257,34 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
     local_minibatch = max(1, args.minibatch // dist.world_size)
     order_generator = torch.Generator().manual_seed(seed)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def minibatch_loss(trained, rows: list[int]):
+        """PPO's loss on some rows of the rollout batch (a micro-batch): means over their valid tokens."""
+        part = {k: v[rows] for k, v in batch.items()}
+        width = int(part["attention_mask"].sum(1).max())  # drop columns that are padding in every row
+        part = {k: v[:, :width] for k, v in part.items()}
+        cut = lambda x: x[rows][:, :width - 1]  # these rows' transitions (B', width - 1)
+        logp, values = trained[0](**part), trained[1](**part)  # policy, value model
+        policy_loss, value_loss, more = ppo_losses(logp, cut(old_logp), cut(advantages), values, cut(old_values),
+                                                   cut(returns), cut(mask), args.cliprange, args.cliprange_value)
+        return policy_loss + args.vf_coef * value_loss, {"loss/policy": policy_loss, "loss/value": value_loss, **more}
+
+    valid_tokens = lambda rows: int(mask[rows].sum())  # a micro-batch's weight: PPO's losses are token means
     for _ in range(args.ppo_epochs):
-        order = torch.randperm(n, generator=order_generator)
+        order = torch.randperm(n, generator=order_generator).tolist()
         for start in range(0, n, local_minibatch):
             rows = order[start:start + local_minibatch]
-            part = {k: v[rows] for k, v in batch.items()}
-            width = int(part["attention_mask"].sum(1).max())  # drop columns that are padding in every row
-            part = {k: v[:, :width] for k, v in part.items()}
-            m = mask[rows][:, :width - 1]
-            with distributed.autocast_context(args, dist):  # --bf16 (FSDP2 casts by its own policy); losses in fp32
-                logp, values = policy(**part), value(**part)
-            policy_loss, value_loss, more = ppo_losses(
-                logp, old_logp[rows][:, :width - 1], advantages[rows][:, :width - 1], values,
-                old_values[rows][:, :width - 1], returns[rows][:, :width - 1], m, args.cliprange, args.cliprange_value)
-            loss = loop.inject_nan(policy_loss + args.vf_coef * value_loss, args, scheduler.last_epoch + 1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # --grad-accum micro-batches, gradients synchronised after the last; --bf16 autocast (FSDP2: its policy)
+            loss, terms = loop.accumulate_gradients((policy, value), rows, minibatch_loss, args, dist,
+                                                    scheduler.last_epoch + 1, len(rows) * dist.world_size,
+                                                    weight=valid_tokens)
             if args.dump_grads:
                 distributed.dump_gradients(args.dump_grads,
                                            nn.ModuleDict({"policy": distributed.unwrap(policy),
                                                           "value": distributed.unwrap(value)}),
                                       dumped, dist)
-            values = {"loss": loss, "loss/policy": policy_loss, "loss/value": value_loss,
+            values = {"loss": loss, "loss/policy": terms["loss/policy"], "loss/value": terms["loss/value"],
                       "gradient norm": loop.gradient_norm(trainable, args.max_grad_norm)}
             if not loop.check_finite(f"update {scheduler.last_epoch + 1}", values, args, dist,
                                      checkpoint_path=Path(args.output_dir) / "checkpoint.pt"):
@@ -282,8 +292,8 @@ def ppo_update(policy, value, reference, reward_model, optimizer, scheduler, pro
                 continue
             optimizer.step()
             steps += 1
-            for k, v in {"loss/policy": policy_loss, "loss/value": value_loss, **more}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
     scheduler.step()
     stats.update({k: v / steps for k, v in totals.items()})
     stats = {k: float(v) for k, v in stats.items()}
@@ -346,9 +356,12 @@ def build_stage(args: Args, iteration: int, lm, policy, tokenizer, output_dir: P
 
 def main(argv=None) -> dict:
     args = cli.parse_config(Args, argv, __doc__)
-    if args.plan:
-        raise SystemExit("--plan: train_ppo.py has no memory plan yet (it holds a policy, a value model, a frozen "
-                         "reference and a reward model); plan each model with train_rm.py / train_direct.py --plan")
+    if args.activation_checkpointing:  # transformers checkpoints a decoder layer only in training mode
+        raise SystemExit("--activation-checkpointing: not in train_ppo.py yet: its models run in eval mode (dropout "
+                         "off), where transformers does not checkpoint a layer, so it would save nothing; use "
+                         "--grad-accum (smaller micro-batches) instead")
+    if args.plan:  # bytes per GPU of policy, value model, frozen reference and reward model; nothing loaded
+        return memory_plan.print_plan(args, "ppo", "train_ppo.py")
     dist = script.begin(args)
     if args.best_of_n:
         if not args.reward_model:
@@ -366,8 +379,6 @@ def main(argv=None) -> dict:
     if sharded and args.iterations:
         raise SystemExit("--fsdp with --iterations (ML-IRL) is not supported: its reward learning runs train_rm.py "
                          "inside each process; use DDP (drop --fsdp) or run train_rm.py and train_ppo.py in turn")
-    if args.grad_accum > 1:  # PPO's gradient step has its own size: --minibatch
-        raise SystemExit("--grad-accum: not in PPO; lower --minibatch (replies per gradient step) instead")
     if args.rollout_batch % dist.world_size or args.minibatch % dist.world_size:
         raise SystemExit(f"--rollout-batch and --minibatch must divide by the {dist.world_size} processes")
     output_dir = script.output_directory(args)
@@ -383,7 +394,9 @@ def main(argv=None) -> dict:
     reference = models.freeze_for_scoring(copy.deepcopy(lm), dist.device, args.frozen_bf16)
     models.freeze_layers(lm, None if args.trainable_layers < 0 else args.trainable_layers)
     lora.apply_lora(lm, args)  # --lora-r: adapters only; merged into the exported policy
-    policy = models.Policy(lm, args.temperature).eval()  # dropout off, always
+    # dropout off, always. Prompt sharing runs two passes per distinct prompt of a batch (ava.hidden_states): not
+    # under FSDP2, whose every rank must run as many sharded forwards
+    policy = models.Policy(lm, args.temperature, share_prompts=not sharded).eval()
     skeleton = None
     if sharded:  # FSDP2: each decoder layer, then the policy as root; rollouts sample through it
         skeleton = distributed.meta_skeleton(policy)

@@ -148,24 +148,15 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def gradient_sync(model, enabled: bool):
-    """A context in which the backward pass does (enabled) or does not all-reduce gradients across
-    processes: DDP's no_sync, FSDP2's set_requires_gradient_sync (gradients then accumulate unsharded
-    until the synchronising backward). One process: nothing to do. For gradient accumulation."""
-    if enabled:
+    """A context in which the backward pass does (enabled) or does not all-reduce gradients across processes,
+    for gradient accumulation: DDP's no_sync (its gradients are whole on every process anyway, so waiting for
+    the last micro-batch costs no memory and saves the all-reduces). FSDP2 synchronises every micro-batch:
+    its reduce-scatter keeps each process's gradients sharded, while set_requires_gradient_sync(False) would
+    hold every trained parameter's gradient whole, in fp32, until the last micro-batch (4 bytes per trained
+    parameter: ~23 GB more per GPU on the 7B FSDP2 plan of docs/scale.md). One process: nothing to do."""
+    if enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
-
-        @contextlib.contextmanager
-        def unsynced():
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
-        return unsynced()
-    return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def check_fsdp_averages(mesh) -> None:

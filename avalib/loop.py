@@ -1,6 +1,7 @@
 """The training loop the scripts share."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -64,22 +65,31 @@ def check_finite(step: str, values: dict, args, dist: distributed.Distributed | 
 
 
 def accumulate_gradients(model, local: list[int], loss_fn, args, dist: distributed.Distributed, step: int,
-                         batch_items: int):
+                         batch_items: int, weight=len):
     """Forward and backward this rank's part of a global batch in --grad-accum micro-batches, the
     gradients synchronised across processes only after the last (DDP no_sync; FSDP2
-    set_requires_gradient_sync). Each micro-batch's loss is weighted by its share of the items, so the
-    gradient is the batch's average over items, as without accumulation. Returns (loss, terms), each
-    the same weighted average of the micro-batches' values. Every process runs as many micro-batches
-    (FSDP2's forward is a collective): at most the smallest process's share of the `batch_items`."""
+    set_requires_gradient_sync, which its backward reads, so each backward runs inside the context).
+    `model` is the (maybe wrapped) model, or a tuple of them (PPO: policy and value model), handed to
+    loss_fn as given; every one of them waits for the last micro-batch. Each micro-batch's loss is
+    weighted by its share of weight(local): by default the items, so the gradient is the batch's average
+    over items, as without accumulation; a loss that is a mean over tokens passes its token count (PPO:
+    the valid tokens), so the sum is the whole batch's token mean. Returns (loss, terms), each the same
+    weighted average of the micro-batches' values. Every process runs as many micro-batches (FSDP2's
+    forward is a collective): at most the smallest process's share of the `batch_items`."""
     count = max(1, min(getattr(args, "grad_accum", 1), batch_items // dist.world_size))
     parts = [local[i::count] for i in range(count)]
+    modules = model if isinstance(model, tuple) else (model,)
+    total = weight(local)
     loss_sum, term_sums = 0.0, {}
     for index, part in enumerate(parts):
-        share = len(part) / len(local)
-        with distributed.gradient_sync(model, index == len(parts) - 1), distributed.autocast_context(args, dist):
-            loss, terms = loss_fn(model, part)  # bf16 under DDP or one process (FSDP2 casts by its own policy)
-        loss = inject_nan(loss, args, step)
-        (loss * share).backward()
+        share = weight(part) / total
+        with contextlib.ExitStack() as synced:
+            for module in modules:
+                synced.enter_context(distributed.gradient_sync(module, index == len(parts) - 1))
+            with distributed.autocast_context(args, dist):
+                loss, terms = loss_fn(model, part)  # bf16 under DDP or one process (FSDP2 casts by its own policy)
+            loss = inject_nan(loss, args, step)
+            (loss * share).backward()
         loss_sum = loss_sum + share * loss.detach()
         for name, value in terms.items():
             term_sums[name] = term_sums.get(name, 0.0) + share * value.detach()

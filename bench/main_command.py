@@ -14,13 +14,11 @@ near 0. Writes bench/results/main_command.{json,md}; the README and docs/train_r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,11 +52,8 @@ def timed(command: list[str], cwd: Path, env: dict, log: Path, watch: Path | Non
 
 
 def measure(source: Path) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="ava-main-command-"))
-    clone, cache = work / "ava", work / "cache"
-    subprocess.run(["git", "clone", "--quiet", str(source), str(clone)], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True, capture_output=True, text=True).stdout.strip()
-    env = {k: v for k, v in os.environ.items() if k not in ("AVA_VENV", "VIRTUAL_ENV", "PYTHONPATH")}
+    work, clone, commit, env = runner.fresh_clone(source, "ava-main-command-")
+    cache = work / "cache"
     env.update(AVA_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     setup = timed(["bash", "setup.sh"], clone, env, work / "setup.log")
     run = timed([str(clone / ".venv" / "bin" / "python"), "train_rm.py"], clone, env, work / "train_rm.log", watch=cache)
@@ -105,18 +100,15 @@ def markdown(result: dict) -> str:
             f"The run ended: `{result['last_line']}`\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=str(ROOT), help="the repository to clone (its HEAD)")
-    parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the JSON")
-    args = parser.parse_args()
-    if not args.report:
-        RESULT.write_text(json.dumps(measure(Path(args.source)), indent=1) + "\n")
-    result = json.loads(RESULT.read_text())
+def write(result: dict) -> None:
     RESULT.with_suffix(".md").write_text(markdown(result))
     runner.update_page("docs/train_rm.md", markdown(result).split("\n", 3)[3].strip(), "main_command")
     runner.update_page("README.md", glance(result), "main_command-glance", script="main_command")
     print(markdown(result))
+
+
+def main() -> None:
+    runner.measure_or_report(__doc__, measure, write, RESULT)
 
 
 def glance(result: dict) -> str:

@@ -51,6 +51,33 @@ def train(command: list[str], output_dir: Path, save_every: int, log: Path | Non
     return run_measured(command, log)
 
 
+def fresh_clone(source: Path, prefix: str) -> tuple[Path, Path, str, dict]:
+    """A clone of `source`'s HEAD in a new temporary directory, as a new user or CI gets it: (the directory, the
+    clone, its commit, an environment without this session's virtualenv or paths)."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    clone = work / "ava"
+    subprocess.run(["git", "clone", "--quiet", str(source), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True, capture_output=True, text=True).stdout.strip()
+    env = {k: v for k, v in os.environ.items() if k not in ("AVA_VENV", "VIRTUAL_ENV", "PYTHONPATH")}
+    return work, clone, commit, env
+
+
+def measure_or_report(doc: str, measure, write, result: Path) -> None:
+    """A bench script's command line: --source (the repository to clone) and --report (rewrite the Markdown from
+    the JSON only); `measure(source) -> dict` is stored in `result`, then `write(result_dict)` renders it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=str(ROOT), help="the repository to clone (its HEAD)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the Markdown from the JSON")
+    args = parser.parse_args()
+    if not args.report:
+        result.write_text(json.dumps(measure(Path(args.source)), indent=1) + "\n")
+    write(json.loads(result.read_text()))
+
+
 def dev_metrics(final: dict) -> dict:
     """A run's final.json (or metrics record) reduced to its last dev evaluation: the `eval/` metrics, without the prefix."""
     return {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}

@@ -340,9 +340,9 @@ def test_budget_screens_pair_each_objective_with_its_own_defaults_at_the_same_se
     assert budget.arguments("2@0.001", "bt", 0) != token_rewards.run_arguments("BT", 0)
 
 
-def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this_machine(tmp_path, monkeypatch):
-    """Results are committed, models are not: the notebook (need_model) must train a missing model, not load a
-    directory that is not there; the benchmark itself (need_model off) keeps the committed result."""
+def sandboxed_token_rewards(tmp_path, monkeypatch, build: str):
+    """bench/token_rewards.py with its results and run directories in tmp_path and a stand-in task whose build (replies
+    hash) is `build`; the main table's build is "main"."""
     import types
 
     from avalib import task
@@ -350,9 +350,16 @@ def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this
 
     monkeypatch.setattr(token_rewards, "result_path", lambda row, seed: tmp_path / f"{row}-{seed}.json")
     monkeypatch.setattr(token_rewards.models, "cache_dir", lambda: tmp_path / "cache")
-    built = types.SimpleNamespace(key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "sha")
-    monkeypatch.setattr(task, "load_task", lambda *a, **k: built)
-    monkeypatch.setattr(token_rewards, "main_build", lambda: "sha")  # this machine built the main table's task
+    monkeypatch.setattr(task, "load_task", lambda *a, **k: types.SimpleNamespace(
+        key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: build))
+    monkeypatch.setattr(token_rewards, "main_build", lambda: "main")
+    return token_rewards
+
+
+def test_token_rewards_trains_again_when_a_committed_result_has_no_model_on_this_machine(tmp_path, monkeypatch):
+    """Results are committed, models are not: the notebook (need_model) must train a missing model, not load a
+    directory that is not there; the benchmark itself (need_model off) keeps the committed result."""
+    token_rewards = sandboxed_token_rewards(tmp_path, monkeypatch, "main")  # this machine has the main table's task
     monkeypatch.setattr(token_rewards, "evaluate_model", lambda model_dir, max_length: {"test": {}})
     commands, logs = [], []
 
@@ -388,16 +395,7 @@ def test_a_run_on_another_task_build_is_kept_beside_the_main_table_not_over_it(t
     """A machine whose sampling built task v2 with other replies (another replies_sha256 than the main table's,
     bench/results/task.json) writes its run under build-SHA/ and reads it back from there; the main table's
     committed result is left as it was."""
-    import types
-
-    from avalib import task
-    from bench import token_rewards
-
-    monkeypatch.setattr(token_rewards, "result_path", lambda row, seed: tmp_path / f"{row}-{seed}.json")
-    monkeypatch.setattr(token_rewards.models, "cache_dir", lambda: tmp_path / "cache")
-    monkeypatch.setattr(task, "load_task", lambda *a, **k: types.SimpleNamespace(
-        key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "other"))
-    monkeypatch.setattr(token_rewards, "main_build", lambda: "main")
+    token_rewards = sandboxed_token_rewards(tmp_path, monkeypatch, "other")
     evaluated = []
     monkeypatch.setattr(token_rewards, "evaluate_model",
                         lambda model_dir, max_length: evaluated.append(model_dir) or {"test": {"eval/accuracy": 0.7}})
@@ -526,16 +524,7 @@ def test_learning_curve_second_pass_is_seed_averaged_and_tested_by_request_not_p
 
 
 def test_token_rewards_reevaluates_a_model_trained_here_without_training_it(tmp_path, monkeypatch):
-    import types
-
-    from avalib import task
-    from bench import token_rewards
-
-    monkeypatch.setattr(token_rewards, "result_path", lambda row, seed: tmp_path / f"{row}-{seed}.json")
-    monkeypatch.setattr(token_rewards.models, "cache_dir", lambda: tmp_path / "cache")
-    monkeypatch.setattr(task, "load_task", lambda *a, **k: types.SimpleNamespace(
-        key="k", pairs=lambda split: [None] * 40, replies_sha256=lambda: "main"))
-    monkeypatch.setattr(token_rewards, "main_build", lambda: "main")
+    token_rewards = sandboxed_token_rewards(tmp_path, monkeypatch, "main")
     evaluations = []
     monkeypatch.setattr(token_rewards, "evaluate_model", lambda model_dir, max_length: evaluations.append(1) or {"test": {"n": len(evaluations)}})
     commands = []

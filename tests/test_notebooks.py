@@ -57,7 +57,7 @@ def test_intermediate_rewards_notebook_runs_and_reports(tmp_path, monkeypatch):
     execute("intermediate_rewards.ipynb", tmp_path, monkeypatch)
     results = tmp_path / "results"
     assert_pngs(results, ["builtin_ava_p_pair.png", "builtin_pref_trans_bt_pair.png", "token_reward_correlation.png",
-                          "hh_ava_p_pair.png", "td_consistency.png"])
+                          "calibration.png", "hh_ava_p_pair.png", "td_consistency.png"])
     report = json.loads((results / "token_reward_correlation.json").read_text())
     assert report["fast_mode"] and report["task"] == "builtin:tiny" and report["replies"] > 0
     assert list(report["models"]) == ["AVA-p", "AVA-p mu-weights-half-td", "Pref-Trans", "BT"]
@@ -65,6 +65,7 @@ def test_intermediate_rewards_notebook_runs_and_reports(tmp_path, monkeypatch):
         tokens = entry["tokens"]
         assert tokens["replies"] == report["replies"] and tokens["tokens"] > tokens["replies"], label
         assert math.isfinite(tokens["pearson"]) and -1 <= tokens["pearson"] <= 1, label
+        assert "within_reply_pearson" in tokens, label
         assert 0 <= entry["test_accuracy_gold_labels"] <= 1 and entry["off_label"] == (label == "BT"), label
     assert report["models"]["AVA-p"]["preset"] == "paper"
     assert report["models"]["AVA-p"]["tokens"]["pearson"] != report["models"]["AVA-p mu-weights-half-td"]["tokens"]["pearson"]

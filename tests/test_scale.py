@@ -3,6 +3,7 @@ do, activation checkpointing, LoRA through peft, --bf16 refused on CPU; and unde
 2 processes reproduce 1 process's losses AND gradients over the same global batch, for DDP and for
 FSDP2 on gloo (pytorch issue 162338 reported FSDP2 summing gradients there), and FSDP2's sharded
 checkpoints resume a killed run exactly."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 import ava
 from avalib import cli, distributed, lora, memory_plan, models, reward_models
 import train_direct
+import train_ppo
 import train_rm
 from conftest import ROOT, random_batch, tiny_lm
 from test_train_rm import write_jsonl
@@ -44,7 +46,8 @@ def test_plan_of_llama_2_7b_divides_by_world_size_under_fsdp_and_replicates_unde
     assert off["activations"] > 32 * 4096 * fsdp["tokens_per_gpu"]  # every layer keeps far more than its input
     accumulated = memory_plan.memory_plan(plan_args(**base, fsdp=True, plan_world_size=8, grad_accum=2), "dpo")
     assert accumulated["tokens_per_gpu"] == fsdp["tokens_per_gpu"] // 2  # --grad-accum: one micro-batch's activations
-    assert accumulated["bytes"] == fsdp["bytes"]
+    # FSDP2 accumulates the micro-batches' gradients unsharded (fp32) until the synchronising backward
+    assert accumulated["bytes"] == fsdp["bytes"]  # FSDP2 reduce-scatters every micro-batch: no gradient memory added
 
 
 def test_plan_counts_what_fully_shard_puts_on_each_rank():
@@ -77,6 +80,120 @@ def test_plan_from_the_command_line_loads_nothing(capsys):
     # LoRA r=16 on all 7 linear layers of 32 blocks: r * (in + out) each
     assert lora["lora_params"] == lora["trainable_params"] == 16 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008))
     assert lora["checkpointing_on"]["fits"] and lora["chosen"] == "on"
+
+
+def ppo_plan(**overrides):
+    """train_ppo.py --plan llama-2-7b, fully fine-tuned on 8 GPUs with FSDP2 and bf16, with overrides."""
+    args = dataclasses.replace(cli.parse_config(train_ppo.Args, []), plan="llama-2-7b", trainable_layers=-1, bf16=True,
+                               fsdp=True, plan_world_size=8, rollout_batch=64, minibatch=16, max_length=512,
+                               max_new_tokens=256)
+    return memory_plan.memory_plan(dataclasses.replace(args, **overrides), "ppo", "train_ppo.py")
+
+
+def test_ppo_plan_counts_four_models_and_shards_the_trained_two_under_fsdp():
+    """Policy and value model trained (parameters, gradients, AdamW; FSDP2 splits them over the 8 GPUs), the
+    frozen reference and reward model whole on every GPU, the activations of both trained models on one
+    micro-batch of prompt + new tokens, and the sampler's KV cache."""
+    from transformers import LlamaConfig
+
+    lm, value_head, lm_head = 6_738_415_616, 4096 + 1, 32000 * 4096  # Llama-2-7b; the value head; its LM head
+    eight, one = ppo_plan(), ppo_plan(plan_world_size=1)
+    assert eight["params"] == one["params"] == 2 * lm + value_head and eight["frozen_params"] == 2 * lm
+    assert one["sharding"] == "none" and eight["sharding"] == "FSDP2"
+    # the value model never calls its (untied) LM head: no gradient, no AdamW state for it
+    assert eight["trainable_params"] == 2 * lm - lm_head + value_head
+    assert one["bytes"]["parameters"] == 4 * (2 * lm + value_head)
+    assert eight["bytes"]["parameters"] == 4 * (2 * lm // 8 + value_head)  # the head's one row is not split
+    assert one["bytes"]["gradients"] == 4 * (2 * lm - lm_head + value_head)
+    assert eight["bytes"]["gradients"] == 4 * ((2 * lm - lm_head) // 8 + value_head)
+    assert eight["bytes"]["optimizer"] == 2 * eight["bytes"]["gradients"]
+    assert eight["bytes"]["frozen_models"] == one["bytes"]["frozen_models"] == 2 * 4 * lm  # never sharded
+    assert ppo_plan(frozen_bf16=True)["bytes"]["frozen_models"] == 2 * 2 * lm
+    # one micro-batch: 16 replies / 8 GPUs of 512 prompt + 256 new tokens; both models keep their activations
+    tokens = 2 * (512 + 256)
+    assert eight["tokens_per_gpu"] == tokens and eight["max_length"] == 768
+    layer = memory_plan.activation_bytes_per_token_layer(LlamaConfig(**memory_plan.LLAMA_2_7B), "bf16")
+    policy, value = 32 * layer + 8 * 4096 + 2 * 4096, 32 * layer + 8 * 4096  # layers, final norm, gathered states
+    kept = min(8 * tokens * 32000, ava.KEPT_VOCAB_BYTES)  # what the policy's backward keeps of its vocabulary chunks
+    assert eight["checkpointing_off"]["activations"] == tokens * (policy + value + layer) + kept
+    # sampling: keys and values of 32 layers x 4096 for 8 replies per GPU (64 / 8) of 768 tokens, bf16
+    assert eight["kv_cache"]["bytes"] == 2 * 32 * 4096 * 768 * 8 * 2
+    static = sum(eight["bytes"].values())
+    assert eight["checkpointing_off"]["total"] == static + eight["checkpointing_off"]["activations"]
+    assert "checkpointing_on" not in eight  # train_ppo.py refuses it (its models run in eval mode)
+    # --grad-accum: half the tokens, half the activations; FSDP2 then holds the unsharded gradients meanwhile
+    accumulated = ppo_plan(grad_accum=2)
+    assert accumulated["tokens_per_gpu"] == tokens // 2
+    assert accumulated["checkpointing_off"]["activations"] < 0.6 * eight["checkpointing_off"]["activations"]
+    assert accumulated["bytes"] == eight["bytes"] and accumulated["kv_cache"] == eight["kv_cache"]
+    lora = ppo_plan(lora_r=16, grad_accum=2)  # LoRA on both trained models, counted as apply_lora counts it
+    assert lora["lora_params"] == 2 * 16 * 32 * (4 * 2 * 4096 + 3 * (4096 + 11008))
+    assert lora["trainable_params"] == lora["lora_params"] + value_head
+    assert lora["checkpointing_off"]["total"] < accumulated["checkpointing_off"]["total"]
+
+
+def test_ppo_plan_from_the_command_line_loads_nothing(tmp_path):
+    out = tmp_path / "never"
+    done = subprocess.run([sys.executable, "train_ppo.py", "--plan", "llama-2-7b", "--plan-world-size", "8", "--fsdp",
+                           "--bf16", "--frozen-bf16", "--lora-r", "16", "--trainable-layers", "-1", "--minibatch", "16",
+                           "--grad-accum", "2",
+                           "--model", "/no/such/model", "--reward-model", "/no/such/reward-model",
+                           "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "train_ppo.py: ppo on llama-2-7b (policy + value model" in done.stdout
+    for part in ("frozen_models", "kv_cache", "in 2 micro-batches", "fits"):
+        assert part in done.stdout, part
+    assert not out.exists()
+
+
+def test_accumulated_backwards_wait_for_the_last_micro_batch_under_ddp_and_stay_sharded_under_fsdp2():
+    """DDP's no_sync must wrap every micro-batch's backward but the last, for every model the loss runs through
+    (PPO: policy and value model); FSDP2 is never put out of sync (its gradients stay sharded). The summed
+    gradient is the whole batch's."""
+    from avalib import loop
+
+    class RecordingDDP(torch.nn.parallel.DistributedDataParallel):  # DDP as distributed.gradient_sync sees it
+        def __init__(self, module):
+            torch.nn.Module.__init__(self)
+            self.module, self.synchronising = module, True
+
+        def forward(self, x):
+            return self.module(x)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.synchronising = False
+            try:
+                yield
+            finally:
+                self.synchronising = True
+
+    class FSDPLike(torch.nn.Linear):
+        synchronising = True
+
+        def set_requires_gradient_sync(self, enabled):
+            self.synchronising = enabled
+
+    torch.manual_seed(0)
+    inputs = torch.randn(5, 3)
+    for make, expected in ((RecordingDDP, [False, False, False, False, True, True]), (None, [True] * 6)):
+        trained = tuple(make(torch.nn.Linear(3, 1)) if make else FSDPLike(3, 1) for _ in range(2))
+        seen = []
+        for model in trained:
+            weight = model.module.weight if make else model.weight
+            weight.register_hook(lambda grad, model=model: seen.append(model.synchronising))
+        loss_fn = lambda models, rows: ((models[0](inputs[rows]) * models[1](inputs[rows])).mean(), {})
+        loop.accumulate_gradients(trained, [0, 1, 2, 3, 4], loss_fn, SimpleNamespace(grad_accum=3),
+                                  distributed.Distributed(), step=1, batch_items=5)
+        assert seen == expected  # 3 micro-batches x 2 models
+        weights = [model.module.weight if make else model.weight for model in trained]
+        accumulated = [weight.grad.clone() for weight in weights]
+        for weight in weights:
+            weight.grad = None
+        loss_fn(trained, [0, 1, 2, 3, 4])[0].backward()
+        for weight, gradient in zip(weights, accumulated):
+            torch.testing.assert_close(gradient, weight.grad)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "autocast"])

@@ -192,16 +192,35 @@ def saved_tensor_sizes(fn):
     return sizes
 
 
-def test_all_activations_kept_for_backward_weigh_less_than_one_vocabulary_sized_tensor():
-    """Memory: what autograd keeps for backward, summed over the whole AVA-p loss, is smaller than a
-    single N x V tensor (N = trained transitions): checkpointed chunks keep only their inputs."""
+def test_what_the_backward_keeps_of_the_vocabulary_is_bounded_and_recomputing_changes_nothing(monkeypatch):
+    """Memory: beyond ava.KEPT_VOCAB_BYTES, what autograd keeps for backward, summed over the whole AVA-p loss, is
+    smaller than a single N x V tensor (N = trained transitions: checkpointed chunks keep only their inputs); within
+    it, what is kept stays under the 8 N V bytes the memory plan counts. Either way the same loss and gradients."""
     vocab = 8192
     model = ava.TQR(tiny_lm("llama", vocab_size=vocab), ava.AVAConfig(vocab_chunk=4))
+    randomize_heads(model)
     chosen, rejected = pairs(vocab_size=vocab)
     n_transitions = int(chosen[2][:, 1:].sum() + rejected[2][:, 1:].sum())
-    sizes = saved_tensor_sizes(lambda: ava.ava_p_loss(model(*chosen), model(*rejected), model.config))
-    activations = [s for s in sizes if s != vocab * 32]  # the LM head's weight (V x d) itself may be saved
-    assert sum(activations) < n_transitions * vocab
+    loss = lambda: ava.ava_p_loss(model(*chosen), model(*rejected), model.config)
+    head = lambda sizes: [s for s in sizes if s != vocab * 32]  # the LM head's weight (V x d) itself may be saved
+
+    def loss_and_grads():
+        model.zero_grad()
+        value = loss()[0]
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept = sum(head(saved_tensor_sizes(loss)))
+    kept_loss, kept_grads = loss_and_grads()
+    monkeypatch.setattr(ava, "KEPT_VOCAB_BYTES", 0)  # recompute every chunk
+    recomputed = sum(head(saved_tensor_sizes(loss)))
+    assert recomputed < n_transitions * vocab
+    # kept, the vocabulary adds at least one (N, V) fp32 tensor (pi) and at most the two (8 N V bytes) of the plan
+    assert n_transitions * vocab <= kept - recomputed <= 2 * n_transitions * vocab
+    recomputed_loss, recomputed_grads = loss_and_grads()
+    assert torch.equal(kept_loss, recomputed_loss) and kept_grads.keys() == recomputed_grads.keys()
+    for name in kept_grads:
+        assert torch.equal(kept_grads[name], recomputed_grads[name]), name  # bit for bit: the same ops, once or twice
     # The check can fail: the naive way (full logits, then log-softmax) keeps B x T x V tensors.
     naive = saved_tensor_sizes(lambda: model.lm(chosen[0], attention_mask=chosen[1]).logits.log_softmax(-1).sum())
     assert max(naive) >= chosen[0].numel() * vocab

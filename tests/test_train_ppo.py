@@ -175,6 +175,8 @@ def test_bad_flags_say_why(tmp_path, setup):
         train_ppo.main(["--model", setup["model"], "--output-dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not a reward model"):
         train_ppo.main(["--model", setup["model"], "--reward-model", str(tmp_path), "--output-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--activation-checkpointing: not in train_ppo.py yet: its models run in eval"):
+        train_ppo.main(["--activation-checkpointing", "--plan", "llama-2-7b"])  # not even planned
 
 
 @pytest.mark.slow
@@ -265,6 +267,76 @@ def test_ppo_under_fsdp_matches_ddp_in_rollouts_losses_and_gradients_and_resumes
     for a, b in zip(fsdp_lines, lines):
         for key in ("proxy/score", "loss/policy", "loss/value", "kl/sum"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+# ---- --grad-accum: micro-batches inside a PPO minibatch ----
+
+@pytest.fixture(scope="module")
+def eager_eos_policy(tiny_model_dir, tmp_path_factory):
+    """tiny_model_dir with a random EOS embedding (tied: its output row too; the pad row it shares is zero), so
+    that replies end at different lengths: a micro-batch's share of a minibatch's valid tokens is then not its
+    share of the replies, and a split weighted by replies (or by 1/N) gives a different gradient."""
+    directory = tmp_path_factory.mktemp("eager-eos")
+    lm, tokenizer = models.load_model(tiny_model_dir)
+    with torch.no_grad():
+        embedding = lm.get_input_embeddings().weight
+        embedding[tokenizer.eos_token_id] = torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(0))
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def assert_same_gradients(reference, other, dumps):
+    """Every minibatch's every gradient, to 1e-4 of its own scale (as tests/test_scale.py compares)."""
+    assert len(reference) == len(other) == dumps
+    for step, (a, b) in enumerate(zip(reference, other)):
+        assert a.keys() == b.keys() and a, step
+        for key in a:
+            scale = a[key].abs().max().clamp(min=1e-8)
+            assert float((a[key] - b[key]).abs().max() / scale) < 1e-4, (step, key)
+
+
+def accumulation_flags(setup, policy):
+    """8 rollouts of different lengths, minibatches of 4: --grad-accum 2 splits each 2 + 2, 3 splits it 2 + 1 + 1."""
+    return ["--model", policy, "--reward-model", setup["models"]["ava-p"], "--prompts", setup["pairs"],
+            "--eval-prompts", "none", "--updates", "2", "--rollout-batch", "8", "--minibatch", "4", "--max-new-tokens",
+            "6", "--trainable-layers", "-1", "--lr", "1e-3", "--save-every", "0", "--threads", "1"]
+
+
+def test_grad_accum_gives_every_minibatch_the_unsplit_gradient(tmp_path, setup, eager_eos_policy):
+    """PPO's losses are means over the minibatch's valid tokens: each micro-batch weighted by its share of them
+    sums to the unsplit minibatch's gradient, split evenly (2) or not (3), in the policy and in the value model."""
+    grads, lines = {}, {}
+    for accumulation in (1, 2, 3):
+        out = tmp_path / f"accum-{accumulation}"
+        train_ppo.main([*accumulation_flags(setup, eager_eos_policy), "--grad-accum", str(accumulation),
+                        "--output-dir", str(out), "--dump-grads", str(out) + ".grads"])
+        grads[accumulation] = torch.load(str(out) + ".grads")
+        lines[accumulation] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:-1]]
+    first = lines[1][0]  # the rollouts differ in length (a mean of 8 equal lengths would be a whole number)
+    assert 0 < first["rollout/eos_rate"] < 1 and first["rollout/length"] != int(first["rollout/length"])
+    assert {key.split(".")[0] for key in grads[1][0]} == {"policy", "value"}
+    for accumulation in (2, 3):
+        assert_same_gradients(grads[1], grads[accumulation], dumps=4)  # 2 updates x 2 minibatches
+        for a, b in zip(lines[1], lines[accumulation]):
+            for key in ("proxy/score", "loss/policy", "loss/value", "policy/clipfrac", "kl/sum"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (accumulation, a["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_grad_accum_under_torchrun_gives_the_unsplit_gradient(tmp_path, setup, eager_eos_policy, sharding):
+    """2 processes, DDP or FSDP2 (gloo): each process's 4 replies of a minibatch in 3 micro-batches (2 + 1 + 1),
+    the gradients reduced only after the last, against the same run without accumulation."""
+    flags = [*accumulation_flags(setup, eager_eos_policy), "--rollout-batch", "16", "--minibatch", "8",
+             *(["--fsdp"] if sharding == "fsdp" else [])]
+    grads = {}
+    for i, accumulation in enumerate((1, 3)):
+        done, out = torchrun_ppo(tmp_path, f"{sharding}-{accumulation}", [*flags, "--grad-accum", str(accumulation)],
+                                 29581 + 2 * (sharding == "fsdp") + i)
+        assert done.returncode == 0, done.stderr[-3000:]
+        grads[accumulation] = torch.load(str(out) + ".grads")
+    assert_same_gradients(grads[1], grads[3], dumps=4)
 
 
 def test_ml_irl_trains_its_preference_reward_through_a_function_of_train_rm_args(tmp_path, monkeypatch):
